@@ -1,0 +1,27 @@
+"""Command line: `python -m fastdino info` | `python -m fastdino demo [--weights PATH] ...`."""
+
+import argparse
+import sys
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="fastdino")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("info", help="print the build and the backend table")
+    demo = sub.add_parser("demo", help="patch a DINOv3 ViT-S/16, check outputs, time original vs patched")
+    from .demo import add_arguments
+
+    add_arguments(demo)
+    args = parser.parse_args(argv)
+    if args.cmd == "info":
+        from .info import info
+
+        info()
+        return 0
+    from .demo import run
+
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

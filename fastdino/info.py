@@ -1,0 +1,58 @@
+"""`python -m fastdino info`: the build (versions, compiled kernels, archs) and the backend table."""
+
+import platform
+
+import torch
+
+from . import _ext
+from .ops.add_layer_norm import PRIORITY as ALN_PRIORITY
+from .ops.add_layer_norm import backend_reasons as aln_reasons
+
+# Representative problem per op for the backend table: (op name, reasons(backend, device, dtype)).
+_TABLE = [("add_layer_norm", ALN_PRIORITY, lambda b, dev, dt: aln_reasons(b, dev, dt, 1024))]
+
+
+def build_info() -> dict:
+    cuda_ok = torch.cuda.is_available()
+    return {
+        "fastdino": __import__("fastdino").__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": _ext.TRITON_VERSION or f"unavailable ({_ext.TRITON_ERROR})",
+        "triton_interpret": _ext.INTERPRET,
+        "gpu": torch.cuda.get_device_name() if cuda_ok else None,
+        "gpu_capability": "sm_%d%d" % torch.cuda.get_device_capability() if cuda_ok else None,
+        "extension": "loaded" if _ext.HAS_EXT else f"not loaded ({_ext.EXT_ERROR})",
+        "extension_cpu_kernels": _ext.BUILD["cpu"],
+        "extension_cuda_kernels": _ext.BUILD["cuda"],
+        "extension_cuda_runtime": _ext.BUILD["cuda_runtime"],
+        "extension_cuda_archs": _ext.BUILD["cuda_archs"],
+    }
+
+
+def backend_table(device=None, dtype=torch.bfloat16) -> list[tuple[str, str, str]]:
+    """(op, backend, 'runs' or the reasons it does not) for each op on `device` (default: best available)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rows = []
+    for op, priority, reasons in _TABLE:
+        chosen = None
+        for b in priority.get(device.type, ("ref",)):
+            why = reasons(b, device, dtype)
+            if not why and chosen is None:
+                chosen = b
+                rows.append((op, b, "selected"))
+            else:
+                rows.append((op, b, "; ".join(why) if why else "available"))
+    return rows
+
+
+def info(file=None) -> str:
+    """Print and return the build description and the backend table."""
+    lines = [f"{k:<26} {v}" for k, v in build_info().items()]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    lines += ["", f"backends on {device}, bfloat16 (first applicable is selected):"]
+    lines += [f"  {op:<16} {b:<7} {status}" for op, b, status in backend_table()]
+    text = "\n".join(lines)
+    print(text, file=file)
+    return text

@@ -1,0 +1,140 @@
+"""`fastdino.patch(model)`: recognise DINOv3 modules by class name and structure, swap them for
+their fused forms in place, and report what was swapped and what was left alone and why."""
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from torch import nn
+
+from . import _ext, modules
+from .ops.add_layer_norm import BACKENDS, PRIORITY, backend_reasons
+
+
+@dataclass(frozen=True)
+class Rule:
+    class_name: str  # matched against type(module).__name__, so no import of the model library
+    mixin: type
+    children: tuple[str, ...]  # attributes the fused forward uses
+    seam: tuple[str, str]  # (LayerScale child, LayerNorm child) fused by add_layer_norm
+
+    def reasons(self, module: nn.Module) -> list[str]:
+        missing = [c for c in self.children if not hasattr(module, c)]
+        if missing:
+            return [f"no attribute {', '.join(missing)}"]
+        ls, norm = self.seam
+        return modules.layer_scale_reasons(getattr(module, ls), ls) + modules.layer_norm_reasons(
+            getattr(module, norm), norm
+        )
+
+
+RULES = (
+    # Hugging Face transformers (4.56+ and 5.x; the layer sits at layer.{i} or model.layer.{i})
+    Rule(
+        "DINOv3ViTLayer",
+        modules.FusedDINOv3ViTLayer,
+        ("norm1", "attention", "layer_scale1", "drop_path", "norm2", "mlp", "layer_scale2"),
+        ("layer_scale1", "norm2"),
+    ),
+    # facebookresearch/dinov3 (dinov3/layers/block.py)
+    Rule(
+        "SelfAttentionBlock",
+        modules.FusedSelfAttentionBlock,
+        ("norm1", "attn", "ls1", "norm2", "mlp", "ls2", "sample_drop_ratio", "_forward_list"),
+        ("ls1", "norm2"),
+    ),
+)
+
+_FUSED_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def _fused_class(mixin: type, original: type) -> type:
+    key = (mixin, original)
+    if key not in _FUSED_CLASSES:
+        _FUSED_CLASSES[key] = type(mixin.__name__, (mixin, original), {"_fastdino_original_class": original})
+    return _FUSED_CLASSES[key]
+
+
+@dataclass
+class Swapped:
+    path: str
+    original: str
+    fused: str
+    backend: str  # what add_layer_norm selects for the module's current parameter device and dtype
+
+
+@dataclass
+class Skipped:
+    path: str
+    cls: str
+    reasons: list[str]
+
+
+@dataclass
+class PatchReport:
+    swapped: list[Swapped] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    already_patched: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"fastdino.patch: {len(self.swapped)} swapped, {len(self.skipped)} left alone"]
+        lines += [f"  swapped  {s.path or '<root>'}: {s.original} -> {s.fused} [{s.backend}]" for s in self.swapped]
+        lines += [f"  left     {s.path or '<root>'} ({s.cls}): {'; '.join(s.reasons)}" for s in self.skipped]
+        if self.already_patched:
+            lines.append(f"  already patched: {len(self.already_patched)} modules")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _expected_backend(module: nn.Module, norm: nn.LayerNorm, pinned: Optional[str]) -> str:
+    p = norm.weight
+    if pinned is not None:
+        return pinned
+    for b in PRIORITY.get(p.device.type, ("ref",)):
+        if not backend_reasons(b, p.device, p.dtype, p.shape[0]):
+            return b
+    return "ref"
+
+
+def patch(model: nn.Module, backend: Optional[str] = None) -> PatchReport:
+    """Swap every recognised module of `model` for its fused form, in place.
+
+    Parameters, buffers and state_dict keys are unchanged; calling it again is a no-op.
+    `backend` pins the kernel backend of every fused op ("cuda", "triton", "cpu" or "ref").
+    """
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"fastdino.patch: backend must be one of {BACKENDS} or None, got {backend!r}")
+    report = PatchReport()
+    if not _ext.HAS_EXT:
+        report.notes.append(f"C++/CUDA kernels unavailable: {_ext.EXT_ERROR}")
+    for path, module in model.named_modules():
+        if hasattr(type(module), "_fastdino_original_class"):
+            report.already_patched.append(path)
+            continue
+        rule = next((r for r in RULES if type(module).__name__ == r.class_name), None)
+        if rule is None:
+            continue
+        reasons = rule.reasons(module)
+        if reasons:
+            report.skipped.append(Skipped(path, type(module).__name__, reasons))
+            continue
+        original = type(module)
+        module.__class__ = _fused_class(rule.mixin, original)
+        module._fastdino_backend = backend
+        norm = getattr(module, rule.seam[1])
+        report.swapped.append(
+            Swapped(path, original.__name__, type(module).__name__, _expected_backend(module, norm, backend))
+        )
+    return report
+
+
+def unpatch(model: nn.Module) -> int:
+    """Restore the original class of every module `patch` swapped; returns how many."""
+    restored = 0
+    for module in model.modules():
+        original = getattr(type(module), "_fastdino_original_class", None)
+        if original is not None:
+            module.__class__ = original
+            del module._fastdino_backend
+            restored += 1
+    return restored
