@@ -48,8 +48,9 @@ def _keeps_dtype(x: Tensor, branch: Tensor, gamma: Optional[Tensor], norm: nn.La
     """True when the unfused `y = x + ls(branch); z = norm(y)` gives y and z in x.dtype.
 
     Then casting branch and the parameters to x.dtype is exact (an upcast) and the fused op
-    returns what the model would. Otherwise (e.g. bf16 activations with fp32 parameters outside
-    autocast) the original modules run.
+    returns what the model would. Otherwise the original modules run: e.g. bf16 activations with
+    an fp32 LayerScale (y promotes to fp32) or fp32 LayerNorm parameters (layer_norm keeps bf16
+    but uses the fp32 values, which the one-dtype kernels would have to round).
     """
     dt = x.dtype
     t = branch.dtype if gamma is None else torch.promote_types(branch.dtype, gamma.dtype)

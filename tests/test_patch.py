@@ -1,0 +1,201 @@
+"""fastdino.patch on tiny random-init models: transformers' DINOv3ViT and a module tree following
+the official dinov3 code. Patched outputs match, state_dict is untouched, unpatch restores."""
+
+from unittest import mock
+
+import pytest
+import torch
+from conftest import requires_ext
+from dinov3_official import DinoVisionTransformer
+
+import fastdino
+from fastdino import _ext
+from fastdino.modules import residual_layer_norm
+
+transformers = pytest.importorskip("transformers")
+
+# Relative error ||patched - original|| / ||original|| allowed, per dtype.
+REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+CPU_BACKENDS = ["cpu", "triton", "ref"] if _ext.HAS_EXT else ["triton", "ref"]
+
+
+def hf_vit(gated=False, layers=2, **kw):
+    cfg = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+               num_register_tokens=4, image_size=64, patch_size=16, layerscale_value=0.5)
+    if gated:
+        cfg.update(use_gated_mlp=True, hidden_act="silu")
+    cfg.update(kw)
+    return transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(**cfg)).eval()
+
+
+def official_vit(**kw):
+    torch.manual_seed(0)
+    model = DinoVisionTransformer(**kw).eval()
+    for blk in model.blocks:  # LayerScale init 1e-5 would hide the branch: give it weight
+        for ls in (blk.ls1, blk.ls2):
+            if hasattr(ls, "gamma"):
+                ls.gamma.data.uniform_(0.2, 1.0)
+    return model
+
+
+def rel_err(out, ref):
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def run_hf(model, pixels):
+    with torch.no_grad():
+        return model(pixel_values=pixels).last_hidden_state
+
+
+def run_official(model, pixels):
+    with torch.no_grad():
+        feats = model.forward_features(pixels)
+        taps = model.get_intermediate_layers(pixels, n=2)
+    return torch.cat([feats["x_prenorm"].flatten(), feats["x_norm_patchtokens"].flatten()] + [t.flatten() for t in taps])
+
+
+# name: (build, run, original class, fused class, fused seams per run = blocks x forward passes)
+MODELS = {
+    "hf": (hf_vit, run_hf, "DINOv3ViTLayer", "FusedDINOv3ViTLayer", 2),
+    "hf-gated": (lambda: hf_vit(gated=True), run_hf, "DINOv3ViTLayer", "FusedDINOv3ViTLayer", 2),
+    "official": (official_vit, run_official, "SelfAttentionBlock", "FusedSelfAttentionBlock", 4),
+    "official-swiglu": (lambda: official_vit(ffn="swiglu"), run_official, "SelfAttentionBlock",
+                        "FusedSelfAttentionBlock", 4),
+    "official-no-layerscale": (lambda: official_vit(layerscale_init=None), run_official, "SelfAttentionBlock",
+                               "FusedSelfAttentionBlock", 4),
+}
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("name", MODELS)
+def test_patched_model_matches_original(name, backend):
+    build, run, original_cls, fused_cls, seams = MODELS[name]
+    model = build()
+    pixels = torch.randn(2, 3, 64, 48)  # 4x3 patches: H != W exercises the RoPE layout
+    ref = run(model, pixels)
+    keys = list(model.state_dict().keys())
+    tensors = {k: v.data_ptr() for k, v in model.state_dict().items()}
+
+    report = fastdino.patch(model, backend=backend)
+    assert [s.original for s in report.swapped] == [original_cls] * 2
+    assert all(s.fused == fused_cls and s.backend == backend for s in report.swapped)
+    assert list(model.state_dict().keys()) == keys
+    assert {k: v.data_ptr() for k, v in model.state_dict().items()} == tensors  # shared, not copied
+
+    with mock.patch("fastdino.modules.add_layer_norm", wraps=fastdino.modules.add_layer_norm) as op:
+        out = run(model, pixels)
+    assert op.call_count == seams and all(c.args[-1] == backend for c in op.call_args_list)
+    assert rel_err(out, ref) <= REL_TOL[torch.float32], rel_err(out, ref)
+
+    assert fastdino.unpatch(model) == 2
+    assert all(type(m).__name__ != fused_cls for m in model.modules())
+    torch.testing.assert_close(run(model, pixels), ref, atol=0, rtol=0)
+
+
+def test_official_tree_state_dict_keys_follow_dinov3():
+    model = official_vit(depth=1)
+    expected = ["cls_token", "storage_tokens", "mask_token", "patch_embed.proj.weight", "patch_embed.proj.bias",
+                "rope_embed.periods", "blocks.0.norm1.weight", "blocks.0.norm1.bias", "blocks.0.attn.qkv.weight",
+                "blocks.0.attn.qkv.bias", "blocks.0.attn.qkv.bias_mask", "blocks.0.attn.proj.weight",
+                "blocks.0.attn.proj.bias", "blocks.0.ls1.gamma", "blocks.0.norm2.weight", "blocks.0.norm2.bias",
+                "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc1.bias", "blocks.0.mlp.fc2.weight", "blocks.0.mlp.fc2.bias",
+                "blocks.0.ls2.gamma", "norm.weight", "norm.bias"]
+    assert sorted(model.state_dict().keys()) == sorted(expected)
+    fastdino.patch(model)
+    assert sorted(model.state_dict().keys()) == sorted(expected)
+
+
+def test_report_paths_follow_the_model_and_patch_twice_is_a_noop():
+    model = hf_vit()
+    first = fastdino.patch(model)
+    prefix = "model.layer" if hasattr(model, "model") else "layer"  # transformers 5.x vs 4.x
+    assert [s.path for s in first.swapped] == [f"{prefix}.0", f"{prefix}.1"]
+    assert "swapped" in str(first) and "FusedDINOv3ViTLayer" in str(first)
+    second = fastdino.patch(model)
+    assert second.swapped == [] and second.already_patched == [f"{prefix}.0", f"{prefix}.1"]
+    assert fastdino.unpatch(model) == 2 and fastdino.unpatch(model) == 0
+
+
+def test_load_state_dict_after_patching_is_used():
+    patched, reference = hf_vit(), hf_vit()
+    fastdino.patch(patched)
+    patched.load_state_dict(reference.state_dict())
+    pixels = torch.randn(1, 3, 64, 64)
+    assert rel_err(run_hf(patched, pixels), run_hf(reference, pixels)) <= REL_TOL[torch.float32]
+
+
+def test_unsupported_variant_is_left_alone_with_a_reason():
+    model = hf_vit()
+    layer = model.model.layer[1] if hasattr(model, "model") else model.layer[1]
+    layer.norm2 = torch.nn.RMSNorm(64)
+    report = fastdino.patch(model)
+    assert len(report.swapped) == 1 and len(report.skipped) == 1
+    assert "norm2 is RMSNorm, not nn.LayerNorm" in report.skipped[0].reasons[0]
+    assert "left" in str(report)
+
+
+def test_bf16_model_matches_original():
+    model = hf_vit().to(torch.bfloat16)
+    pixels = torch.randn(2, 3, 64, 64, dtype=torch.bfloat16)
+    ref = run_hf(model, pixels)
+    fastdino.patch(model)
+    assert rel_err(run_hf(model, pixels), ref) <= REL_TOL[torch.bfloat16]
+
+
+def test_autocast_keeps_the_original_dtypes():
+    # Under autocast the residual stream is fp32 and the branch bf16: the seam upcasts the branch
+    # (exact) and returns fp32 like the original modules.
+    model = hf_vit()
+    pixels = torch.randn(1, 3, 64, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = run_hf(model, pixels)
+        fastdino.patch(model)
+        out = run_hf(model, pixels)
+    assert out.dtype == ref.dtype
+    assert rel_err(out, ref) <= REL_TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("ls_dtype,norm_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)])
+def test_seam_keeps_the_original_dtypes_and_values(ls_dtype, norm_dtype):
+    # bf16 activations with an fp32 LayerScale promote y to fp32; fp32 LayerNorm parameters keep z
+    # in bf16 but must not be rounded: both cases run the original modules, bit for bit.
+    ls = type("LayerScale", (torch.nn.Module,), {"forward": lambda self, t: t * self.gamma})()
+    ls.gamma = torch.nn.Parameter(torch.rand(32, dtype=ls_dtype))
+    norm = torch.nn.LayerNorm(32).to(norm_dtype)
+    x, branch = torch.randn(2, 5, 32, dtype=torch.bfloat16), torch.randn(2, 5, 32, dtype=torch.bfloat16)
+    with torch.no_grad(), mock.patch("fastdino.modules.add_layer_norm") as op:
+        y, z = residual_layer_norm(x, branch, ls, norm)
+        y_ref = x + ls(branch)
+        z_ref = norm(y_ref)
+    assert op.call_count == 0
+    assert (y.dtype, z.dtype) == (y_ref.dtype, z_ref.dtype)
+    torch.testing.assert_close(z, z_ref, atol=0, rtol=0)
+
+
+@requires_ext
+def test_training_with_drop_path_runs_the_original_and_gradients_flow():
+    model = official_vit(drop_path_rate=0.5).train()
+    fastdino.patch(model)
+    pixels = torch.randn(2, 3, 32, 32)
+    with mock.patch("fastdino.modules.add_layer_norm", wraps=fastdino.modules.add_layer_norm) as op:
+        model.forward_features(pixels)["x_prenorm"].sum().backward()
+    assert op.call_count == 0  # stochastic depth: the original forward runs
+    model = hf_vit().train()
+    fastdino.patch(model)
+    out = model(pixel_values=torch.randn(1, 3, 32, 32)).last_hidden_state
+    out.sum().backward()  # requires grad: the seam takes the reference path, autograd works
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad and p.dim() == 1 and p.numel() == 64)
+
+
+@pytest.mark.slow
+@requires_ext
+def test_patched_model_compiles_fullgraph_with_inductor():
+    model = hf_vit()
+    pixels = torch.randn(1, 3, 64, 64)
+    ref = run_hf(model, pixels)
+    fastdino.patch(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        out = compiled(pixel_values=pixels).last_hidden_state
+    assert rel_err(out, ref) <= REL_TOL[torch.float32]
