@@ -5,9 +5,16 @@
     fastdino.unpatch(model)          # restore the original modules
 """
 
-from . import ops
-from .info import info
-from .patch import PatchReport, patch, unpatch
+try:
+    from . import kernels  # noqa: F401  (kernels/ is installed here by setup.py)
+except ImportError as e:
+    raise ImportError(
+        f"fastdino imported from {__path__[0]}, which has no fastdino.kernels: this is the source tree. "
+        "Install with `pip install .` and run from another directory, or use the `fastdino` command."
+    ) from e
+from . import ops  # noqa: E402
+from .info import info  # noqa: E402
+from .patch import PatchReport, patch, unpatch  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["ops", "info", "patch", "unpatch", "PatchReport", "__version__"]

@@ -5,11 +5,12 @@ import platform
 import torch
 
 from . import _ext
+from .ops.add_layer_norm import BACKENDS as ALN_BACKENDS
 from .ops.add_layer_norm import PRIORITY as ALN_PRIORITY
 from .ops.add_layer_norm import backend_reasons as aln_reasons
 
 # Representative problem per op for the backend table: (op name, reasons(backend, device, dtype)).
-_TABLE = [("add_layer_norm", ALN_PRIORITY, lambda b, dev, dt: aln_reasons(b, dev, dt, 1024))]
+_TABLE = [("add_layer_norm", ALN_BACKENDS, ALN_PRIORITY, lambda b, dev, dt: aln_reasons(b, dev, dt, 1024))]
 
 
 def build_info() -> dict:
@@ -35,15 +36,15 @@ def backend_table(device=None, dtype=torch.bfloat16) -> list[tuple[str, str, str
     """(op, backend, 'runs' or the reasons it does not) for each op on `device` (default: best available)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rows = []
-    for op, priority, reasons in _TABLE:
-        chosen = None
-        for b in priority.get(device.type, ("ref",)):
+    for op, backends, priority, reasons in _TABLE:
+        order = priority.get(device.type, ("ref",))
+        chosen = next(b for b in order if not reasons(b, device, dtype))
+        for b in backends:
             why = reasons(b, device, dtype)
-            if not why and chosen is None:
-                chosen = b
-                rows.append((op, b, "selected"))
-            else:
-                rows.append((op, b, "; ".join(why) if why else "available"))
+            status = "selected" if b == chosen else "; ".join(why) if why else "available"
+            if b not in order and not why:
+                status += " when pinned (slower here by measurement)"
+            rows.append((op, b, status))
     return rows
 
 
@@ -51,7 +52,7 @@ def info(file=None) -> str:
     """Print and return the build description and the backend table."""
     lines = [f"{k:<26} {v}" for k, v in build_info().items()]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    lines += ["", f"backends on {device}, bfloat16 (first applicable is selected):"]
+    lines += ["", f"backends on {device}, bfloat16:"]
     lines += [f"  {op:<16} {b:<7} {status}" for op, b, status in backend_table()]
     text = "\n".join(lines)
     print(text, file=file)

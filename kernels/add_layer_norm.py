@@ -74,3 +74,18 @@ def add_layer_norm_fwd(x, branch, gamma, weight, bias, eps, y, z, launch=lambda 
         x, branch, gamma if gamma is not None else weight, weight, bias, y, z, rows, C, eps,
         HAS_GAMMA=gamma is not None, BLOCK_C=block_c, ROWS=rows_per_prog, num_warps=num_warps,
     )
+
+
+def compile_configs():
+    """Every (signature, constexprs, options) add_layer_norm_fwd can launch, for the sm_90 compile check."""
+    block_c = 32
+    while block_c <= MAX_C:
+        _, rows, num_warps = add_layer_norm_config(block_c)
+        for dtype in ("fp32", "fp16", "bf16"):
+            for has_gamma in (True, False):
+                signature = {n: f"*{dtype}" for n in ("X", "BR", "G", "W", "B", "Y", "Z")}
+                signature.update(rows="i32", C="i32", eps="fp32", HAS_GAMMA="constexpr", BLOCK_C="constexpr",
+                                 ROWS="constexpr")
+                constexprs = {"HAS_GAMMA": has_gamma, "BLOCK_C": block_c, "ROWS": rows}
+                yield _add_layer_norm_fwd_kernel, signature, constexprs, {"num_warps": num_warps}
+        block_c *= 2

@@ -3,11 +3,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ATOL, DEVICE, DTYPES, assert_close_to_ref, requires_cuda_ext, requires_ext
+from helpers import ATOL, DEVICE, DTYPES, assert_close_to_ref, requires_cuda, requires_cuda_ext, requires_ext
 
 from fastdino import _ext
 from fastdino.ops import add_layer_norm, add_layer_norm_ref
-from fastdino.ops.add_layer_norm import add_layer_norm_triton, select_backend
+from fastdino.ops.add_layer_norm import add_layer_norm_triton, backend_reasons, select_backend
 
 # (shape of x, has gamma). Real DINOv3 rows (384 = ViT-S, 1024 = ViT-L, 4096 = 7B; 1029 tokens at
 # 512^2) and odd ones that exercise masking and the scalar (non-vectorised) CUDA path.
@@ -98,12 +98,20 @@ def test_ref_equals_unfused_modules_fp32():
 
 
 def test_dispatch_explains_each_skipped_backend():
-    backend, skipped = select_backend(*make_inputs((2, 5, 64), torch.float32, "cpu"))
-    assert backend == ("cpu" if _ext.HAS_EXT else "triton") and "cuda" not in skipped
-    inputs = make_inputs((2, 5, 64), torch.float64, "cpu")
-    backend, skipped = select_backend(*inputs)
-    assert backend == "ref" and all(any("float64" in r for r in skipped[b]) for b in ("triton", "cpu"))
-    x, branch, gamma, weight, bias = make_inputs((2, 5, 64), torch.float32, "cpu")
+    # CPU tensors: the reference is the fastest measured path, nothing is tried before it.
+    assert select_backend(*make_inputs((2, 5, 64), torch.float32, "cpu")) == ("ref", {})
+    assert backend_reasons("cpu", torch.device("cpu"), torch.float32, 64) == ([] if _ext.HAS_EXT else [
+        f"fastdino._C not built ({_ext.EXT_ERROR})"])
+    reasons = backend_reasons("cuda", torch.device("cpu"), torch.float64, 64)
+    assert "device=cpu (needs cuda)" in reasons and any("float64" in r for r in reasons)
+    assert backend_reasons("triton", torch.device("cuda"), torch.float32, 16384) == ["C=16384 > 8192"] or not _ext.HAS_TRITON
+
+
+@requires_cuda
+def test_dispatch_on_cuda_prefers_the_extension_then_triton():
+    x, branch, gamma, weight, bias = make_inputs((2, 5, 64), torch.float32, "cuda")
+    backend, skipped = select_backend(x, branch, gamma, weight, bias)
+    assert backend == ("cuda" if _ext.BUILD["cuda"] else "triton")
     backend, skipped = select_backend(x.transpose(0, 1), branch.transpose(0, 1), gamma, weight, bias)
     assert backend == "ref" and "x is not contiguous" in skipped["triton"]
 
@@ -185,7 +193,7 @@ def test_add_layer_norm_opcheck_triton(has_gamma):
     torch.library.opcheck(add_layer_norm_triton, (*args, 1e-5))
 
 
-@pytest.mark.parametrize("backend", ["cuda" if DEVICE.type == "cuda" else "cpu", "triton", "ref"])
+@pytest.mark.parametrize("backend", ["cuda" if DEVICE.type == "cuda" else "cpu", "triton", "ref", None])
 def test_add_layer_norm_compile_fullgraph(backend):
     if backend in ("cpu", "cuda") and not _ext.HAS_EXT:
         pytest.skip("fastdino._C not built")

@@ -5,7 +5,7 @@ from unittest import mock
 
 import pytest
 import torch
-from conftest import requires_ext
+from helpers import requires_ext
 from dinov3_official import DinoVisionTransformer
 
 import fastdino
@@ -108,6 +108,7 @@ def test_official_tree_state_dict_keys_follow_dinov3():
 def test_report_paths_follow_the_model_and_patch_twice_is_a_noop():
     model = hf_vit()
     first = fastdino.patch(model)
+    assert all(s.backend == "ref" for s in first.swapped)  # CPU parameters: the measured-fastest path
     prefix = "model.layer" if hasattr(model, "model") else "layer"  # transformers 5.x vs 4.x
     assert [s.path for s in first.swapped] == [f"{prefix}.0", f"{prefix}.1"]
     assert "swapped" in str(first) and "FusedDINOv3ViTLayer" in str(first)
