@@ -23,6 +23,7 @@ def add_arguments(parser):
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--iters", type=int, help="timed iterations (default: 50 on cuda, 5 on cpu)")
+    parser.add_argument("--backend", choices=["cuda", "triton", "cpu", "ref"], help="pin the kernel backend")
 
 
 def build_model(weights=None):
@@ -79,7 +80,7 @@ def run(args) -> int:
         forward = lambda: model(pixel_values=pixels).last_hidden_state  # noqa: E731
         ref = forward().float()
         t_orig = _time(forward, device, iters)
-        report = fastdino.patch(model)
+        report = fastdino.patch(model, backend=args.backend)
         print(report)
         out = forward().float()
         t_fused = _time(forward, device, iters)
