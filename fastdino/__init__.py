@@ -5,6 +5,13 @@
     fastdino.unpatch(model)          # restore the original modules
 """
 
+import pkgutil
+
+# From the repository root, `python -m fastdino` imports this source tree, which has neither the
+# compiled fastdino._C nor fastdino.kernels (setup.py installs kernels/ there): extend the package
+# path with the installed copy so both resolve.
+__path__ = pkgutil.extend_path(__path__, __name__)
+
 try:
     from . import kernels  # noqa: F401  (kernels/ is installed here by setup.py)
 except ImportError as e:

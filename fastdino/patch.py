@@ -86,7 +86,7 @@ class PatchReport:
         return "\n".join(lines)
 
 
-def _expected_backend(module: nn.Module, norm: nn.LayerNorm, pinned: Optional[str]) -> str:
+def _expected_backend(norm: nn.LayerNorm, pinned: Optional[str]) -> str:
     p = norm.weight
     if pinned is not None:
         return pinned
@@ -123,7 +123,7 @@ def patch(model: nn.Module, backend: Optional[str] = None) -> PatchReport:
         module._fastdino_backend = backend
         norm = getattr(module, rule.seam[1])
         report.swapped.append(
-            Swapped(path, original.__name__, type(module).__name__, _expected_backend(module, norm, backend))
+            Swapped(path, original.__name__, type(module).__name__, _expected_backend(norm, backend))
         )
     return report
 
