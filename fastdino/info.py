@@ -8,9 +8,19 @@ from . import _ext
 from .ops.add_layer_norm import BACKENDS as ALN_BACKENDS
 from .ops.add_layer_norm import PRIORITY as ALN_PRIORITY
 from .ops.add_layer_norm import backend_reasons as aln_reasons
+from .ops.add_layer_norm import preferred_backend as aln_preferred
 
-# Representative problem per op for the backend table: (op name, reasons(backend, device, dtype)).
-_TABLE = [("add_layer_norm", ALN_BACKENDS, ALN_PRIORITY, lambda b, dev, dt: aln_reasons(b, dev, dt, 1024))]
+# Per op, on a representative problem (C = 1024): all backends, the priority per device, why a
+# backend cannot run, and which one runs.
+_TABLE = [
+    (
+        "add_layer_norm",
+        ALN_BACKENDS,
+        ALN_PRIORITY,
+        lambda b, dev, dt: aln_reasons(b, dev, dt, 1024),
+        lambda dev, dt: aln_preferred(dev, dt, 1024)[0],
+    )
+]
 
 
 def build_info() -> dict:
@@ -36,9 +46,9 @@ def backend_table(device=None, dtype=torch.bfloat16) -> list[tuple[str, str, str
     """(op, backend, 'runs' or the reasons it does not) for each op on `device` (default: best available)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rows = []
-    for op, backends, priority, reasons in _TABLE:
+    for op, backends, priority, reasons, preferred in _TABLE:
         order = priority.get(device.type, ("ref",))
-        chosen = next(b for b in order if not reasons(b, device, dtype))
+        chosen = preferred(device, dtype)
         for b in backends:
             why = reasons(b, device, dtype)
             status = "selected" if b == chosen else "; ".join(why) if why else "available"

@@ -7,7 +7,7 @@ from typing import Optional
 from torch import nn
 
 from . import _ext, modules
-from .ops.add_layer_norm import BACKENDS, PRIORITY, backend_reasons
+from .ops.add_layer_norm import BACKENDS, preferred_backend
 
 
 @dataclass(frozen=True)
@@ -86,16 +86,6 @@ class PatchReport:
         return "\n".join(lines)
 
 
-def _expected_backend(norm: nn.LayerNorm, pinned: Optional[str]) -> str:
-    p = norm.weight
-    if pinned is not None:
-        return pinned
-    for b in PRIORITY.get(p.device.type, ("ref",)):
-        if not backend_reasons(b, p.device, p.dtype, p.shape[0]):
-            return b
-    return "ref"
-
-
 def patch(model: nn.Module, backend: Optional[str] = None) -> PatchReport:
     """Swap every recognised module of `model` for its fused form, in place.
 
@@ -121,10 +111,9 @@ def patch(model: nn.Module, backend: Optional[str] = None) -> PatchReport:
         original = type(module)
         module.__class__ = _fused_class(rule.mixin, original)
         module._fastdino_backend = backend
-        norm = getattr(module, rule.seam[1])
-        report.swapped.append(
-            Swapped(path, original.__name__, type(module).__name__, _expected_backend(norm, backend))
-        )
+        w = getattr(module, rule.seam[1]).weight
+        expected = backend or preferred_backend(w.device, w.dtype, w.shape[0])[0]
+        report.swapped.append(Swapped(path, original.__name__, type(module).__name__, expected))
     return report
 
 

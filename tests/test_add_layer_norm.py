@@ -104,7 +104,7 @@ def test_dispatch_explains_each_skipped_backend():
         f"fastdino._C not built ({_ext.EXT_ERROR})"])
     reasons = backend_reasons("cuda", torch.device("cpu"), torch.float64, 64)
     assert "device=cpu (needs cuda)" in reasons and any("float64" in r for r in reasons)
-    assert backend_reasons("triton", torch.device("cuda"), torch.float32, 16384) == ["C=16384 > 8192"] or not _ext.HAS_TRITON
+    assert "C=16384 > 8192" in backend_reasons("triton", torch.device("cuda"), torch.float32, 16384)
 
 
 @requires_cuda

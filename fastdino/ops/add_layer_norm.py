@@ -119,18 +119,23 @@ def _check_args(x, branch, gamma, weight, bias):
             raise ValueError(f"add_layer_norm: {name} is on {t.device} but x is on {x.device}")
 
 
-def select_backend(x, branch, gamma, weight, bias) -> tuple[str, dict[str, list[str]]]:
-    """The first backend of PRIORITY[device] that applies, and why each one before it did not."""
+def preferred_backend(device, dtype, C, input_reasons=()) -> tuple[str, dict[str, list[str]]]:
+    """The first backend of PRIORITY[device] that applies, and why each one before it did not.
+
+    `input_reasons` (from the tensors themselves) rule out every kernel, never the reference.
+    """
     skipped = {}
-    dynamic = _input_reasons(x, branch, gamma, weight, bias)
-    for backend in PRIORITY.get(x.device.type, ("ref",)):
-        reasons = backend_reasons(backend, x.device, x.dtype, x.shape[-1])
-        if backend != "ref":
-            reasons += dynamic
+    for backend in PRIORITY.get(device.type, ("ref",)):
+        reasons = backend_reasons(backend, device, dtype, C) + (list(input_reasons) if backend != "ref" else [])
         if not reasons:
             return backend, skipped
         skipped[backend] = reasons
     raise AssertionError("unreachable: ref always applies")
+
+
+def select_backend(x, branch, gamma, weight, bias) -> tuple[str, dict[str, list[str]]]:
+    """preferred_backend for these tensors."""
+    return preferred_backend(x.device, x.dtype, x.shape[-1], _input_reasons(x, branch, gamma, weight, bias))
 
 
 def add_layer_norm(x, branch, gamma, weight, bias, eps: float = 1e-5, backend: Optional[str] = None):
