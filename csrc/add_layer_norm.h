@@ -6,6 +6,8 @@
 #include <c10/macros/Macros.h>
 #include <c10/util/Exception.h>
 
+#include "checks.h"
+
 namespace fastdino {
 
 // The residual add in fp32, then rounded to the storage type: LayerNorm then sees exactly the
@@ -24,7 +26,7 @@ inline void check_add_layer_norm_args(const at::Tensor& x, const at::Tensor& bra
                                       const std::optional<at::Tensor>& gamma, const at::Tensor& weight,
                                       const at::Tensor& bias) {
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, "add_layer_norm: x must have a non-empty last dim, got shape ",
-              x.sizes());
+              shape_str(x));
   const auto dtype = x.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
               "add_layer_norm: x must be float32, float16 or bfloat16, got ", dtype);
@@ -35,11 +37,11 @@ inline void check_add_layer_norm_args(const at::Tensor& x, const at::Tensor& bra
     TORCH_CHECK(t.scalar_type() == dtype, "add_layer_norm: ", name, " has dtype ", t.scalar_type(),
                 " but x has dtype ", dtype);
     if (full_shape) {
-      TORCH_CHECK(t.sizes() == x.sizes(), "add_layer_norm: ", name, " has shape ", t.sizes(),
-                  " but x has shape ", x.sizes());
+      TORCH_CHECK(t.sizes() == x.sizes(), "add_layer_norm: ", name, " has shape ", shape_str(t),
+                  " but x has shape ", shape_str(x));
     } else {
       TORCH_CHECK(t.dim() == 1 && t.size(0) == C, "add_layer_norm: ", name, " must have shape (", C,
-                  ",), got ", t.sizes());
+                  ",), got ", shape_str(t));
     }
     TORCH_CHECK(t.is_contiguous(), "add_layer_norm: ", name, " must be contiguous");
   };

@@ -14,9 +14,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fastdino.kernels import add_layer_norm
+from fastdino.kernels import add_layer_norm, rope_attention
 
-MODULES = [add_layer_norm]
+MODULES = [add_layer_norm, rope_attention]
 
 
 def cuobjdump():
@@ -30,7 +30,7 @@ def main() -> int:
     failures, count = [], 0
     for module in MODULES:
         for kernel, signature, constexprs, options in module.compile_configs():
-            name = f"{module.__name__.split('.')[-1]} {constexprs} {signature['X']} {options}"
+            name = f"{module.__name__.split('.')[-1]} {constexprs} {next(iter(signature.values()))} {options}"
             try:
                 compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
                                           target=target, options=options)

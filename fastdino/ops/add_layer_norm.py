@@ -26,8 +26,7 @@ from torch import Tensor
 from .. import _ext
 from ..kernels.add_layer_norm import MAX_C as TRITON_MAX_C
 from ..kernels.add_layer_norm import add_layer_norm_fwd
-
-BACKENDS = ("cuda", "triton", "cpu", "ref")
+from ._dispatch import BACKENDS, check_pinned, first_backend, kernel_reasons, requires_grad
 PRIORITY = {"cuda": ("cuda", "triton", "ref"), "cpu": ("ref",)}  # see the module docstring
 CUDA_MAX_C = 32768  # csrc/cuda/add_layer_norm.cu: 32 values per thread, 1024 threads per row
 
@@ -72,21 +71,10 @@ if _ext.HAS_EXT:
 
 def backend_reasons(backend: str, device: torch.device, dtype: torch.dtype, C: int) -> list[str]:
     """Why `backend` cannot run add_layer_norm for rows of C elements of `dtype` on `device`."""
-    if backend == "ref":
-        return []
-    reasons = _ext.dtype_reasons(dtype)
-    if backend == "cuda":
-        reasons += _ext.device_reasons(device, "cuda") + _ext.ext_reasons("cuda")
-        if C > CUDA_MAX_C:
-            reasons.append(f"C={C} > {CUDA_MAX_C}")
-    elif backend == "triton":
-        reasons += _ext.triton_reasons(device.type)
-        if C > TRITON_MAX_C:
-            reasons.append(f"C={C} > {TRITON_MAX_C}")
-    elif backend == "cpu":
-        reasons += _ext.device_reasons(device, "cpu") + _ext.ext_reasons("cpu")
-    else:
-        raise ValueError(f"add_layer_norm: unknown backend {backend!r}, expected one of {BACKENDS}")
+    reasons = kernel_reasons("add_layer_norm", backend, device, dtype)
+    limit = {"cuda": CUDA_MAX_C, "triton": TRITON_MAX_C}.get(backend)
+    if limit is not None and C > limit:
+        reasons.append(f"C={C} > {limit}")
     return reasons
 
 
@@ -99,10 +87,7 @@ def _layout_reasons(x, branch, gamma, weight, bias) -> list[str]:
 
 def _input_reasons(x, branch, gamma, weight, bias) -> list[str]:
     """Reasons that depend on the tensors themselves, not only on device/dtype/C."""
-    reasons = _layout_reasons(x, branch, gamma, weight, bias)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, branch, gamma, weight, bias)):
-        reasons.append("inputs require grad (kernels are forward-only)")
-    return reasons
+    return _layout_reasons(x, branch, gamma, weight, bias) + requires_grad(x, branch, gamma, weight, bias)
 
 
 def _check_args(x, branch, gamma, weight, bias):
@@ -120,17 +105,8 @@ def _check_args(x, branch, gamma, weight, bias):
 
 
 def preferred_backend(device, dtype, C, input_reasons=()) -> tuple[str, dict[str, list[str]]]:
-    """The first backend of PRIORITY[device] that applies, and why each one before it did not.
-
-    `input_reasons` (from the tensors themselves) rule out every kernel, never the reference.
-    """
-    skipped = {}
-    for backend in PRIORITY.get(device.type, ("ref",)):
-        reasons = backend_reasons(backend, device, dtype, C) + (list(input_reasons) if backend != "ref" else [])
-        if not reasons:
-            return backend, skipped
-        skipped[backend] = reasons
-    raise AssertionError("unreachable: ref always applies")
+    """The first backend of PRIORITY[device] that applies, and why each one before it did not."""
+    return first_backend(PRIORITY, device, lambda b: backend_reasons(b, device, dtype, C), input_reasons)
 
 
 def select_backend(x, branch, gamma, weight, bias) -> tuple[str, dict[str, list[str]]]:
@@ -148,11 +124,8 @@ def add_layer_norm(x, branch, gamma, weight, bias, eps: float = 1e-5, backend: O
     if backend is None:
         backend, _ = select_backend(x, branch, gamma, weight, bias)
     elif backend != "ref":
-        reasons = backend_reasons(backend, x.device, x.dtype, x.shape[-1]) + _input_reasons(
-            x, branch, gamma, weight, bias
-        )
-        if reasons:
-            raise ValueError(f"add_layer_norm: backend {backend!r} cannot run: {'; '.join(reasons)}")
+        reasons = backend_reasons(backend, x.device, x.dtype, x.shape[-1])
+        check_pinned("add_layer_norm", backend, reasons + _input_reasons(x, branch, gamma, weight, bias))
     if backend == "ref":
         return add_layer_norm_ref(x, branch, gamma, weight, bias, eps)
     if backend == "triton":

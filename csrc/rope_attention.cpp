@@ -1,0 +1,99 @@
+// rope_attention, C++ form: one pass rotates q and k (CPU kernel here, CUDA kernel in
+// cuda/rope_attention.cu), then ATen's scaled_dot_product_attention, which picks flash/cuDNN
+// attention on the GPU and its fused CPU kernel on the host.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/scaled_dot_product_attention.h>
+#include <torch/library.h>
+
+#include "rope_attention.h"
+
+namespace fastdino {
+
+// The device-independent part of the op: rotate with the device's `rope` (x, fp32 cos, fp32 sin ->
+// new contiguous (B, N, H, D)), then ATen attention on transposed views (no copies).
+template <typename RopeFn>
+at::Tensor rope_attention_with(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
+                               double scale, RopeFn rope) {
+  check_rope_attention_args(q, k, v, cos, sin);
+  at::Tensor qr = q, kr = k;
+  if (cos.has_value()) {
+    const auto c = cos->to(at::kFloat).contiguous();
+    const auto s = sin->to(at::kFloat).contiguous();
+    qr = rope(q, c, s);
+    kr = rope(k, c, s);
+  }
+  auto out = at::scaled_dot_product_attention(qr.transpose(1, 2), kr.transpose(1, 2), v.transpose(1, 2), {}, 0.0,
+                                              false, scale);
+  return out.transpose(1, 2).contiguous();
+}
+
+namespace {
+
+template <typename T>
+void rope_rows_cpu(const at::Tensor& x, const float* cos, const float* sin, int64_t hw, T* out) {
+  const int64_t B = x.size(0), N = x.size(1), H = x.size(2), D = x.size(3), half = D / 2;
+  const int64_t prefix = N - hw;
+  const T* xp = x.const_data_ptr<T>();
+  const int64_t sb = x.stride(0), sn = x.stride(1), sh = x.stride(2);
+  at::parallel_for(0, B * N, std::max<int64_t>(1, 16384 / (H * D)), [&](int64_t begin, int64_t end) {
+    for (int64_t bn = begin; bn < end; ++bn) {
+      const int64_t b = bn / N, n = bn % N;
+      for (int64_t h = 0; h < H; ++h) {
+        const T* src = xp + b * sb + n * sn + h * sh;
+        T* dst = out + ((bn * H) + h) * D;
+        if (n < prefix) {
+          for (int64_t d = 0; d < D; ++d) dst[d] = src[d];
+          continue;
+        }
+        const float* c = cos + (n - prefix) * D;
+        const float* s = sin + (n - prefix) * D;
+        for (int64_t d = 0; d < half; ++d) {
+          float o1, o2;
+          rope_pair(static_cast<float>(src[d]), static_cast<float>(src[d + half]), c[d], c[d + half], s[d],
+                    s[d + half], o1, o2);
+          dst[d] = static_cast<T>(o1);
+          dst[d + half] = static_cast<T>(o2);
+        }
+      }
+    }
+  });
+}
+
+at::Tensor rope_cpu(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  auto out = at::empty(x.sizes(), x.options());
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rope_cpu", [&] {
+    rope_rows_cpu<scalar_t>(x, cos.const_data_ptr<float>(), sin.const_data_ptr<float>(), cos.size(0),
+                            out.mutable_data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+at::Tensor rope_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
+                              double scale) {
+  TORCH_CHECK(q.device().is_cpu(), "rope_attention (CPU kernel): q must be on the CPU, got ", q.device());
+  return rope_attention_with(q, k, v, cos, sin, scale, rope_cpu);
+}
+
+}  // namespace
+
+#ifdef FASTDINO_WITH_CUDA
+at::Tensor rope_cuda(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);  // cuda/rope_attention.cu
+
+at::Tensor rope_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
+                               double scale) {
+  TORCH_CHECK(q.is_cuda(), "rope_attention (CUDA kernel): q must be on a CUDA device, got ", q.device());
+  return rope_attention_with(q, k, v, cos, sin, scale, rope_cuda);
+}
+
+TORCH_LIBRARY_IMPL(fastdino, CUDA, m) { m.impl("rope_attention", &rope_attention_cuda); }
+#endif
+
+TORCH_LIBRARY_IMPL(fastdino, CPU, m) { m.impl("rope_attention", &rope_attention_cpu); }
+
+}  // namespace fastdino

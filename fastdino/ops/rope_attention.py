@@ -1,0 +1,163 @@
+"""rope_attention: DINOv3 self-attention with its 2D RoPE fused in.
+
+    out = softmax(rope(q) rope(k)^T * scale) v        q, k, v, out: (B, N, H, D), token-major
+
+``rope`` turns the trailing HW = cos.shape[0] tokens with the half-split layout
+(x * cos + rotate_half(x) * sin, in fp32, rounded once to the storage type, as the official
+dinov3 code does); the first N - HW tokens (cls, registers, prepended queries) are left as they
+are. cos/sin are the model's own tables, (HW, D), computed once per forward. Without cos/sin it is
+plain attention. Token-major layout is what the projections produce and consume, so a fused qkv
+output is passed as three strided views and nothing is transposed or copied.
+
+Backends: ``triton`` (the flash-style kernel in kernels/rope_attention.py, RoPE applied on load),
+``cuda`` and ``cpu`` (fastdino._C: one C++ pass that rotates q and k, then ATen's
+scaled_dot_product_attention, i.e. flash/cuDNN attention on the GPU), ``ref``. On CUDA tensors the
+priority is triton, cuda, ref: the Triton kernel saves the rotation pass and its memory traffic;
+benchmarks/bench_rope_attention.py measures all of them side by side against SDPA. On CPU tensors
+the reference runs unless a backend is pinned. Forward only: with grad the reference runs.
+"""
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import _ext
+from ..kernels.rope_attention import FP32_MAX_HEAD_DIM, HEAD_DIMS, rope_attention_fwd
+from ._dispatch import BACKENDS, check_pinned, first_backend, kernel_reasons, requires_grad
+
+PRIORITY = {"cuda": ("triton", "cuda", "ref"), "cpu": ("ref",)}  # see the module docstring
+
+
+def rope_ref(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the trailing cos.shape[0] tokens of x (B, N, H, D) in fp32; the prefix is untouched."""
+    prefix = x.shape[1] - cos.shape[0]
+    t = x[:, prefix:].float()
+    t1, t2 = t.chunk(2, dim=-1)
+    turned = t * cos.float()[None, :, None] + torch.cat((-t2, t1), dim=-1) * sin.float()[None, :, None]
+    return torch.cat((x[:, :prefix], turned.to(x.dtype)), dim=1)
+
+
+def rope_attention_ref(q, k, v, cos=None, sin=None, scale=None):
+    """Reference (and fallback): rope_ref on q and k, then F.scaled_dot_product_attention."""
+    if cos is not None:
+        q, k = rope_ref(q, cos, sin), rope_ref(k, cos, sin)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+    return out.transpose(1, 2)
+
+
+@torch.library.custom_op("fastdino::rope_attention_triton", mutates_args=())
+def rope_attention_triton(
+    q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor], sin: Optional[Tensor], scale: float
+) -> Tensor:
+    _check_args(q, k, v, cos, sin)
+    errors = _layout_reasons(q, k, v, cos, sin) + _ext.dtype_reasons(q.dtype) + _triton_reasons(q.dtype, q.shape[-1])
+    if errors:
+        raise ValueError(f"rope_attention (Triton kernel): {'; '.join(errors)}")
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    rope_attention_fwd(q, k, v, cos, sin, scale, out, interpret=_ext.INTERPRET)
+    return out
+
+
+@rope_attention_triton.register_fake
+def _(q, k, v, cos, sin, scale):
+    return q.new_empty(q.shape)
+
+
+if _ext.HAS_EXT:
+
+    @torch.library.register_fake("fastdino::rope_attention")
+    def _(q, k, v, cos, sin, scale):
+        return q.new_empty(q.shape)
+
+
+def _head_dim_reasons(D: int) -> list[str]:
+    return [] if D in HEAD_DIMS else [f"head dim {D} is not a multiple of 16 in 16..128"]
+
+
+def _triton_reasons(dtype: torch.dtype, D: int) -> list[str]:
+    if dtype == torch.float32 and D > FP32_MAX_HEAD_DIM:
+        return [f"float32 with head dim {D} > {FP32_MAX_HEAD_DIM} (would spill registers)"]
+    return _head_dim_reasons(D)
+
+
+def backend_reasons(backend: str, device: torch.device, dtype: torch.dtype, D: int) -> list[str]:
+    """Why `backend` cannot run rope_attention with head dim D of `dtype` on `device`."""
+    reasons = kernel_reasons("rope_attention", backend, device, dtype)
+    if backend == "triton":
+        reasons += _triton_reasons(dtype, D)
+    elif backend in ("cuda", "cpu") and D % 2:  # ATen attention takes any head dim; RoPE pairs need an even one
+        reasons.append(f"head dim {D} is odd")
+    return reasons
+
+
+def _layout_reasons(q, k, v, cos, sin) -> list[str]:
+    """What the kernels need: one dtype for q, k, v; unit stride along the head dim."""
+    reasons = [f"{n} has dtype {t.dtype} != q.dtype" for n, t in (("k", k), ("v", v)) if t.dtype != q.dtype]
+    reasons += [f"{n} has stride {t.stride(-1)} along the head dim (needs 1)"
+                for n, t in (("q", q), ("k", k), ("v", v), ("cos", cos), ("sin", sin))
+                if t is not None and t.stride(-1) != 1]
+    if cos is not None and cos.dtype != sin.dtype:
+        reasons.append(f"cos has dtype {cos.dtype} but sin has {sin.dtype}")
+    if cos is not None and cos.dtype not in _ext.KERNEL_DTYPES:
+        reasons.append(f"cos has dtype {cos.dtype}")
+    return reasons
+
+
+def _input_reasons(q, k, v, cos, sin) -> list[str]:
+    return _layout_reasons(q, k, v, cos, sin) + requires_grad(q, k, v, cos, sin)
+
+
+def _check_args(q, k, v, cos, sin):
+    if q.dim() != 4:
+        raise ValueError(f"rope_attention: q must be (B, N, H, D), got shape {tuple(q.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            raise ValueError(f"rope_attention: {name} has shape {tuple(t.shape)} but q has {tuple(q.shape)}")
+        if t.device != q.device:
+            raise ValueError(f"rope_attention: {name} is on {t.device} but q is on {q.device}")
+    if (cos is None) != (sin is None):
+        raise ValueError("rope_attention: cos and sin must be given together")
+    if cos is not None:
+        N, D = q.shape[1], q.shape[3]
+        for name, t in (("cos", cos), ("sin", sin)):
+            if t.dim() != 2 or t.shape[1] != D or t.shape[0] > N:
+                raise ValueError(f"rope_attention: {name} must be (HW, {D}) with HW <= N={N}, got {tuple(t.shape)}")
+            if t.device != q.device:
+                raise ValueError(f"rope_attention: {name} is on {t.device} but q is on {q.device}")
+        if D % 2:
+            raise ValueError(f"rope_attention: RoPE needs an even head dim, got {D}")
+
+
+def preferred_backend(device, dtype, D, input_reasons=()) -> tuple[str, dict[str, list[str]]]:
+    """The first backend of PRIORITY[device] that applies, and why each one before it did not."""
+    return first_backend(PRIORITY, device, lambda b: backend_reasons(b, device, dtype, D), input_reasons)
+
+
+def select_backend(q, k, v, cos=None, sin=None) -> tuple[str, dict[str, list[str]]]:
+    return preferred_backend(q.device, q.dtype, q.shape[-1], _input_reasons(q, k, v, cos, sin))
+
+
+def rope_attention(q, k, v, cos=None, sin=None, scale: Optional[float] = None, backend: Optional[str] = None):
+    """Attention over (B, N, H, D) q, k, v with DINOv3's RoPE on the trailing cos.shape[0] tokens.
+
+    Equivalent to `rope_attention_ref`; returns (B, N, H, D). `scale` defaults to D**-0.5.
+    `backend` pins one backend (ValueError with the reasons if it cannot run).
+    """
+    _check_args(q, k, v, cos, sin)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if backend is None:
+        backend, _ = select_backend(q, k, v, cos, sin)
+    elif backend != "ref":
+        reasons = backend_reasons(backend, q.device, q.dtype, q.shape[-1])
+        check_pinned("rope_attention", backend, reasons + _input_reasons(q, k, v, cos, sin))
+    if backend == "ref":
+        return rope_attention_ref(q, k, v, cos, sin, scale)
+    if backend == "triton":
+        return rope_attention_triton(q, k, v, cos, sin, scale)
+    return torch.ops.fastdino.rope_attention(q, k, v, cos, sin, scale)
+
+
+__all__ = ["BACKENDS", "rope_attention", "rope_attention_ref", "rope_ref"]

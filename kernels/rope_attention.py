@@ -1,0 +1,198 @@
+"""Triton kernel of rope_attention: softmax(rope(q) rope(k)^T * scale) v, flash-style.
+
+One program owns BLOCK_M query rows of one (batch, head) and streams the keys in blocks of
+BLOCK_N with an online softmax (exp2, fp32 statistics), so the N x N scores never exist.
+q, k, v are read in place from the projection output, token-major (B, N, H, D) with any batch,
+token and head strides, so neither the split of a fused qkv nor a transpose is ever copied; the
+output is written token-major too, ready for the output projection.
+
+DINOv3's 2D RoPE is applied on load, in fp32 and rounded once to the storage type as the official
+code does: q once per program, each k block as it is streamed. Only the trailing HW tokens turn;
+the first N - HW (cls, registers, any prepended queries) pass through. The half-split layout
+(rotate_half = cat(-x2, x1)) is why every head row is loaded as two halves: the rotation is then
+two fused multiply-adds per element, and q.k^T is the sum of two dots over the halves.
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+HEAD_DIMS = tuple(range(16, 129, 16))  # head dims the kernel is built and tested for
+FP32_MAX_HEAD_DIM = 64  # fp32 beyond this spills registers on sm_90 whatever the tiles
+
+
+@triton.jit
+def _rope_rows(x_lo, x_hi, rows, prefix, N, COS, SIN, stride_cs, offs_h, h_ok, HALF: tl.constexpr):
+    """x * cos + rotate_half(x) * sin on the rows >= prefix, in fp32; other rows unchanged."""
+    turn = (rows >= prefix) & (rows < N)
+    pos = tl.where(turn, rows - prefix, 0).to(tl.int64)
+    m = turn[:, None] & h_ok[None, :]
+    off = pos[:, None] * stride_cs + offs_h[None, :]
+    c_lo = tl.load(COS + off, mask=m, other=1.0).to(tl.float32)
+    c_hi = tl.load(COS + off + HALF, mask=m, other=1.0).to(tl.float32)
+    s_lo = tl.load(SIN + off, mask=m, other=0.0).to(tl.float32)
+    s_hi = tl.load(SIN + off + HALF, mask=m, other=0.0).to(tl.float32)
+    return x_lo * c_lo - x_hi * s_lo, x_hi * c_hi + x_lo * s_hi
+
+
+@triton.jit
+def _attend_block(
+    acc, m_i, l_i, q_lo, q_hi, K, V, COS, SIN, stride_kn, stride_vn, stride_cs, start_n, N, prefix, qk_scale,
+    offs_h, h_ok, offs_d, d_ok,
+    HALF: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr, MASK_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """One key block of the online softmax. MASK_N only on the last, partial block."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    k_off = offs_n.to(tl.int64)[:, None] * stride_kn + offs_h[None, :]
+    km = (n_ok[:, None] & h_ok[None, :]) if MASK_N else h_ok[None, :]
+    k_lo = tl.load(K + k_off, mask=km, other=0.0)
+    k_hi = tl.load(K + k_off + HALF, mask=km, other=0.0)
+    if ROPE:
+        k_lo, k_hi = _rope_rows(k_lo.to(tl.float32), k_hi.to(tl.float32), offs_n, prefix, N, COS, SIN, stride_cs,
+                                offs_h, h_ok, HALF)
+        k_lo = k_lo.to(K.dtype.element_ty)
+        k_hi = k_hi.to(K.dtype.element_ty)
+    s = tl.dot(q_lo, tl.trans(k_lo.to(DOT_DTYPE)), input_precision=PRECISION)
+    s = tl.dot(q_hi, tl.trans(k_hi.to(DOT_DTYPE)), s, input_precision=PRECISION)
+    s = s * qk_scale
+    if MASK_N:
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v_off = offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :]
+    vm = (n_ok[:, None] & d_ok[None, :]) if MASK_N else d_ok[None, :]
+    v = tl.load(V + v_off, mask=vm, other=0.0)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(V.dtype.element_ty).to(DOT_DTYPE), v.to(DOT_DTYPE), acc, input_precision=PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _rope_attention_fwd_kernel(
+    Q, K, V, COS, SIN, O,  # q, k, v, o: (B, N, H, D) strided, last dim contiguous; cos, sin: (HW, D)
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_ob, stride_on, stride_oh,
+    stride_cs,
+    H, N, prefix, qk_scale,  # qk_scale = scale * log2(e)
+    D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    HALF: tl.constexpr = D // 2
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    O += b * stride_ob + h * stride_oh
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < N
+    offs_h = tl.arange(0, BLOCK_H)
+    h_ok = offs_h < HALF
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+
+    q_off = offs_m.to(tl.int64)[:, None] * stride_qn + offs_h[None, :]
+    qm = m_ok[:, None] & h_ok[None, :]
+    q_lo = tl.load(Q + q_off, mask=qm, other=0.0)
+    q_hi = tl.load(Q + q_off + HALF, mask=qm, other=0.0)
+    if ROPE:
+        q_lo, q_hi = _rope_rows(q_lo.to(tl.float32), q_hi.to(tl.float32), offs_m, prefix, N, COS, SIN, stride_cs,
+                                offs_h, h_ok, HALF)
+        q_lo = q_lo.to(Q.dtype.element_ty)
+        q_hi = q_hi.to(Q.dtype.element_ty)
+    q_lo = q_lo.to(DOT_DTYPE)
+    q_hi = q_hi.to(DOT_DTYPE)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    n_full = (N // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        acc, m_i, l_i = _attend_block(
+            acc, m_i, l_i, q_lo, q_hi, K, V, COS, SIN, stride_kn, stride_vn, stride_cs, start_n, N, prefix, qk_scale,
+            offs_h, h_ok, offs_d, d_ok, HALF, BLOCK_N, ROPE, False, DOT_DTYPE, PRECISION,
+        )
+    if n_full < N:
+        acc, m_i, l_i = _attend_block(
+            acc, m_i, l_i, q_lo, q_hi, K, V, COS, SIN, stride_kn, stride_vn, stride_cs, n_full, N, prefix, qk_scale,
+            offs_h, h_ok, offs_d, d_ok, HALF, BLOCK_N, ROPE, True, DOT_DTYPE, PRECISION,
+        )
+    out = acc / l_i[:, None]
+    o_off = offs_m.to(tl.int64)[:, None] * stride_on + offs_d[None, :]
+    tl.store(O + o_off, out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+
+
+def rope_attention_config(B: int, H: int, N: int, D: int, dtype_bytes: int, sms: int = 132):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for one problem.
+
+    128 query rows per program when that still gives every SM a program, else 64 (batch 1 of a
+    small model: 6 heads x 17 blocks of 64 rows at N = 1029). fp32 uses 64 x 16 tiles: its dots
+    (three tf32 products each, for fp32 accuracy) need more than twice the registers per element,
+    and above FP32_MAX_HEAD_DIM no tile shape avoids spills (sm_90 compile check).
+    """
+    if dtype_bytes == 4:
+        return 64, 16, 4, 2
+    block_m = 128 if triton.cdiv(N, 128) * B * H >= sms else 64
+    # Head dims above 64 hold twice the q and accumulator registers: 8 warps, or 255 regs + spills.
+    return block_m, 64, 8 if D > 64 else 4, 3
+
+
+def rope_attention_fwd(q, k, v, cos, sin, scale, out, interpret=False, launch=lambda kernel: kernel, config=None):
+    """Launch on (B, N, H, D) q, k, v, out (last dim contiguous) and (HW, D) cos/sin or None.
+
+    The caller has validated the arguments. `interpret`: the Triton interpreter's 16-bit dots are
+    wrong, so operands are upcast to fp32 there (products are exact either way).
+    """
+    import torch
+
+    B, N, H, D = q.shape
+    if B * N * H == 0:
+        return
+    bytes_ = q.element_size()
+    block_m, block_n, num_warps, num_stages = config or rope_attention_config(B, H, N, D, bytes_)
+    rope = cos is not None
+    hw = cos.shape[0] if rope else 0
+    dot_dtype = tl.float32 if (interpret or q.dtype == torch.float32) else (
+        tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16)
+    grid = (triton.cdiv(N, block_m), B * H)
+    launch(_rope_attention_fwd_kernel)[grid](
+        q, k, v, cos if rope else q, sin if rope else q, out,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        cos.stride(0) if rope else 0,
+        H, N, N - hw, scale * LOG2E,
+        D=D, BLOCK_H=max(16, triton.next_power_of_2(D // 2)), BLOCK_D=max(16, triton.next_power_of_2(D)),
+        BLOCK_M=block_m, BLOCK_N=block_n, ROPE=rope, DOT_DTYPE=dot_dtype,
+        PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps, num_stages=num_stages,
+    )
+
+
+def compile_configs():
+    """Every (signature, constexprs, options) rope_attention_fwd can launch, for the sm_90 compile check."""
+    configs = []
+    for dtype, nbytes in (("fp32", 4), ("fp16", 2), ("bf16", 2)):
+        dot = {"fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16}[dtype]
+        for d in HEAD_DIMS if nbytes == 2 else [d for d in HEAD_DIMS if d <= FP32_MAX_HEAD_DIM]:
+            # a few programs (batch 1) and many (batch 32): both BLOCK_M choices
+            for block_m, block_n, num_warps, num_stages in sorted(
+                {rope_attention_config(b, 16, n, d, nbytes) for b, n in ((1, 197), (32, 4101))}
+            ):
+                signature = {name: f"*{dtype}" for name in ("Q", "K", "V", "COS", "SIN", "O")}
+                signature.update({f"stride_{t}{s}": "i32" for t in "qkvo" for s in "bnh"})
+                signature.update(stride_cs="i32", H="i32", N="i32", prefix="i32", qk_scale="fp32")
+                constexprs = dict(D=d, BLOCK_H=max(16, triton.next_power_of_2(d // 2)),
+                                  BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, BLOCK_N=block_n,
+                                  ROPE=True, DOT_DTYPE=dot, PRECISION="tf32x3" if dtype == "fp32" else "tf32")
+                signature.update({name: "constexpr" for name in constexprs})
+                configs.append((_rope_attention_fwd_kernel, signature, constexprs,
+                                dict(num_warps=num_warps, num_stages=num_stages)))
+    return configs
