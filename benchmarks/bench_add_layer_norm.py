@@ -46,7 +46,8 @@ def test_bench_add_layer_norm(benchmark, rows, C, provider):
     else:
         fn = lambda: add_layer_norm(*args, eps=1e-5, backend=provider)  # noqa: E731
     benchmark.group = f"add_layer_norm rows={rows} C={C} {dtype}"
-    benchmark.extra_info.update(rows=rows, C=C, dtype=str(dtype), provider=provider)
+    benchmark.extra_info.update(op="add_layer_norm", shape=f"rows={rows} C={C}", dtype=str(dtype), provider=provider,
+                                baselines=["copy"])
     benchmark.pedantic(fn, rounds=20 if CUDA else 3, iterations=5 if CUDA else 1, warmup_rounds=3 if CUDA else 1)
     nbytes = 4 * rows * C * x.element_size()
     if CUDA:  # kernel time with CUDA events and an L2 flush between calls
@@ -56,4 +57,4 @@ def test_bench_add_layer_norm(benchmark, rows, C, provider):
     else:
         ms = benchmark.stats.stats.median * 1e3 if benchmark.stats else None
     if ms:
-        benchmark.extra_info.update(ms=ms, gbps=nbytes / ms / 1e6)
+        benchmark.extra_info.update(ms=ms, metric="GB/s", value=nbytes / ms / 1e6)

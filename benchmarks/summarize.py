@@ -1,5 +1,7 @@
-"""Markdown table from a pytest-benchmark JSON: ms and GB/s per provider, and GB/s as a fraction
-of the copy of the same bytes measured in the same run.  Usage: python benchmarks/summarize.py FILE.json"""
+"""Markdown tables from a pytest-benchmark JSON: per op, ms and its metric (GB/s, TFLOP/s) per
+provider, and each provider's speed against the baselines measured in the same run
+(baseline ms / provider ms; for add_layer_norm the baseline is a copy of the same bytes, so the
+ratio is the fraction of achievable bandwidth).  Usage: python benchmarks/summarize.py FILE.json"""
 
 import json
 import sys
@@ -11,19 +13,24 @@ def main(path):
     meta = data["machine_info"].get("fastdino", {})
     print(f"GPU: {meta.get('gpu')} ({meta.get('gpu_capability')}); torch {meta.get('torch')} (CUDA {meta.get('torch_cuda')}); "
           f"triton {meta.get('triton')}; fastdino._C CUDA runtime {meta.get('extension_cuda_runtime')}, archs "
-          f"{meta.get('extension_cuda_archs')}; commit {meta.get('commit')}; {data.get('datetime')}\n")
-    rows = defaultdict(dict)
+          f"{meta.get('extension_cuda_archs')}; commit {meta.get('commit')}; {data.get('datetime')}")
+    ops = defaultdict(lambda: defaultdict(dict))
+    baselines = {}
     for b in data["benchmarks"]:
         e = b["extra_info"]
-        if "gbps" in e:
-            rows[(e["rows"], e["C"], e["dtype"])][e["provider"]] = (e["ms"], e["gbps"])
-    print("| rows | C | dtype | provider | ms | GB/s | of copy |")
-    print("|---:|---:|---|---|---:|---:|---:|")
-    for (r, c, dt), prov in rows.items():
-        copy = prov.get("copy", (None, None))[1]
-        for p, (ms, gbps) in prov.items():
-            frac = f"{gbps / copy:.0%}" if copy else "-"
-            print(f"| {r} | {c} | {dt} | {p} | {ms:.4f} | {gbps:.0f} | {frac} |")
+        if e.get("ms"):
+            ops[e["op"]][(e["shape"], e["dtype"])][e["provider"]] = e
+            baselines[e["op"]] = e["baselines"]
+    for op, shapes in ops.items():
+        names = baselines[op]
+        metric = next(iter(next(iter(shapes.values())).values()))["metric"]
+        print(f"\n### {op}\n")
+        print(f"| shape | dtype | provider | ms | {metric} | " + " | ".join(f"vs {n}" for n in names) + " |")
+        print("|---|---|---|---:|---:|" + "---:|" * len(names))
+        for (shape, dtype), prov in shapes.items():
+            for p, e in prov.items():
+                ratios = [f"{prov[n]['ms'] / e['ms']:.2f}x" if n in prov else "-" for n in names]
+                print(f"| {shape} | {dtype} | {p} | {e['ms']:.4f} | {e['value']:.4g} | " + " | ".join(ratios) + " |")
 
 
 if __name__ == "__main__":

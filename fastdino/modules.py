@@ -10,7 +10,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .ops import add_layer_norm
+from .ops.add_layer_norm import add_layer_norm
+from .ops.rope_attention import rope_attention
 
 # LayerScale classes and the name of their (C,) scale parameter.
 LAYER_SCALE_PARAM = {"LayerScale": "gamma", "DINOv3ViTLayerScale": "lambda1"}
@@ -105,3 +106,109 @@ class FusedSelfAttentionBlock:
 
     def _forward(self, x, rope=None):
         return self._forward_list([x], rope_list=[rope])[0]
+
+
+def _children_reasons(module: nn.Module, children) -> list[str]:
+    missing = [c for c in children if not hasattr(module, c)]
+    return [f"no attribute {', '.join(missing)}"] if missing else []
+
+
+def self_attention_reasons(module: nn.Module) -> list[str]:
+    """dinov3's SelfAttention: a (D, 3D) qkv Linear, heads that split D evenly into an even head dim."""
+    reasons = _children_reasons(module, ("qkv", "proj", "proj_drop", "num_heads"))
+    if reasons:
+        return reasons
+    if not isinstance(module.qkv, nn.Linear) or module.qkv.out_features != 3 * module.qkv.in_features:
+        return ["qkv is not a (D, 3D) Linear"]
+    D, H = module.qkv.in_features, module.num_heads
+    if D % H or (D // H) % 2:
+        return [f"dim {D} over {H} heads gives no even head dim"]
+    return []
+
+
+def hf_attention_reasons(module: nn.Module) -> list[str]:
+    reasons = _children_reasons(module, ("q_proj", "k_proj", "v_proj", "o_proj", "num_heads", "head_dim", "scaling"))
+    if reasons:
+        return reasons
+    if module.head_dim % 2:
+        return [f"head dim {module.head_dim} is odd"]
+    return []
+
+
+def _attention_fallback(training: bool, dropout: float, **why) -> bool:
+    """True when the original attention must run: training with dropout, or any extra input set."""
+    return (training and dropout > 0) or any(v for v in why.values())
+
+
+class FusedSelfAttention:
+    """dinov3's SelfAttention: qkv GEMM, then rope_attention on strided views of its output."""
+
+    def forward(self, x, attn_bias=None, rope=None):
+        drop = getattr(self.attn_drop, "p", 0.0) if hasattr(self, "attn_drop") else 0.0
+        if _attention_fallback(self.training, drop, attn_bias=attn_bias is not None):
+            return super().forward(x, attn_bias=attn_bias, rope=rope)
+        B, N, C = x.shape
+        H = self.num_heads
+        q, k, v = self.qkv(x).view(B, N, 3, H, C // H).unbind(2)
+        sin, cos = rope if rope is not None else (None, None)  # dinov3 passes (sin, cos)
+        out = rope_attention(q, k, v, cos, sin, backend=self._fastdino_backend)
+        return self.proj_drop(self.proj(out.reshape(B, N, C)))
+
+
+class FusedDINOv3ViTAttention:
+    """transformers' DINOv3ViTAttention: q/k/v projections, then rope_attention on their outputs."""
+
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, **kwargs):
+        if _attention_fallback(self.training, self.dropout, mask=attention_mask is not None,
+                               no_rope=position_embeddings is None, weights=kwargs.get("output_attentions")):
+            return super().forward(hidden_states, attention_mask=attention_mask,
+                                   position_embeddings=position_embeddings, **kwargs)
+        B, N, C = hidden_states.shape
+        shape = (B, N, self.num_heads, self.head_dim)
+        q = self.q_proj(hidden_states).view(shape)
+        k = self.k_proj(hidden_states).view(shape)
+        v = self.v_proj(hidden_states).view(shape)
+        cos, sin = position_embeddings
+        out = rope_attention(q, k, v, cos, sin, scale=self.scaling, backend=self._fastdino_backend)
+        return self.o_proj(out.reshape(B, N, -1)), None
+
+
+class _RopeCache:
+    """Keeps the (sin/cos) tables of the last few grid sizes, so that a forward computes them once
+    and blocks that call the RoPE module again (dinov3's get_intermediate_layers) reuse them.
+
+    Only in eval mode (training augments the coordinates at random) and outside torch.compile
+    (which fuses the table computation anyway). The key holds the frequency buffer's storage and
+    version counter: load_state_dict, .to() or an in-place edit of it invalidates the entries.
+    """
+
+    _MAX_ENTRIES = 8
+
+    def _cached(self, key, compute):
+        if self.training or torch.compiler.is_compiling():
+            return compute()
+        cache = self.__dict__.setdefault("_fastdino_rope_cache", {})
+        if key not in cache:
+            if len(cache) >= self._MAX_ENTRIES:
+                cache.pop(next(iter(cache)))
+            cache[key] = compute()
+        return cache[key]
+
+
+def _buffer_key(t: Tensor) -> tuple:
+    return (t.device, t.dtype, t.data_ptr(), t._version)
+
+
+class CachedRopePositionEmbedding(_RopeCache):
+    """dinov3's RopePositionEmbedding with its (sin, cos) cached per (H, W) and periods buffer."""
+
+    def forward(self, *, H, W):
+        return self._cached((H, W, *_buffer_key(self.periods)), lambda: super(CachedRopePositionEmbedding, self).forward(H=H, W=W))
+
+
+class CachedDINOv3ViTRopePositionEmbedding(_RopeCache):
+    """transformers' DINOv3ViTRopePositionEmbedding with its (cos, sin) cached per input size/dtype."""
+
+    def forward(self, pixel_values):
+        key = (tuple(pixel_values.shape[-2:]), pixel_values.dtype, pixel_values.device, *_buffer_key(self.inv_freq))
+        return self._cached(key, lambda: super(CachedDINOv3ViTRopePositionEmbedding, self).forward(pixel_values))

@@ -2,29 +2,48 @@
 their fused forms in place, and report what was swapped and what was left alone and why."""
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
-from torch import nn
+from torch import Tensor, nn
 
 from . import _ext, modules
-from .ops.add_layer_norm import BACKENDS, preferred_backend
+from .ops._dispatch import BACKENDS
+from .ops.add_layer_norm import preferred_backend as aln_preferred
+from .ops.rope_attention import preferred_backend as attn_preferred
+
+
+def _seam_reasons(children, ls, norm):
+    def reasons(module):
+        missing = [c for c in children if not hasattr(module, c)]
+        if missing:
+            return [f"no attribute {', '.join(missing)}"]
+        return modules.layer_scale_reasons(getattr(module, ls), ls) + modules.layer_norm_reasons(getattr(module, norm), norm)
+
+    return reasons
+
+
+def _seam_backend(norm):
+    def backend(module):
+        w = getattr(module, norm).weight
+        return aln_preferred(w.device, w.dtype, w.shape[0])[0]
+
+    return backend
+
+
+def _attention_backend(weight, head_dim):
+    def backend(module):
+        w = getattr(module, weight).weight
+        return attn_preferred(w.device, w.dtype, head_dim(module))[0]
+
+    return backend
 
 
 @dataclass(frozen=True)
 class Rule:
     class_name: str  # matched against type(module).__name__, so no import of the model library
     mixin: type
-    children: tuple[str, ...]  # attributes the fused forward uses
-    seam: tuple[str, str]  # (LayerScale child, LayerNorm child) fused by add_layer_norm
-
-    def reasons(self, module: nn.Module) -> list[str]:
-        missing = [c for c in self.children if not hasattr(module, c)]
-        if missing:
-            return [f"no attribute {', '.join(missing)}"]
-        ls, norm = self.seam
-        return modules.layer_scale_reasons(getattr(module, ls), ls) + modules.layer_norm_reasons(
-            getattr(module, norm), norm
-        )
+    reasons: Callable[[nn.Module], list[str]]  # why this instance cannot be swapped ([] if it can)
+    backend: Callable[[nn.Module], str]  # what its main op selects for the current parameters
 
 
 RULES = (
@@ -32,16 +51,28 @@ RULES = (
     Rule(
         "DINOv3ViTLayer",
         modules.FusedDINOv3ViTLayer,
-        ("norm1", "attention", "layer_scale1", "drop_path", "norm2", "mlp", "layer_scale2"),
-        ("layer_scale1", "norm2"),
+        _seam_reasons(("norm1", "attention", "layer_scale1", "drop_path", "norm2", "mlp", "layer_scale2"),
+                      "layer_scale1", "norm2"),
+        _seam_backend("norm2"),
     ),
-    # facebookresearch/dinov3 (dinov3/layers/block.py)
+    Rule("DINOv3ViTAttention", modules.FusedDINOv3ViTAttention, modules.hf_attention_reasons,
+         _attention_backend("q_proj", lambda m: m.head_dim)),
+    Rule("DINOv3ViTRopePositionEmbedding", modules.CachedDINOv3ViTRopePositionEmbedding,
+         lambda m: [] if isinstance(getattr(m, "inv_freq", None), Tensor) else ["no inv_freq buffer"],
+         lambda m: "cache"),
+    # facebookresearch/dinov3 (dinov3/layers/block.py, attention.py, rope_position_encoding.py)
     Rule(
         "SelfAttentionBlock",
         modules.FusedSelfAttentionBlock,
-        ("norm1", "attn", "ls1", "norm2", "mlp", "ls2", "sample_drop_ratio", "_forward_list"),
-        ("ls1", "norm2"),
+        _seam_reasons(("norm1", "attn", "ls1", "norm2", "mlp", "ls2", "sample_drop_ratio", "_forward_list"),
+                      "ls1", "norm2"),
+        _seam_backend("norm2"),
     ),
+    Rule("SelfAttention", modules.FusedSelfAttention, modules.self_attention_reasons,
+         _attention_backend("qkv", lambda m: m.qkv.in_features // m.num_heads)),
+    Rule("RopePositionEmbedding", modules.CachedRopePositionEmbedding,
+         lambda m: [] if isinstance(getattr(m, "periods", None), Tensor) else ["no periods buffer"],
+         lambda m: "cache"),
 )
 
 _FUSED_CLASSES: dict[tuple[type, type], type] = {}
@@ -59,7 +90,7 @@ class Swapped:
     path: str
     original: str
     fused: str
-    backend: str  # what add_layer_norm selects for the module's current parameter device and dtype
+    backend: str  # what the module's main op selects for its current parameter device and dtype
 
 
 @dataclass
@@ -111,8 +142,7 @@ def patch(model: nn.Module, backend: Optional[str] = None) -> PatchReport:
         original = type(module)
         module.__class__ = _fused_class(rule.mixin, original)
         module._fastdino_backend = backend
-        w = getattr(module, rule.seam[1]).weight
-        expected = backend or preferred_backend(w.device, w.dtype, w.shape[0])[0]
+        expected = rule.backend(module) if backend is None or rule.backend(module) == "cache" else backend
         report.swapped.append(Swapped(path, original.__name__, type(module).__name__, expected))
     return report
 
@@ -125,5 +155,6 @@ def unpatch(model: nn.Module) -> int:
         if original is not None:
             module.__class__ = original
             del module._fastdino_backend
+            module.__dict__.pop("_fastdino_rope_cache", None)
             restored += 1
     return restored

@@ -39,7 +39,7 @@ def _rope_rows(x_lo, x_hi, rows, prefix, N, COS, SIN, stride_cs, offs_h, h_ok, H
 def _attend_block(
     acc, m_i, l_i, q_lo, q_hi, K, V, COS, SIN, stride_kn, stride_vn, stride_cs, start_n, N, prefix, qk_scale,
     offs_h, h_ok, offs_d, d_ok,
-    HALF: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr, MASK_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr, MASK_N: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """One key block of the online softmax. MASK_N only on the last, partial block."""
@@ -54,8 +54,11 @@ def _attend_block(
                                 offs_h, h_ok, HALF)
         k_lo = k_lo.to(K.dtype.element_ty)
         k_hi = k_hi.to(K.dtype.element_ty)
-    s = tl.dot(q_lo, tl.trans(k_lo.to(DOT_DTYPE)), input_precision=PRECISION)
-    s = tl.dot(q_hi, tl.trans(k_hi.to(DOT_DTYPE)), s, input_precision=PRECISION)
+    if UPCAST:
+        k_lo = k_lo.to(tl.float32)
+        k_hi = k_hi.to(tl.float32)
+    s = tl.dot(q_lo, tl.trans(k_lo), input_precision=PRECISION)
+    s = tl.dot(q_hi, tl.trans(k_hi), s, input_precision=PRECISION)
     s = s * qk_scale
     if MASK_N:
         s = tl.where(n_ok[None, :], s, float("-inf"))
@@ -67,7 +70,11 @@ def _attend_block(
     vm = (n_ok[:, None] & d_ok[None, :]) if MASK_N else d_ok[None, :]
     v = tl.load(V + v_off, mask=vm, other=0.0)
     acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(V.dtype.element_ty).to(DOT_DTYPE), v.to(DOT_DTYPE), acc, input_precision=PRECISION)
+    p = p.to(V.dtype.element_ty)  # rounded to the storage type like any flash kernel's P
+    if UPCAST:
+        p = p.to(tl.float32)
+        v = v.to(tl.float32)
+    acc = tl.dot(p, v, acc, input_precision=PRECISION)
     return acc, m_new, l_i
 
 
@@ -81,7 +88,7 @@ def _rope_attention_fwd_kernel(
     stride_cs,
     H, N, prefix, qk_scale,  # qk_scale = scale * log2(e)
     D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ROPE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    ROPE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     HALF: tl.constexpr = D // 2
     pid_m = tl.program_id(0)
@@ -109,8 +116,9 @@ def _rope_attention_fwd_kernel(
                                 offs_h, h_ok, HALF)
         q_lo = q_lo.to(Q.dtype.element_ty)
         q_hi = q_hi.to(Q.dtype.element_ty)
-    q_lo = q_lo.to(DOT_DTYPE)
-    q_hi = q_hi.to(DOT_DTYPE)
+    if UPCAST:  # the interpreter's 16-bit dots are wrong; fp32 operands hold 16-bit values exactly
+        q_lo = q_lo.to(tl.float32)
+        q_hi = q_hi.to(tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -119,12 +127,12 @@ def _rope_attention_fwd_kernel(
     for start_n in range(0, n_full, BLOCK_N):
         acc, m_i, l_i = _attend_block(
             acc, m_i, l_i, q_lo, q_hi, K, V, COS, SIN, stride_kn, stride_vn, stride_cs, start_n, N, prefix, qk_scale,
-            offs_h, h_ok, offs_d, d_ok, HALF, BLOCK_N, ROPE, False, DOT_DTYPE, PRECISION,
+            offs_h, h_ok, offs_d, d_ok, HALF, BLOCK_N, ROPE, False, UPCAST, PRECISION,
         )
     if n_full < N:
         acc, m_i, l_i = _attend_block(
             acc, m_i, l_i, q_lo, q_hi, K, V, COS, SIN, stride_kn, stride_vn, stride_cs, n_full, N, prefix, qk_scale,
-            offs_h, h_ok, offs_d, d_ok, HALF, BLOCK_N, ROPE, True, DOT_DTYPE, PRECISION,
+            offs_h, h_ok, offs_d, d_ok, HALF, BLOCK_N, ROPE, True, UPCAST, PRECISION,
         )
     out = acc / l_i[:, None]
     o_off = offs_m.to(tl.int64)[:, None] * stride_on + offs_d[None, :]
@@ -161,8 +169,6 @@ def rope_attention_fwd(q, k, v, cos, sin, scale, out, interpret=False, launch=la
     block_m, block_n, num_warps, num_stages = config or rope_attention_config(B, H, N, D, bytes_)
     rope = cos is not None
     hw = cos.shape[0] if rope else 0
-    dot_dtype = tl.float32 if (interpret or q.dtype == torch.float32) else (
-        tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16)
     grid = (triton.cdiv(N, block_m), B * H)
     launch(_rope_attention_fwd_kernel)[grid](
         q, k, v, cos if rope else q, sin if rope else q, out,
@@ -170,7 +176,7 @@ def rope_attention_fwd(q, k, v, cos, sin, scale, out, interpret=False, launch=la
         cos.stride(0) if rope else 0,
         H, N, N - hw, scale * LOG2E,
         D=D, BLOCK_H=max(16, triton.next_power_of_2(D // 2)), BLOCK_D=max(16, triton.next_power_of_2(D)),
-        BLOCK_M=block_m, BLOCK_N=block_n, ROPE=rope, DOT_DTYPE=dot_dtype,
+        BLOCK_M=block_m, BLOCK_N=block_n, ROPE=rope, UPCAST=interpret and q.dtype != torch.float32,
         PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,
     )
@@ -180,7 +186,6 @@ def compile_configs():
     """Every (signature, constexprs, options) rope_attention_fwd can launch, for the sm_90 compile check."""
     configs = []
     for dtype, nbytes in (("fp32", 4), ("fp16", 2), ("bf16", 2)):
-        dot = {"fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16}[dtype]
         for d in HEAD_DIMS if nbytes == 2 else [d for d in HEAD_DIMS if d <= FP32_MAX_HEAD_DIM]:
             # a few programs (batch 1) and many (batch 32): both BLOCK_M choices
             for block_m, block_n, num_warps, num_stages in sorted(
@@ -191,7 +196,7 @@ def compile_configs():
                 signature.update(stride_cs="i32", H="i32", N="i32", prefix="i32", qk_scale="fp32")
                 constexprs = dict(D=d, BLOCK_H=max(16, triton.next_power_of_2(d // 2)),
                                   BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, BLOCK_N=block_n,
-                                  ROPE=True, DOT_DTYPE=dot, PRECISION="tf32x3" if dtype == "fp32" else "tf32")
+                                  ROPE=True, UPCAST=False, PRECISION="tf32x3" if dtype == "fp32" else "tf32")
                 signature.update({name: "constexpr" for name in constexprs})
                 configs.append((_rope_attention_fwd_kernel, signature, constexprs,
                                 dict(num_warps=num_warps, num_stages=num_stages)))

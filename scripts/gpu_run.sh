@@ -1,31 +1,52 @@
 #!/usr/bin/env bash
 # On a machine with an NVIDIA GPU, in one call: build fastdino._C with its CUDA kernels, run the
-# whole test suite on the GPU, run the benchmarks and the demo, and write the results to OUT_DIR:
-#   build.log info.txt tests.log benchmarks.json benchmarks.md demo.txt
-# Usage: scripts/gpu_run.sh OUT_DIR      (needs torch with CUDA, nvcc, pytest, pytest-benchmark, transformers)
+# whole test suite on the GPU, run the kernel benchmarks, the backbone benchmark and the demo, and
+# write the results to OUT_DIR:
+#   build.log info.txt tests.log benchmarks.json benchmarks.md backbone.json backbone.md demo.txt
+# Usage: scripts/gpu_run.sh OUT_DIR   (needs torch with CUDA, nvcc, pytest, pytest-benchmark, transformers)
+#   STAGES=build,tests,kernels,backbone,demo (default: all) runs a subset, e.g. to split the work;
+#   BACKBONE_ARGS overrides the backbone benchmark's arguments (see benchmarks/bench_backbone.py).
 set -uo pipefail
 OUT=${1:?usage: scripts/gpu_run.sh OUT_DIR}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+STAGES=",${STAGES:-build,tests,kernels,backbone,demo},"
+BACKBONE_ARGS=${BACKBONE_ARGS:---models vits16,vitb16,vitl16 --resolutions 512,1024 --batches 1,32 --max-autotune-only vitl16:512:32}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-8}
 export FASTDINO_COMMIT=${FASTDINO_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+export PYTHONUNBUFFERED=1
 status=0
-echo "== build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
-FASTDINO_BUILD_CUDA=1 FASTDINO_PTXAS_VERBOSE=1 $PY -m pip install --no-build-isolation --no-deps -v . >"$OUT/build.log" 2>&1 \
-  || { echo "build failed, see build.log"; tail -30 "$OUT/build.log"; exit 1; }
-grep -E "spill (stores|loads)" "$OUT/build.log" | grep -vE " 0 bytes spill stores, 0 bytes spill loads" && echo "WARNING: CUDA kernels spill"
-(cd /tmp && $PY -m fastdino info) | tee "$OUT/info.txt"
-echo "== tests"
-$PY -m pytest -p no:cacheprovider -q -rs tests >"$OUT/tests.log" 2>&1 || status=1
-tail -5 "$OUT/tests.log"
-echo "== benchmarks"
-$PY -m pytest -p no:cacheprovider -q benchmarks --benchmark-enable --benchmark-json="$OUT/benchmarks.json" \
-  --benchmark-columns=median,iqr,rounds >"$OUT/bench.log" 2>&1 || status=1
-$PY benchmarks/summarize.py "$OUT/benchmarks.json" | tee "$OUT/benchmarks.md"
-echo "== demo"
-(cd /tmp && $PY -m fastdino demo) 2>&1 | tee "$OUT/demo.txt" || status=1
-cat "$OUT/bench.log" >>"$OUT/tests.log"
-rm -f "$OUT/bench.log"
+if [[ $STAGES == *,build,* ]]; then
+  echo "== build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
+  FASTDINO_BUILD_CUDA=1 FASTDINO_PTXAS_VERBOSE=1 $PY -m pip install --no-build-isolation --no-deps -v . >"$OUT/build.log" 2>&1 \
+    || { echo "build failed, see build.log"; tail -30 "$OUT/build.log"; exit 1; }
+  grep -E "spill (stores|loads)" "$OUT/build.log" | grep -vE " 0 bytes spill stores, 0 bytes spill loads" && echo "WARNING: CUDA kernels spill"
+  (cd /tmp && $PY -m fastdino info) | tee "$OUT/info.txt"
+fi
+if [[ $STAGES == *,tests,* ]]; then
+  echo "== tests"
+  $PY -m pytest -p no:cacheprovider -q -rs tests >"$OUT/tests.log" 2>&1 || status=1
+  tail -5 "$OUT/tests.log"
+fi
+if [[ $STAGES == *,kernels,* ]]; then
+  echo "== kernel benchmarks"
+  $PY -m pytest -p no:cacheprovider -q benchmarks --benchmark-enable --benchmark-json="$OUT/benchmarks.json" \
+    --benchmark-columns=median,iqr,rounds >"$OUT/bench.log" 2>&1 || { status=1; tail -20 "$OUT/bench.log"; }
+  $PY benchmarks/summarize.py "$OUT/benchmarks.json" | tee "$OUT/benchmarks.md"
+  cat "$OUT/bench.log" >>"$OUT/tests.log"
+  rm -f "$OUT/bench.log"
+fi
+if [[ $STAGES == *,backbone,* ]]; then
+  echo "== backbone benchmark ($BACKBONE_ARGS)"
+  # shellcheck disable=SC2086
+  $PY benchmarks/bench_backbone.py $BACKBONE_ARGS --json "$OUT/backbone.json" >"$OUT/backbone.log" 2>&1 || status=1
+  sed -n '/^| model/,$p' "$OUT/backbone.log" | tee "$OUT/backbone.md"
+  [ -s "$OUT/backbone.md" ] || tail -20 "$OUT/backbone.log"
+fi
+if [[ $STAGES == *,demo,* ]]; then
+  echo "== demo"
+  (cd /tmp && $PY -m fastdino demo) 2>&1 | tee "$OUT/demo.txt" || status=1
+fi
 exit $status

@@ -5,8 +5,8 @@ from unittest import mock
 
 import pytest
 import torch
-from helpers import requires_ext
-from dinov3_official import DinoVisionTransformer
+from helpers import DEVICE, requires_ext
+from dinov3_official import DinoVisionTransformer, RopePositionEmbedding
 
 import fastdino
 from fastdino import _ext
@@ -16,7 +16,8 @@ transformers = pytest.importorskip("transformers")
 
 # Relative error ||patched - original|| / ||original|| allowed, per dtype.
 REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
-CPU_BACKENDS = ["cpu", "triton", "ref"] if _ext.HAS_EXT else ["triton", "ref"]
+# Backends pinned in the model tests, on the device the suite runs on.
+BACKENDS = ["cuda" if DEVICE.type == "cuda" else "cpu", "triton", "ref"] if _ext.HAS_EXT else ["triton", "ref"]
 
 
 def hf_vit(gated=False, layers=2, **kw):
@@ -54,42 +55,69 @@ def run_official(model, pixels):
     return torch.cat([feats["x_prenorm"].flatten(), feats["x_norm_patchtokens"].flatten()] + [t.flatten() for t in taps])
 
 
-# name: (build, run, original class, fused class, fused seams per run = blocks x forward passes)
+HF_SWAPS = {"DINOv3ViTLayer": "FusedDINOv3ViTLayer", "DINOv3ViTAttention": "FusedDINOv3ViTAttention",
+            "DINOv3ViTRopePositionEmbedding": "CachedDINOv3ViTRopePositionEmbedding"}
+OFFICIAL_SWAPS = {"SelfAttentionBlock": "FusedSelfAttentionBlock", "SelfAttention": "FusedSelfAttention",
+                  "RopePositionEmbedding": "CachedRopePositionEmbedding"}
+# name: (build, run, {original class: fused class}, fused op calls per run = blocks x forward passes)
 MODELS = {
-    "hf": (hf_vit, run_hf, "DINOv3ViTLayer", "FusedDINOv3ViTLayer", 2),
-    "hf-gated": (lambda: hf_vit(gated=True), run_hf, "DINOv3ViTLayer", "FusedDINOv3ViTLayer", 2),
-    "official": (official_vit, run_official, "SelfAttentionBlock", "FusedSelfAttentionBlock", 4),
-    "official-swiglu": (lambda: official_vit(ffn="swiglu"), run_official, "SelfAttentionBlock",
-                        "FusedSelfAttentionBlock", 4),
-    "official-no-layerscale": (lambda: official_vit(layerscale_init=None), run_official, "SelfAttentionBlock",
-                               "FusedSelfAttentionBlock", 4),
+    "hf": (hf_vit, run_hf, HF_SWAPS, 2),
+    "hf-gated": (lambda: hf_vit(gated=True), run_hf, HF_SWAPS, 2),
+    "official": (official_vit, run_official, OFFICIAL_SWAPS, 4),
+    "official-swiglu": (lambda: official_vit(ffn="swiglu"), run_official, OFFICIAL_SWAPS, 4),
+    "official-no-layerscale": (lambda: official_vit(layerscale_init=None), run_official, OFFICIAL_SWAPS, 4),
 }
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", MODELS)
 def test_patched_model_matches_original(name, backend):
-    build, run, original_cls, fused_cls, seams = MODELS[name]
-    model = build()
-    pixels = torch.randn(2, 3, 64, 48)  # 4x3 patches: H != W exercises the RoPE layout
+    build, run, swaps, calls = MODELS[name]
+    model = build().to(DEVICE)
+    pixels = torch.randn(2, 3, 64, 48, device=DEVICE)  # 4x3 patches: H != W exercises the RoPE layout
     ref = run(model, pixels)
     keys = list(model.state_dict().keys())
     tensors = {k: v.data_ptr() for k, v in model.state_dict().items()}
 
     report = fastdino.patch(model, backend=backend)
-    assert [s.original for s in report.swapped] == [original_cls] * 2
-    assert all(s.fused == fused_cls and s.backend == backend for s in report.swapped)
+    originals = [s.original for s in report.swapped]
+    assert {c: originals.count(c) for c in swaps} == {c: 1 if "Rope" in c else 2 for c in swaps}
+    assert all(s.fused == swaps[s.original] and s.backend == ("cache" if "Rope" in s.original else backend)
+               for s in report.swapped)
     assert list(model.state_dict().keys()) == keys
     assert {k: v.data_ptr() for k, v in model.state_dict().items()} == tensors  # shared, not copied
 
-    with mock.patch("fastdino.modules.add_layer_norm", wraps=fastdino.modules.add_layer_norm) as op:
+    with mock.patch("fastdino.modules.add_layer_norm", wraps=fastdino.modules.add_layer_norm) as seam, \
+            mock.patch("fastdino.modules.rope_attention", wraps=fastdino.modules.rope_attention) as attn:
         out = run(model, pixels)
-    assert op.call_count == seams and all(c.args[-1] == backend for c in op.call_args_list)
-    assert rel_err(out, ref) <= REL_TOL[torch.float32], rel_err(out, ref)
+    assert seam.call_count == calls and all(c.args[-1] == backend for c in seam.call_args_list)
+    assert attn.call_count == calls and all(c.kwargs["backend"] == backend for c in attn.call_args_list)
+    assert rel_err(out, ref) <= REL_TOL[torch.float32]
 
-    assert fastdino.unpatch(model) == 2
-    assert all(type(m).__name__ != fused_cls for m in model.modules())
+    assert fastdino.unpatch(model) == 5
+    assert all(type(m).__name__ not in swaps.values() for m in model.modules())
     torch.testing.assert_close(run(model, pixels), ref, atol=0, rtol=0)
+
+
+def test_rope_tables_are_computed_once_per_size_and_follow_the_periods_buffer():
+    model = official_vit()
+    pixels = torch.randn(1, 3, 64, 48)
+    fastdino.patch(model)
+    with mock.patch.object(RopePositionEmbedding, "forward", autospec=True,
+                           side_effect=RopePositionEmbedding.forward) as compute:
+        run_official(model, pixels)  # forward_features + get_intermediate_layers: 4 blocks ask for the tables
+        assert compute.call_count == 1
+        run_official(model, torch.randn(1, 3, 32, 32))  # another grid size
+        assert compute.call_count == 2
+        ref = run_official(model, pixels)
+        assert compute.call_count == 2
+        with torch.no_grad():
+            model.rope_embed.periods.mul_(2.0)  # in-place edit (what load_state_dict does)
+        changed = run_official(model, pixels)
+        assert compute.call_count == 3 and rel_err(changed, ref) > 1e-3
+        model.train()
+        model.rope_embed(H=4, W=3)
+        assert compute.call_count == 4  # training: coordinates are augmented, never cached
 
 
 def test_official_tree_state_dict_keys_follow_dinov3():
@@ -108,13 +136,14 @@ def test_official_tree_state_dict_keys_follow_dinov3():
 def test_report_paths_follow_the_model_and_patch_twice_is_a_noop():
     model = hf_vit()
     first = fastdino.patch(model)
-    assert all(s.backend == "ref" for s in first.swapped)  # CPU parameters: the measured-fastest path
+    assert all(s.backend in ("ref", "cache") for s in first.swapped)  # CPU parameters: the measured-fastest path
     prefix = "model.layer" if hasattr(model, "model") else "layer"  # transformers 5.x vs 4.x
-    assert [s.path for s in first.swapped] == [f"{prefix}.0", f"{prefix}.1"]
+    paths = ["rope_embeddings", f"{prefix}.0", f"{prefix}.0.attention", f"{prefix}.1", f"{prefix}.1.attention"]
+    assert [s.path for s in first.swapped] == paths
     assert "swapped" in str(first) and "FusedDINOv3ViTLayer" in str(first)
     second = fastdino.patch(model)
-    assert second.swapped == [] and second.already_patched == [f"{prefix}.0", f"{prefix}.1"]
-    assert fastdino.unpatch(model) == 2 and fastdino.unpatch(model) == 0
+    assert second.swapped == [] and second.already_patched == paths
+    assert fastdino.unpatch(model) == 5 and fastdino.unpatch(model) == 0
 
 
 def test_load_state_dict_after_patching_is_used():
@@ -130,7 +159,7 @@ def test_unsupported_variant_is_left_alone_with_a_reason():
     layer = model.model.layer[1] if hasattr(model, "model") else model.layer[1]
     layer.norm2 = torch.nn.RMSNorm(64)
     report = fastdino.patch(model)
-    assert len(report.swapped) == 1 and len(report.skipped) == 1
+    assert len(report.swapped) == 4 and len(report.skipped) == 1
     assert "norm2 is RMSNorm, not nn.LayerNorm" in report.skipped[0].reasons[0]
     assert "left" in str(report)
 
