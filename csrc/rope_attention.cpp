@@ -7,23 +7,23 @@
 #include <ATen/ops/scaled_dot_product_attention.h>
 #include <torch/library.h>
 
+#include <tuple>
+#include <utility>
+
 #include "rope_attention.h"
 
 namespace fastdino {
 
-// The device-independent part of the op: rotate with the device's `rope` (x, fp32 cos, fp32 sin ->
-// new contiguous (B, N, H, D)), then ATen attention on transposed views (no copies).
+// The device-independent part of the op: rotate with the device's `rope_qk` ((q, k, fp32 cos, fp32
+// sin) -> new contiguous (B, N, H, D) q and k), then ATen attention on transposed views (no copies).
 template <typename RopeFn>
 at::Tensor rope_attention_with(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
-                               double scale, RopeFn rope) {
+                               double scale, RopeFn rope_qk) {
   check_rope_attention_args(q, k, v, cos, sin);
   at::Tensor qr = q, kr = k;
   if (cos.has_value()) {
-    const auto c = cos->to(at::kFloat).contiguous();
-    const auto s = sin->to(at::kFloat).contiguous();
-    qr = rope(q, c, s);
-    kr = rope(k, c, s);
+    std::tie(qr, kr) = rope_qk(q, k, cos->to(at::kFloat).contiguous(), sin->to(at::kFloat).contiguous());
   }
   auto out = at::scaled_dot_product_attention(qr.transpose(1, 2), kr.transpose(1, 2), v.transpose(1, 2), {}, 0.0,
                                               false, scale);
@@ -62,33 +62,38 @@ void rope_rows_cpu(const at::Tensor& x, const float* cos, const float* sin, int6
   });
 }
 
-at::Tensor rope_cpu(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
-  auto out = at::empty(x.sizes(), x.options());
-  if (out.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rope_cpu", [&] {
-    rope_rows_cpu<scalar_t>(x, cos.const_data_ptr<float>(), sin.const_data_ptr<float>(), cos.size(0),
-                            out.mutable_data_ptr<scalar_t>());
+std::tuple<at::Tensor, at::Tensor> rope_qk_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                                               const at::Tensor& sin) {
+  auto qo = at::empty(q.sizes(), q.options());
+  auto ko = at::empty(k.sizes(), k.options());
+  if (q.numel() == 0) return {qo, ko};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "rope_qk_cpu", [&] {
+    for (auto [x, out] : {std::pair{&q, &qo}, std::pair{&k, &ko}}) {
+      rope_rows_cpu<scalar_t>(*x, cos.const_data_ptr<float>(), sin.const_data_ptr<float>(), cos.size(0),
+                              out->mutable_data_ptr<scalar_t>());
+    }
   });
-  return out;
+  return {qo, ko};
 }
 
 at::Tensor rope_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
                               double scale) {
   TORCH_CHECK(q.device().is_cpu(), "rope_attention (CPU kernel): q must be on the CPU, got ", q.device());
-  return rope_attention_with(q, k, v, cos, sin, scale, rope_cpu);
+  return rope_attention_with(q, k, v, cos, sin, scale, rope_qk_cpu);
 }
 
 }  // namespace
 
 #ifdef FASTDINO_WITH_CUDA
-at::Tensor rope_cuda(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);  // cuda/rope_attention.cu
+std::tuple<at::Tensor, at::Tensor> rope_qk_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                                                const at::Tensor& sin);  // cuda/rope_attention.cu
 
 at::Tensor rope_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
                                double scale) {
   TORCH_CHECK(q.is_cuda(), "rope_attention (CUDA kernel): q must be on a CUDA device, got ", q.device());
-  return rope_attention_with(q, k, v, cos, sin, scale, rope_cuda);
+  return rope_attention_with(q, k, v, cos, sin, scale, rope_qk_cuda);
 }
 
 TORCH_LIBRARY_IMPL(fastdino, CUDA, m) { m.impl("rope_attention", &rope_attention_cuda); }
