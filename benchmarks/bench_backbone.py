@@ -131,21 +131,25 @@ def main(argv=None):
     p.add_argument("--resolutions", default="512,1024")
     p.add_argument("--batches", default="1,32")
     p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--max-autotune-only", default="",
-                   help="model:res:batch list; if set, max-autotune (minutes of compiling) runs only for these")
+    p.add_argument("--limit", default="",
+                   help="variant:model:res:batch list: a variant named here runs only for the listed configurations "
+                        "(e.g. max-autotune, which compiles for minutes); other variants run everywhere")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_backbone needs a CUDA device", file=sys.stderr)
         return 1
-    only = {tuple(s.split(":")) for s in args.max_autotune_only.split(",") if s}
+    limits = {}
+    for item in filter(None, args.limit.split(",")):
+        variant, *config = item.split(":")
+        limits.setdefault(variant, set()).add(tuple(config))
     rows = []
     for name in args.models.split(","):
         for res in map(int, args.resolutions.split(",")):
             for batch in map(int, args.batches.split(",")):
                 variants = [v for v in args.variants.split(",")
-                            if v != "max-autotune" or not only or (name, str(res), str(batch)) in only]
+                            if v not in limits or (name, str(res), str(batch)) in limits[v]]
                 try:
                     rows += bench_one(name, res, batch, variants, args.iters)
                 except torch.OutOfMemoryError as e:

@@ -65,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor> add_layer_norm_cpu(const at::Tensor& x, const
                                                       const at::Tensor& weight, const at::Tensor& bias,
                                                       double eps) {
   check_add_layer_norm_args(x, branch, gamma, weight, bias);
-  TORCH_CHECK(x.device().is_cpu(), "add_layer_norm (CPU kernel): x must be on the CPU, got ", x.device());
+  TORCH_CHECK(x.device().is_cpu(), "add_layer_norm (CPU kernel): x must be on the CPU, got ", device_str(x));
   auto y = at::empty_like(x);
   auto z = at::empty_like(x);
   const int64_t C = x.size(-1);

@@ -32,15 +32,15 @@ inline void check_add_layer_norm_args(const at::Tensor& x, const at::Tensor& bra
               "add_layer_norm: x must be float32, float16 or bfloat16, got ", dtype);
   const int64_t C = x.size(-1);
   auto check = [&](const at::Tensor& t, const char* name, bool full_shape) {
-    TORCH_CHECK(t.device() == x.device(), "add_layer_norm: ", name, " is on ", t.device(), " but x is on ",
-                x.device());
+    TORCH_CHECK(t.device() == x.device(), "add_layer_norm: ", name, " is on ", device_str(t), " but x is on ",
+                device_str(x));
     TORCH_CHECK(t.scalar_type() == dtype, "add_layer_norm: ", name, " has dtype ", t.scalar_type(),
                 " but x has dtype ", dtype);
     if (full_shape) {
       TORCH_CHECK(t.sizes() == x.sizes(), "add_layer_norm: ", name, " has shape ", shape_str(t),
                   " but x has shape ", shape_str(x));
     } else {
-      TORCH_CHECK(t.dim() == 1 && t.size(0) == C, "add_layer_norm: ", name, " must have shape (", C,
+      TORCH_CHECK(t.dim() == 1 && t.size(0) == C, "add_layer_norm: ", name, " must have shape (", num(C),
                   ",), got ", shape_str(t));
     }
     TORCH_CHECK(t.is_contiguous(), "add_layer_norm: ", name, " must be contiguous");

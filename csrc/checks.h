@@ -7,8 +7,14 @@
 
 namespace fastdino {
 
-// "(2, 3, 4)": shapes are formatted here rather than by streaming IntArrayRef into TORCH_CHECK,
-// which crashed (SIGSEGV) in an extension built by g++ 13.3 against torch 2.11.
+// Error messages are built from strings only: with some toolchains (seen: g++ 13.3 against
+// torch 2.11) streaming a number into TORCH_CHECK's ostringstream from the extension crashed
+// (SIGSEGV in the locale's num_put), so numbers, shapes and devices are formatted here.
+inline std::string num(int64_t v) { return std::to_string(v); }
+
+inline std::string device_str(const at::Tensor& t) { return t.device().str(); }
+
+// "(2, 3, 4)"; "(5,)" for one dim.
 inline std::string shape_str(const at::Tensor& t) {
   std::string s = "(";
   for (int64_t i = 0; i < t.dim(); ++i) {

@@ -79,7 +79,7 @@ std::tuple<at::Tensor, at::Tensor> rope_qk_cpu(const at::Tensor& q, const at::Te
 at::Tensor rope_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
                               double scale) {
-  TORCH_CHECK(q.device().is_cpu(), "rope_attention (CPU kernel): q must be on the CPU, got ", q.device());
+  TORCH_CHECK(q.device().is_cpu(), "rope_attention (CPU kernel): q must be on the CPU, got ", device_str(q));
   return rope_attention_with(q, k, v, cos, sin, scale, rope_qk_cpu);
 }
 
@@ -92,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor> rope_qk_cuda(const at::Tensor& q, const at::T
 at::Tensor rope_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
                                double scale) {
-  TORCH_CHECK(q.is_cuda(), "rope_attention (CUDA kernel): q must be on a CUDA device, got ", q.device());
+  TORCH_CHECK(q.is_cuda(), "rope_attention (CUDA kernel): q must be on a CUDA device, got ", device_str(q));
   return rope_attention_with(q, k, v, cos, sin, scale, rope_qk_cuda);
 }
 

@@ -30,8 +30,8 @@ inline void check_rope_attention_args(const at::Tensor& q, const at::Tensor& k, 
   auto same = [&](const at::Tensor& t, const char* name) {
     TORCH_CHECK(t.sizes() == q.sizes(), "rope_attention: ", name, " has shape ", shape_str(t), " but q has shape ",
                 shape_str(q));
-    TORCH_CHECK(t.device() == q.device(), "rope_attention: ", name, " is on ", t.device(), " but q is on ",
-                q.device());
+    TORCH_CHECK(t.device() == q.device(), "rope_attention: ", name, " is on ", device_str(t), " but q is on ",
+                device_str(q));
     TORCH_CHECK(t.scalar_type() == dtype, "rope_attention: ", name, " has dtype ", t.scalar_type(),
                 " but q has dtype ", dtype);
     TORCH_CHECK(t.stride(-1) == 1, "rope_attention: ", name, " must have stride 1 along the head dim");
@@ -42,13 +42,13 @@ inline void check_rope_attention_args(const at::Tensor& q, const at::Tensor& k, 
   TORCH_CHECK(cos.has_value() == sin.has_value(), "rope_attention: cos and sin must be given together");
   if (!cos.has_value()) return;
   const int64_t N = q.size(1), D = q.size(3);
-  TORCH_CHECK(D % 2 == 0, "rope_attention: RoPE needs an even head dim, got ", D);
+  TORCH_CHECK(D % 2 == 0, "rope_attention: RoPE needs an even head dim, got ", num(D));
   for (const auto* t : {&*cos, &*sin}) {
     const char* name = t == &*cos ? "cos" : "sin";
-    TORCH_CHECK(t->dim() == 2 && t->size(1) == D && t->size(0) <= N, "rope_attention: ", name, " must be (HW, ", D,
-                ") with HW <= N=", N, ", got ", shape_str(*t));
-    TORCH_CHECK(t->device() == q.device(), "rope_attention: ", name, " is on ", t->device(), " but q is on ",
-                q.device());
+    TORCH_CHECK(t->dim() == 2 && t->size(1) == D && t->size(0) <= N, "rope_attention: ", name, " must be (HW, ", num(D),
+                ") with HW <= N=", num(N), ", got ", shape_str(*t));
+    TORCH_CHECK(t->device() == q.device(), "rope_attention: ", name, " is on ", device_str(*t), " but q is on ",
+                device_str(q));
     TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kHalf ||
                     t->scalar_type() == at::kBFloat16,
                 "rope_attention: ", name, " must be float32, float16 or bfloat16, got ", t->scalar_type());

@@ -150,8 +150,9 @@ def rope_attention_config(B: int, H: int, N: int, D: int, dtype_bytes: int, sms:
     if dtype_bytes == 4:
         return 64, 16, 4, 2
     block_m = 128 if triton.cdiv(N, 128) * B * H >= sms else 64
-    # Head dims above 64 hold twice the q and accumulator registers: 8 warps, or 255 regs + spills.
-    return block_m, 64, 8 if D > 64 else 4, 3
+    # Head dims above 64 hold twice the q and accumulator registers: 8 warps, or 255 regs + spills;
+    # and two stages, as three of the k, v and RoPE-table tiles need 240 KB of shared memory.
+    return (block_m, 64, 8, 2) if D > 64 else (block_m, 64, 4, 3)
 
 
 def rope_attention_fwd(q, k, v, cos, sin, scale, out, interpret=False, launch=lambda kernel: kernel, config=None):
@@ -191,13 +192,20 @@ def compile_configs():
             for block_m, block_n, num_warps, num_stages in sorted(
                 {rope_attention_config(b, 16, n, d, nbytes) for b, n in ((1, 197), (32, 4101))}
             ):
-                signature = {name: f"*{dtype}" for name in ("Q", "K", "V", "COS", "SIN", "O")}
+                signature = {name: f"*{dtype}" for name in ("Q", "K", "V", "O")}
+                signature.update(COS="*fp32", SIN="*fp32")  # the tables the modules pass are fp32
                 signature.update({f"stride_{t}{s}": "i32" for t in "qkvo" for s in "bnh"})
                 signature.update(stride_cs="i32", H="i32", N="i32", prefix="i32", qk_scale="fp32")
                 constexprs = dict(D=d, BLOCK_H=max(16, triton.next_power_of_2(d // 2)),
                                   BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, BLOCK_N=block_n,
                                   ROPE=True, UPCAST=False, PRECISION="tf32x3" if dtype == "fp32" else "tf32")
+                # Pointers and strides divisible by 16, as at launch for 16-multiple head dims: this
+                # specialisation is what turns on the pipelined copies that fill shared memory.
+                order = list(_rope_attention_fwd_kernel.arg_names)
+                attrs = {(order.index(n),): [["tt.divisibility", 16]] for n in signature
+                         if n in ("Q", "K", "V", "COS", "SIN", "O") or n.startswith("stride_")}
+                signature = {n: signature[n] for n in order if n in signature}
                 signature.update({name: "constexpr" for name in constexprs})
                 configs.append((_rope_attention_fwd_kernel, signature, constexprs,
-                                dict(num_warps=num_warps, num_stages=num_stages)))
+                                dict(num_warps=num_warps, num_stages=num_stages), attrs))
     return configs

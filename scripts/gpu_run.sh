@@ -13,7 +13,7 @@ OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 STAGES=",${STAGES:-build,tests,kernels,backbone,demo},"
-BACKBONE_ARGS=${BACKBONE_ARGS:---models vits16,vitb16,vitl16 --resolutions 512,1024 --batches 1,32 --max-autotune-only vitl16:512:32}
+BACKBONE_ARGS=${BACKBONE_ARGS:---models vits16,vitb16,vitl16 --resolutions 512,1024 --batches 1,32 --limit max-autotune:vitl16:512:32}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-8}
 export FASTDINO_COMMIT=${FASTDINO_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 export PYTHONUNBUFFERED=1

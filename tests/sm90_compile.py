@@ -1,4 +1,5 @@
-"""Compile every Triton kernel configuration for sm_90 without a GPU and refuse register spills.
+"""Compile every Triton kernel configuration for sm_90 without a GPU; refuse register spills and
+shared memory beyond the sm_90 limit.
 
 Run as a script with TRITON_INTERPRET unset (kernels must be JITFunctions). Spills are read from
 the cubin with the cuobjdump that Triton ships: non-zero STACK or LOCAL means spilled registers.
@@ -17,6 +18,7 @@ from triton.compiler import ASTSource
 from fastdino.kernels import add_layer_norm, rope_attention
 
 MODULES = [add_layer_norm, rope_attention]
+SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (checked only at launch)
 
 
 def cuobjdump():
@@ -29,15 +31,18 @@ def main() -> int:
     tool = cuobjdump()
     failures, count = [], 0
     for module in MODULES:
-        for kernel, signature, constexprs, options in module.compile_configs():
+        for kernel, signature, constexprs, options, *attrs in module.compile_configs():
             name = f"{module.__name__.split('.')[-1]} {constexprs} {next(iter(signature.values()))} {options}"
             try:
-                compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                                          target=target, options=options)
+                source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs[0] if attrs else None)
+                compiled = triton.compile(source, target=target, options=options)
             except Exception as e:  # noqa: BLE001 - report every failing configuration
                 failures.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0]}")
                 continue
             count += 1
+            smem = compiled.metadata.shared
+            if smem > SMEM_LIMIT:
+                failures.append(f"{name}: needs {smem} bytes of shared memory > {SMEM_LIMIT}")
             if tool is None:
                 continue
             with tempfile.NamedTemporaryFile(suffix=".cubin") as f:

@@ -123,7 +123,7 @@ void launch(const at::Tensor& x, const at::Tensor& branch, const std::optional<a
   const int rows_per_block = tpr >= 128 ? 1 : 128 / tpr;
   const dim3 block(tpr, rows_per_block);
   const int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;
-  TORCH_CHECK(blocks <= INT32_MAX, "add_layer_norm: too many rows (", rows, ")");
+  TORCH_CHECK(blocks <= INT32_MAX, "add_layer_norm: too many rows (", num(rows), ")");
   const size_t smem = sizeof(float) * rows_per_block * (tpr / 32);
   auto stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
   auto args = [&](auto kernel) {
@@ -144,8 +144,8 @@ std::tuple<at::Tensor, at::Tensor> add_layer_norm_cuda(const at::Tensor& x, cons
                                                        const at::Tensor& weight, const at::Tensor& bias,
                                                        double eps) {
   check_add_layer_norm_args(x, branch, gamma, weight, bias);
-  TORCH_CHECK(x.size(-1) <= kMaxC, "add_layer_norm (CUDA kernel): x.size(-1) = ", x.size(-1),
-              " exceeds the supported maximum ", kMaxC);
+  TORCH_CHECK(x.size(-1) <= kMaxC, "add_layer_norm (CUDA kernel): x.size(-1) = ", num(x.size(-1)),
+              " exceeds the supported maximum ", num(kMaxC));
   c10::cuda::CUDAGuard guard(x.device());
   auto y = at::empty_like(x);
   auto z = at::empty_like(x);
