@@ -1,25 +1,22 @@
 """`python -m fastdino info`: the build (versions, compiled kernels, archs) and the backend table."""
 
+import importlib
 import platform
 
 import torch
 
 from . import _ext
-from .ops.add_layer_norm import BACKENDS as ALN_BACKENDS
-from .ops.add_layer_norm import PRIORITY as ALN_PRIORITY
-from .ops.add_layer_norm import backend_reasons as aln_reasons
-from .ops.add_layer_norm import preferred_backend as aln_preferred
+from .ops._dispatch import BACKENDS, first_backend
 
-# Per op, on a representative problem (C = 1024): all backends, the priority per device, why a
+# The op modules (fastdino.ops exports functionals of the same names).
+_aln, _ra, _fl = (importlib.import_module(f"fastdino.ops.{op}") for op in ("add_layer_norm", "rope_attention", "fused_linear"))
+
+# Per op, on a representative problem (C = 1024 rows, head dim 64): the priority per device, why a
 # backend cannot run, and which one runs.
 _TABLE = [
-    (
-        "add_layer_norm",
-        ALN_BACKENDS,
-        ALN_PRIORITY,
-        lambda b, dev, dt: aln_reasons(b, dev, dt, 1024),
-        lambda dev, dt: aln_preferred(dev, dt, 1024)[0],
-    )
+    ("add_layer_norm", _aln.PRIORITY, lambda b, dev, dt: _aln.backend_reasons(b, dev, dt, 1024)),
+    ("rope_attention", _ra.PRIORITY, lambda b, dev, dt: _ra.backend_reasons(b, dev, dt, 64)),
+    ("fused_linear", _fl.PRIORITY, lambda b, dev, dt: _fl.backend_reasons(b, dev, dt)),
 ]
 
 
@@ -46,14 +43,14 @@ def backend_table(device=None, dtype=torch.bfloat16) -> list[tuple[str, str, str
     """(op, backend, 'runs' or the reasons it does not) for each op on `device` (default: best available)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rows = []
-    for op, backends, priority, reasons, preferred in _TABLE:
+    for op, priority, reasons in _TABLE:
         order = priority.get(device.type, ("ref",))
-        chosen = preferred(device, dtype)
-        for b in backends:
+        chosen = first_backend(priority, device, lambda b: reasons(b, device, dtype))[0]
+        for b in BACKENDS:
             why = reasons(b, device, dtype)
             status = "selected" if b == chosen else "; ".join(why) if why else "available"
             if b not in order and not why:
-                status += " when pinned (slower here by measurement)"
+                status += " when pinned (not the measured fastest here, or not yet measured)"
             rows.append((op, b, status))
     return rows
 

@@ -229,3 +229,19 @@ def test_patched_model_compiles_fullgraph_with_inductor():
     with torch.no_grad():
         out = compiled(pixel_values=pixels).last_hidden_state
     assert rel_err(out, ref) <= REL_TOL[torch.float32]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hf_backbone_feature_maps_match(backend):
+    # The segmentation heads' taps: DINOv3ViTBackbone returns reshaped hidden states of chosen layers.
+    cfg = transformers.DINOv3ViTConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                       num_attention_heads=4, num_register_tokens=4, image_size=64, patch_size=16,
+                                       layerscale_value=0.5, out_indices=[1, 3])
+    model = transformers.DINOv3ViTBackbone(cfg).eval().to(DEVICE)
+    pixels = torch.randn(2, 3, 64, 48, device=DEVICE)
+    with torch.no_grad():
+        ref = model(pixels).feature_maps
+        fastdino.patch(model, backend=backend)
+        out = model(pixels).feature_maps
+    assert [o.shape for o in out] == [r.shape for r in ref] == [(2, 64, 4, 3)] * 2
+    assert all(rel_err(o, r) <= REL_TOL[torch.float32] for o, r in zip(out, ref))

@@ -1,7 +1,10 @@
 """Public functionals: each dispatches to the fastest backend that applies, else the reference."""
 
 from .add_layer_norm import add_layer_norm, add_layer_norm_ref
+from .fused_linear import fused_linear, fused_linear_ref
+from .rope_attention import rope_attention, rope_attention_ref
 
-OPS = {"add_layer_norm": add_layer_norm}
+OPS = {"add_layer_norm": add_layer_norm, "rope_attention": rope_attention, "fused_linear": fused_linear}
 
-__all__ = ["add_layer_norm", "add_layer_norm_ref", "OPS"]
+__all__ = ["add_layer_norm", "add_layer_norm_ref", "fused_linear", "fused_linear_ref", "rope_attention",
+           "rope_attention_ref", "OPS"]

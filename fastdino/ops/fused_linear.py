@@ -1,0 +1,127 @@
+"""fused_linear: an MLP Linear with its elementwise work in the GEMM epilogue.
+
+    act=None      y = x @ W^T + b
+    act="gelu"    y = gelu(x @ W^T + b)                       exact (erf) GELU, as nn.GELU()
+    act="swiglu"  y = silu(x @ W^T + b) * (x @ W2^T + b2)      SwiGLU's two input projections
+    residual=r    y = r + gamma * y                           fc2 + LayerScale + residual add
+
+Replaces, in DINOv3 MLPs, fc1 + GELU (Mlp, HF DINOv3ViTMLP), w1/w2 + silu * (SwiGLUFFN, HF
+DINOv3ViTGatedMLP gate/up) and fc2 + LayerScale + residual; the weights are the modules' own
+tensors, never a copy. Accumulation and epilogue in fp32, one rounding.
+
+Backends: ``triton`` (kernels/fused_linear.py) and ``ref``. The Triton kernel has been checked for
+correctness (interpreter, sm_90 compile) but not yet timed on a GPU against cuBLAS + eager
+epilogues, so dispatch does not pick it: it runs only when pinned (``backend="triton"``).
+benchmarks/bench_fused_linear.py is the measurement that will decide.
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import _ext
+from ..kernels.fused_linear import ACTS, fused_linear_fwd
+from ._dispatch import BACKENDS, check_pinned, first_backend, kernel_reasons, requires_grad
+
+PRIORITY = {"cuda": ("ref",), "cpu": ("ref",)}  # unmeasured kernel: see the module docstring
+
+
+def fused_linear_ref(x, weight, bias=None, act=None, weight2=None, bias2=None, residual=None, gamma=None):
+    """Reference (and fallback): the unfused PyTorch ops, in fp32, rounded once to x.dtype."""
+    y = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    if act == "gelu":
+        y = F.gelu(y)
+    elif act == "swiglu":
+        y = F.silu(y) * F.linear(x.float(), weight2.float(), None if bias2 is None else bias2.float())
+    if residual is not None:
+        y = residual.float() + (y if gamma is None else y * gamma.float())
+    return y.to(x.dtype)
+
+
+@torch.library.custom_op("fastdino::fused_linear_triton", mutates_args=())
+def fused_linear_triton(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], act: Optional[str], weight2: Optional[Tensor],
+    bias2: Optional[Tensor], residual: Optional[Tensor], gamma: Optional[Tensor],
+) -> Tensor:
+    _check_args(x, weight, bias, act, weight2, bias2, residual, gamma)
+    errors = _layout_reasons(x, weight, bias, weight2, bias2, residual, gamma) + _ext.dtype_reasons(x.dtype)
+    if errors:
+        raise ValueError(f"fused_linear (Triton kernel): {'; '.join(errors)}")
+    x2 = x.reshape(-1, x.shape[-1])
+    out = torch.empty((x2.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
+    r2 = residual.reshape(-1, weight.shape[0]) if residual is not None else None
+    fused_linear_fwd(x2, weight, bias, weight2, bias2, r2, gamma, act, out, interpret=_ext.INTERPRET)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+@fused_linear_triton.register_fake
+def _(x, weight, bias, act, weight2, bias2, residual, gamma):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def backend_reasons(backend: str, device: torch.device, dtype: torch.dtype) -> list[str]:
+    """Why `backend` cannot run fused_linear on `dtype` tensors on `device`."""
+    if backend in ("cuda", "cpu"):
+        return [f"fused_linear has no {backend} (C++) kernel"]
+    return kernel_reasons("fused_linear", backend, device, dtype)
+
+
+def _layout_reasons(x, weight, bias, weight2, bias2, residual, gamma) -> list[str]:
+    """What the kernel needs: one dtype; rows of x, the weights and the residual with unit stride."""
+    named = {"weight": weight, "bias": bias, "weight2": weight2, "bias2": bias2, "residual": residual, "gamma": gamma}
+    reasons = [f"{n} has dtype {t.dtype} != x.dtype" for n, t in named.items() if t is not None and t.dtype != x.dtype]
+    reasons += [f"{n} is not contiguous" for n, t in {"x": x, **named}.items() if t is not None and not t.is_contiguous()]
+    return reasons
+
+
+def _check_args(x, weight, bias, act, weight2, bias2, residual, gamma):
+    if act not in ACTS:
+        raise ValueError(f"fused_linear: act must be one of {list(ACTS)}, got {act!r}")
+    if x.dim() < 1 or weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"fused_linear: weight must be (N, {x.shape[-1] if x.dim() else '?'}), got "
+                         f"{tuple(weight.shape)} for x {tuple(x.shape)}")
+    N = weight.shape[0]
+    if (act == "swiglu") != (weight2 is not None):
+        raise ValueError("fused_linear: weight2 is required by act='swiglu' and only by it")
+    if weight2 is not None and weight2.shape != weight.shape:
+        raise ValueError(f"fused_linear: weight2 has shape {tuple(weight2.shape)} but weight has {tuple(weight.shape)}")
+    for name, t in (("bias", bias), ("bias2", bias2), ("gamma", gamma)):
+        if t is not None and tuple(t.shape) != (N,):
+            raise ValueError(f"fused_linear: {name} must have shape ({N},), got {tuple(t.shape)}")
+    if gamma is not None and residual is None:
+        raise ValueError("fused_linear: gamma scales the branch added to residual; residual is missing")
+    if residual is not None and tuple(residual.shape) != (*x.shape[:-1], N):
+        raise ValueError(f"fused_linear: residual must have shape {(*x.shape[:-1], N)}, got {tuple(residual.shape)}")
+    for name, t in (("weight", weight), ("bias", bias), ("weight2", weight2), ("bias2", bias2),
+                    ("residual", residual), ("gamma", gamma)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"fused_linear: {name} is on {t.device} but x is on {x.device}")
+
+
+def select_backend(x, weight, bias=None, act=None, weight2=None, bias2=None, residual=None, gamma=None):
+    inputs = _layout_reasons(x, weight, bias, weight2, bias2, residual, gamma) + requires_grad(
+        x, weight, bias, weight2, bias2, residual, gamma)
+    return first_backend(PRIORITY, x.device, lambda b: backend_reasons(b, x.device, x.dtype), inputs)
+
+
+def fused_linear(x, weight, bias=None, act=None, weight2=None, bias2=None, residual=None, gamma=None,
+                 backend: Optional[str] = None):
+    """``[residual + gamma *] act(x @ weight^T + bias [, x @ weight2^T + bias2])``; see the module docstring.
+
+    Equivalent to `fused_linear_ref`. `backend` pins one backend (ValueError with the reasons if it cannot run).
+    """
+    _check_args(x, weight, bias, act, weight2, bias2, residual, gamma)
+    if backend is None:
+        backend, _ = select_backend(x, weight, bias, act, weight2, bias2, residual, gamma)
+    elif backend != "ref":
+        reasons = backend_reasons(backend, x.device, x.dtype) + _layout_reasons(
+            x, weight, bias, weight2, bias2, residual, gamma) + requires_grad(x, weight, bias, weight2, bias2, residual, gamma)
+        check_pinned("fused_linear", backend, reasons)
+    if backend == "ref":
+        return fused_linear_ref(x, weight, bias, act, weight2, bias2, residual, gamma)
+    return fused_linear_triton(x, weight, bias, act, weight2, bias2, residual, gamma)
+
+
+__all__ = ["BACKENDS", "fused_linear", "fused_linear_ref"]

@@ -1,0 +1,103 @@
+"""fused_linear: the Triton kernel against the float64 math, with the tolerance rule of helpers."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import ATOL, DEVICE, DTYPES, assert_close_to_ref
+
+from fastdino.ops.fused_linear import backend_reasons, fused_linear, fused_linear_ref, select_backend
+
+# (M, K, N): DINOv3 MLPs (ViT-S fc1 384 -> 1536, ViT-L fc2 4096 -> 1024, S+ SwiGLU 384 -> 1024 hidden)
+# at a few tokens, and odd sizes that exercise every mask.
+SHAPES_FULL = [(2 * 1029, 384, 1536), (1029, 4096, 1024), (197, 384, 1024), (97, 48, 33), (1, 16, 1), (130, 96, 200)]
+SHAPES_INTERP = [(37, 64, 97), (5, 48, 33), (1, 16, 1), (130, 96, 64)]
+VARIANTS = {  # name: (act, residual + gamma)
+    "gelu": ("gelu", False), "swiglu": ("swiglu", False), "linear": (None, False), "residual": (None, True),
+}
+
+
+def make_inputs(M, K, N, act, residual, dtype, device=DEVICE):
+    x = torch.randn(M, K, device=device, dtype=dtype)
+    w = (torch.randn(N, K, device=device) / K**0.5).to(dtype)
+    b = torch.randn(N, device=device, dtype=dtype)
+    w2 = (torch.randn(N, K, device=device) / K**0.5).to(dtype) if act == "swiglu" else None
+    b2 = torch.randn(N, device=device, dtype=dtype) if act == "swiglu" else None
+    r = torch.randn(M, N, device=device, dtype=dtype) if residual else None
+    g = torch.rand(N, device=device, dtype=dtype) if residual else None
+    return x, w, b, act, w2, b2, r, g
+
+
+def unfused(x, w, b, act, w2, b2, r, g):
+    """What the model computes today, op by op in the dtype under test."""
+    y = F.linear(x, w, b)
+    y = F.gelu(y) if act == "gelu" else F.silu(y) * F.linear(x, w2, b2) if act == "swiglu" else y
+    return y if r is None else r + y * g
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("shape", SHAPES_FULL if DEVICE.type == "cuda" else SHAPES_INTERP, ids=str)
+def test_fused_linear_triton_matches_ref(shape, variant, dtype):
+    args = make_inputs(*shape, *VARIANTS[variant], dtype)
+    out = fused_linear(*args, backend="triton")
+    assert out.shape == (shape[0], shape[2]) and out.dtype == dtype
+    exact = fused_linear_ref(*(a.double() if isinstance(a, torch.Tensor) else a for a in args))
+    # atol scales with sqrt(K): a K-term dot rounds its inputs once each
+    assert_close_to_ref(f"triton {variant} {shape}", out, exact, unfused(*args), ATOL[dtype] * shape[1] ** 0.5)
+
+
+def test_fused_linear_keeps_leading_dims_and_reads_the_live_weights():
+    x, w, b, act, *_ = make_inputs(6, 32, 48, "gelu", False, torch.float32)
+    out = fused_linear(x.view(2, 3, 32), w, b, act, backend="triton")
+    assert out.shape == (2, 3, 48)
+    w.mul_(2.0)  # what load_state_dict does in place: no cached copy may survive it
+    torch.testing.assert_close(fused_linear(x, w, b, act, backend="triton"), F.gelu(F.linear(x, w, b)),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_tolerance_rule_rejects_tanh_gelu():
+    # The tanh approximation differs from erf GELU by up to ~1e-3: the rule must notice.
+    x, w, b, act, *_ = make_inputs(64, 64, 64, "gelu", False, torch.float32)
+    x = x * 3
+    exact = fused_linear_ref(x.double(), w.double(), b.double(), "gelu")
+    approx = F.gelu(F.linear(x, w, b), approximate="tanh")
+    with pytest.raises(AssertionError, match="out of tolerance"):
+        assert_close_to_ref("tanh", approx, exact, F.gelu(F.linear(x, w, b)), ATOL[torch.float32] * 8)
+
+
+def test_dispatch_runs_the_reference_until_measured():
+    args = make_inputs(4, 16, 8, "gelu", False, torch.float32, "cpu")
+    assert select_backend(*args)[0] == "ref"
+    assert backend_reasons("cuda", torch.device("cuda"), torch.bfloat16) == ["fused_linear has no cuda (C++) kernel"]
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(act="relu"), "act must be one of"),
+        (dict(act="swiglu"), "weight2 is required by act='swiglu'"),
+        (dict(gamma=torch.ones(8)), "residual is missing"),
+        (dict(bias=torch.ones(7)), r"bias must have shape \(8,\)"),
+        (dict(residual=torch.ones(4, 7), gamma=torch.ones(8)), r"residual must have shape \(4, 8\)"),
+    ],
+    ids=["act", "swiglu-w2", "gamma", "bias", "residual"],
+)
+def test_bad_arguments_are_named(kwargs, match):
+    x, w = torch.randn(4, 16), torch.randn(8, 16)
+    with pytest.raises(ValueError, match=match):
+        fused_linear(x, w, **kwargs)
+
+
+def test_triton_op_rejects_bad_layouts_by_name():
+    x, w, b, act, *_ = make_inputs(4, 32, 16, "gelu", False, torch.float32)
+    with pytest.raises(ValueError, match="weight is not contiguous"):
+        fused_linear(x, w.t().contiguous().t(), b, act, backend="triton")
+    with pytest.raises(ValueError, match="bias has dtype torch.float16"):
+        fused_linear(x, w, b.half(), act, backend="triton")
+
+
+def test_fused_linear_opcheck_triton():
+    from fastdino.ops.fused_linear import fused_linear_triton
+
+    args = make_inputs(5, 32, 16, "swiglu", True, torch.float32)
+    torch.library.opcheck(fused_linear_triton, args)
