@@ -29,8 +29,16 @@ def layer_scale_reasons(module: nn.Module, name: str) -> list[str]:
     return []
 
 
+def _is_plain_layer_norm(module: nn.Module) -> bool:
+    """nn.LayerNorm, or timm's LayerNorm subclass when it runs F.layer_norm (its fast-norm path off)."""
+    if type(module) is nn.LayerNorm:
+        return True
+    return (isinstance(module, nn.LayerNorm) and type(module).__name__ == "LayerNorm"
+            and getattr(module, "_fast_norm", None) is False)
+
+
 def layer_norm_reasons(module: nn.Module, name: str) -> list[str]:
-    if type(module) is not nn.LayerNorm:
+    if not _is_plain_layer_norm(module):
         return [f"{name} is {type(module).__name__}, not nn.LayerNorm"]
     if module.weight is None or module.bias is None:
         return [f"{name} has no affine weight and bias"]
@@ -39,10 +47,14 @@ def layer_norm_reasons(module: nn.Module, name: str) -> list[str]:
     return []
 
 
-def _layer_scale_gamma(module: nn.Module) -> Optional[Tensor]:
-    if isinstance(module, nn.Identity):
+def _layer_scale_gamma(layer_scale) -> Optional[Tensor]:
+    """The (C,) scale of a LayerScale module, or the tensor itself (timm keeps gamma_1/gamma_2 as
+    parameters of the block); None for nn.Identity or None."""
+    if layer_scale is None or isinstance(layer_scale, Tensor):
+        return layer_scale
+    if isinstance(layer_scale, nn.Identity):
         return None
-    return getattr(module, LAYER_SCALE_PARAM[type(module).__name__])
+    return getattr(layer_scale, LAYER_SCALE_PARAM[type(layer_scale).__name__])
 
 
 def _keeps_dtype(x: Tensor, branch: Tensor, gamma: Optional[Tensor], norm: nn.LayerNorm) -> bool:
@@ -63,10 +75,16 @@ def _keeps_dtype(x: Tensor, branch: Tensor, gamma: Optional[Tensor], norm: nn.La
 
 
 def residual_layer_norm(x, branch, layer_scale, norm, backend=None):
-    """``y = x + layer_scale(branch); z = norm(y)``, fused with add_layer_norm where dtypes allow."""
+    """``y = x + layer_scale(branch); z = norm(y)``, fused with add_layer_norm where dtypes allow.
+
+    `layer_scale` is a LayerScale module, nn.Identity, a (C,) gamma tensor or None.
+    """
     gamma = _layer_scale_gamma(layer_scale)
     if not _keeps_dtype(x, branch, gamma, norm):
-        y = x + layer_scale(branch)
+        if isinstance(layer_scale, nn.Module):
+            y = x + layer_scale(branch)
+        else:
+            y = x + (branch if gamma is None else gamma * branch)
         return y, norm(y)
     dt = x.dtype
 
@@ -212,3 +230,68 @@ class CachedDINOv3ViTRopePositionEmbedding(_RopeCache):
     def forward(self, pixel_values):
         key = (tuple(pixel_values.shape[-2:]), pixel_values.dtype, pixel_values.device, *_buffer_key(self.inv_freq))
         return self._cached(key, lambda: super(CachedDINOv3ViTRopePositionEmbedding, self).forward(pixel_values))
+
+
+def eva_attention_reasons(module: nn.Module) -> list[str]:
+    """timm's EvaAttention as DINOv3 uses it: fused qkv, half-split RoPE, no q/k norm, no gate."""
+    reasons = _children_reasons(module, ("qkv", "proj", "proj_drop", "num_heads", "head_dim", "scale",
+                                         "num_prefix_tokens", "q_norm", "k_norm", "norm", "attn_drop"))
+    if reasons:
+        return reasons
+    if module.qkv is None:
+        return ["separate q/k/v projections (qkv_fused=False)"]
+    if not getattr(module, "rotate_half", False):
+        return ["interleaved RoPE layout (rotate_half=False)"]
+    active = [n for n in ("q_norm", "k_norm", "norm") if not isinstance(getattr(module, n), nn.Identity)]
+    if getattr(module, "gate", None) is not None:
+        active.append("gate")
+    if active:
+        return [f"{', '.join(active)} active"]
+    if module.head_dim % 2:
+        return [f"head dim {module.head_dim} is odd"]
+    return []
+
+
+def eva_block_reasons(module: nn.Module) -> list[str]:
+    reasons = _children_reasons(module, ("norm1", "attn", "gamma_1", "drop_path1", "norm2", "mlp", "gamma_2",
+                                         "drop_path2"))
+    if reasons:
+        return reasons
+    reasons = [f"{n} is not a 1-D tensor" for n in ("gamma_1", "gamma_2")
+               if getattr(module, n) is not None and (not isinstance(getattr(module, n), Tensor) or getattr(module, n).dim() != 1)]
+    return reasons + layer_norm_reasons(module.norm2, "norm2")
+
+
+class FusedEvaAttention:
+    """timm's EvaAttention (DINOv3 models): qkv GEMM with the q/k/v biases, then rope_attention.
+
+    timm counts the un-rotated prefix from the front (num_prefix_tokens); rope_attention takes the
+    tokens before the last HW. When the two disagree (tokens prepended by a head, e.g. EoMT
+    queries) the original forward runs.
+    """
+
+    def forward(self, x, rope=None, attn_mask=None, is_causal=False):
+        B, N, C = x.shape
+        misplaced = rope is not None and (rope.dim() != 2 or N - rope.shape[0] != self.num_prefix_tokens)
+        if _attention_fallback(self.training, self.attn_drop.p, mask=attn_mask is not None, causal=is_causal,
+                               rope_layout=misplaced):
+            return super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+        bias = None if self.q_bias is None else torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        H = self.num_heads
+        q, k, v = torch.nn.functional.linear(x, self.qkv.weight, bias).view(B, N, 3, H, -1).unbind(2)
+        sin, cos = rope.chunk(2, dim=-1) if rope is not None else (None, None)  # timm: cat([sin, cos])
+        out = rope_attention(q, k, v, cos, sin, scale=self.scale, backend=self._fastdino_backend)
+        return self.proj_drop(self.proj(out.reshape(B, N, -1)))
+
+
+class FusedEvaBlock:
+    """timm's EvaBlock with the attention -> MLP seam (gamma_1, norm2) through add_layer_norm."""
+
+    def forward(self, x, rope=None, attn_mask=None, is_causal=False):
+        stochastic = not (isinstance(self.drop_path1, nn.Identity) and isinstance(self.drop_path2, nn.Identity))
+        if self.training and stochastic:
+            return super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+        h = self.attn(self.norm1(x), rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+        y, z = residual_layer_norm(x, h, self.gamma_1, self.norm2, self._fastdino_backend)
+        m = self.mlp(z)
+        return y + (m if self.gamma_2 is None else self.gamma_2 * m)

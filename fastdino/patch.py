@@ -73,6 +73,10 @@ RULES = (
     Rule("RopePositionEmbedding", modules.CachedRopePositionEmbedding,
          lambda m: [] if isinstance(getattr(m, "periods", None), Tensor) else ["no periods buffer"],
          lambda m: "cache"),
+    # timm (timm/models/eva.py: the DINOv3 ViTs are Eva models)
+    Rule("EvaBlock", modules.FusedEvaBlock, modules.eva_block_reasons, _seam_backend("norm2")),
+    Rule("EvaAttention", modules.FusedEvaAttention, modules.eva_attention_reasons,
+         _attention_backend("qkv", lambda m: m.head_dim)),
 )
 
 _FUSED_CLASSES: dict[tuple[type, type], type] = {}

@@ -7,6 +7,7 @@ import pytest
 import torch
 from helpers import DEVICE, requires_ext
 from dinov3_official import DinoVisionTransformer, RopePositionEmbedding
+from timm_eva import Eva
 
 import fastdino
 from fastdino import _ext
@@ -59,6 +60,19 @@ HF_SWAPS = {"DINOv3ViTLayer": "FusedDINOv3ViTLayer", "DINOv3ViTAttention": "Fuse
             "DINOv3ViTRopePositionEmbedding": "CachedDINOv3ViTRopePositionEmbedding"}
 OFFICIAL_SWAPS = {"SelfAttentionBlock": "FusedSelfAttentionBlock", "SelfAttention": "FusedSelfAttention",
                   "RopePositionEmbedding": "CachedRopePositionEmbedding"}
+TIMM_SWAPS = {"EvaBlock": "FusedEvaBlock", "EvaAttention": "FusedEvaAttention"}
+
+
+def timm_tree(**kw):
+    torch.manual_seed(0)
+    return Eva(**kw).eval()
+
+
+def run_timm(model, pixels):
+    with torch.no_grad():
+        return model.forward_features(pixels)
+
+
 # name: (build, run, {original class: fused class}, fused op calls per run = blocks x forward passes)
 MODELS = {
     "hf": (hf_vit, run_hf, HF_SWAPS, 2),
@@ -66,6 +80,8 @@ MODELS = {
     "official": (official_vit, run_official, OFFICIAL_SWAPS, 4),
     "official-swiglu": (lambda: official_vit(ffn="swiglu"), run_official, OFFICIAL_SWAPS, 4),
     "official-no-layerscale": (lambda: official_vit(layerscale_init=None), run_official, OFFICIAL_SWAPS, 4),
+    "timm-tree": (timm_tree, run_timm, TIMM_SWAPS, 2),
+    "timm-tree-no-bias-no-layerscale": (lambda: timm_tree(qkv_bias=False, init_values=None), run_timm, TIMM_SWAPS, 2),
 }
 
 
@@ -94,7 +110,7 @@ def test_patched_model_matches_original(name, backend):
     assert attn.call_count == calls and all(c.kwargs["backend"] == backend for c in attn.call_args_list)
     assert rel_err(out, ref) <= REL_TOL[torch.float32]
 
-    assert fastdino.unpatch(model) == 5
+    assert fastdino.unpatch(model) == len(report.swapped)
     assert all(type(m).__name__ not in swaps.values() for m in model.modules())
     torch.testing.assert_close(run(model, pixels), ref, atol=0, rtol=0)
 
@@ -245,3 +261,42 @@ def test_hf_backbone_feature_maps_match(backend):
         out = model(pixels).feature_maps
     assert [o.shape for o in out] == [r.shape for r in ref] == [(2, 64, 4, 3)] * 2
     assert all(rel_err(o, r) <= REL_TOL[torch.float32] for o, r in zip(out, ref))
+
+
+def test_timm_attention_whose_prefix_disagrees_with_the_tables_runs_the_original():
+    # timm rotates everything after num_prefix_tokens; rope_attention everything after N - HW.
+    # Where the two disagree (tokens prepended in front, e.g. EoMT queries, without longer tables)
+    # the original runs and fails as it would unpatched, rather than rotating other tokens.
+    model = timm_tree()
+    attn = model.blocks[0].attn
+    x = torch.randn(1, 3 + 5 + 12, 64)
+    rope = model.rope.get_embed(shape=(4, 3))
+    with pytest.raises(RuntimeError) as unpatched:
+        attn(x, rope=rope)
+    fastdino.patch(model)
+    with mock.patch("fastdino.modules.rope_attention") as op, pytest.raises(RuntimeError) as patched:
+        attn(x, rope=rope)
+    assert op.call_count == 0 and str(patched.value) == str(unpatched.value)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_real_timm_dinov3_matches(backend):
+    timm = pytest.importorskip("timm")
+    try:
+        model = timm.create_model("vit_small_patch16_dinov3", pretrained=False, depth=2, embed_dim=64, num_heads=4,
+                                  img_size=64)
+    except Exception as e:  # noqa: BLE001 - a timm without the DINOv3 port
+        pytest.skip(f"timm {timm.__version__} cannot build vit_small_patch16_dinov3: {e}")
+    model = model.eval().to(DEVICE)
+    for name, p in model.named_parameters():  # LayerScale 1e-5 and zero biases would hide the branches
+        if "gamma" in name or name.endswith(("q_bias", "v_bias")):
+            p.data.uniform_(0.2, 1.0)
+    pixels = torch.randn(2, 3, 64, 48, device=DEVICE)
+    with torch.no_grad():
+        ref = model.forward_features(pixels)
+        keys = list(model.state_dict().keys())
+        report = fastdino.patch(model, backend=backend)
+        out = model.forward_features(pixels)
+    assert {s.original for s in report.swapped} == {"EvaBlock", "EvaAttention"}, str(report)
+    assert list(model.state_dict().keys()) == keys
+    assert rel_err(out, ref) <= REL_TOL[torch.float32]
