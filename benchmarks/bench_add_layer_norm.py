@@ -8,7 +8,7 @@ GB/s over the copy's GB/s is the fraction of achievable bandwidth.
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import cuda_timer
+from helpers import bench_ms, cuda_timer
 
 from fastdino import _ext
 from fastdino.ops import add_layer_norm
@@ -48,13 +48,7 @@ def test_bench_add_layer_norm(benchmark, rows, C, provider):
     benchmark.group = f"add_layer_norm rows={rows} C={C} {dtype}"
     benchmark.extra_info.update(op="add_layer_norm", shape=f"rows={rows} C={C}", dtype=str(dtype), provider=provider,
                                 baselines=["copy"])
-    benchmark.pedantic(fn, rounds=20 if CUDA else 3, iterations=5 if CUDA else 1, warmup_rounds=3 if CUDA else 1)
+    ms = bench_ms(benchmark, fn, rounds=20, iterations=5)
     nbytes = 4 * rows * C * x.element_size()
-    if CUDA:  # kernel time with CUDA events and an L2 flush between calls
-        import triton.testing
-
-        ms = triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
-    else:
-        ms = benchmark.stats.stats.median * 1e3 if benchmark.stats else None
     if ms:
         benchmark.extra_info.update(ms=ms, metric="GB/s", value=nbytes / ms / 1e6)

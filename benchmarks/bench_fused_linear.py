@@ -6,8 +6,8 @@ TFLOP/s counts the GEMMs: 2 * M * N * K (twice for SwiGLU's two projections).
 
 import pytest
 import torch
-import torch.nn.functional as F
-from helpers import cuda_timer
+from helpers import bench_ms, cuda_timer
+from test_fused_linear import make_inputs, unfused
 
 from fastdino.ops.fused_linear import fused_linear
 
@@ -20,42 +20,23 @@ SHAPES = [("vits-fc1", 32928, 384, 1536, "gelu", False), ("vitl-fc1", 32928, 102
 PROVIDERS = ["eager", "compile", "triton"] if CUDA else ["eager"]
 
 
-def eager(x, w, b, act, w2, b2, r, g):
-    y = F.linear(x, w, b)
-    y = F.gelu(y) if act == "gelu" else F.silu(y) * F.linear(x, w2, b2) if act == "swiglu" else y
-    return y if r is None else r + y * g
-
-
 @pytest.mark.benchmark(timer=cuda_timer)
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("name,M,K,N,act,residual", SHAPES, ids=lambda v: str(v))
 def test_bench_fused_linear(benchmark, name, M, K, N, act, residual, provider):
     device, dtype = ("cuda", torch.bfloat16) if CUDA else ("cpu", torch.float32)
-    x = torch.randn(M, K, device=device, dtype=dtype)
-    w = (torch.randn(N, K, device=device) / K**0.5).to(dtype)
-    b = torch.randn(N, device=device, dtype=dtype)
-    w2 = (torch.randn(N, K, device=device) / K**0.5).to(dtype) if act == "swiglu" else None
-    b2 = torch.randn(N, device=device, dtype=dtype) if act == "swiglu" else None
-    r = torch.randn(M, N, device=device, dtype=dtype) if residual else None
-    g = torch.rand(N, device=device, dtype=dtype) if residual else None
-    args = (x, w, b, act, w2, b2, r, g)
+    args = make_inputs(M, K, N, act, residual, dtype, device)
     if provider == "eager":
-        fn = lambda: eager(*args)  # noqa: E731
+        fn = lambda: unfused(*args)  # noqa: E731
     elif provider == "compile":
-        compiled = torch.compile(eager)
+        compiled = torch.compile(unfused)
         fn = lambda: compiled(*args)  # noqa: E731
     else:
         fn = lambda: fused_linear(*args, backend=provider)  # noqa: E731
     benchmark.group = f"fused_linear {name} M={M} K={K} N={N} {dtype}"
     benchmark.extra_info.update(op="fused_linear", shape=f"{name} M={M} K={K} N={N}", dtype=str(dtype),
                                 provider=provider, baselines=["eager", "compile"])
-    benchmark.pedantic(fn, rounds=10 if CUDA else 3, iterations=3 if CUDA else 1, warmup_rounds=2 if CUDA else 1)
-    if CUDA:
-        import triton.testing
-
-        ms = triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
-    else:
-        ms = benchmark.stats.stats.median * 1e3 if benchmark.stats else None
+    ms = bench_ms(benchmark, fn)
     if ms:
         flops = 2 * M * N * K * (2 if act == "swiglu" else 1)
         benchmark.extra_info.update(ms=ms, metric="TFLOP/s", value=flops / ms / 1e9)

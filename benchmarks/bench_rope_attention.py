@@ -13,7 +13,7 @@ TFLOP/s counts the two matmuls: 4 * B * H * N^2 * D.
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import cuda_timer
+from helpers import bench_ms, cuda_timer
 
 from fastdino import _ext
 from fastdino.ops.rope_attention import rope_attention, rope_ref
@@ -60,12 +60,6 @@ def test_bench_rope_attention(benchmark, B, H, N, D, provider):
     benchmark.group = f"rope_attention B={B} H={H} N={N} D={D} {dtype}"
     benchmark.extra_info.update(op="rope_attention", shape=f"B={B} H={H} N={N} D={D}", dtype=str(dtype),
                                 provider=provider, baselines=["sdpa+rope", "sdpa"])
-    benchmark.pedantic(fn, rounds=10 if CUDA else 3, iterations=3 if CUDA else 1, warmup_rounds=2 if CUDA else 1)
-    if CUDA:
-        import triton.testing
-
-        ms = triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
-    else:
-        ms = benchmark.stats.stats.median * 1e3 if benchmark.stats else None
+    ms = bench_ms(benchmark, fn)
     if ms:
         benchmark.extra_info.update(ms=ms, metric="TFLOP/s", value=4 * B * H * N * N * D / ms / 1e9)

@@ -14,8 +14,9 @@
 
 namespace fastdino {
 
-// The device-independent part of the op: rotate with the device's `rope_qk` ((q, k, fp32 cos, fp32
-// sin) -> new contiguous (B, N, H, D) q and k), then ATen attention on transposed views (no copies).
+// The device-independent part of the op: rotate with the device's `rope_qk` ((q, k, cos, sin) -> new
+// contiguous (B, N, H, D) q and k; tables in their own dtype), then ATen attention on transposed
+// views (no copies).
 template <typename RopeFn>
 at::Tensor rope_attention_with(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
@@ -23,7 +24,7 @@ at::Tensor rope_attention_with(const at::Tensor& q, const at::Tensor& k, const a
   check_rope_attention_args(q, k, v, cos, sin);
   at::Tensor qr = q, kr = k;
   if (cos.has_value()) {
-    std::tie(qr, kr) = rope_qk(q, k, cos->to(at::kFloat).contiguous(), sin->to(at::kFloat).contiguous());
+    std::tie(qr, kr) = rope_qk(q, k, cos->contiguous(), sin->contiguous());
   }
   auto out = at::scaled_dot_product_attention(qr.transpose(1, 2), kr.transpose(1, 2), v.transpose(1, 2), {}, 0.0,
                                               false, scale);
@@ -62,8 +63,9 @@ void rope_rows_cpu(const at::Tensor& x, const float* cos, const float* sin, int6
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> rope_qk_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
-                                               const at::Tensor& sin) {
+std::tuple<at::Tensor, at::Tensor> rope_qk_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos_in,
+                                               const at::Tensor& sin_in) {
+  const auto cos = cos_in.to(at::kFloat), sin = sin_in.to(at::kFloat);  // no copy for fp32 tables
   auto qo = at::empty(q.sizes(), q.options());
   auto ko = at::empty(k.sizes(), k.options());
   if (q.numel() == 0) return {qo, ko};

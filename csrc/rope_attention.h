@@ -55,6 +55,8 @@ inline void check_rope_attention_args(const at::Tensor& q, const at::Tensor& k, 
   }
   TORCH_CHECK(cos->sizes() == sin->sizes(), "rope_attention: cos has shape ", shape_str(*cos), " but sin has ",
               shape_str(*sin));
+  TORCH_CHECK(cos->scalar_type() == sin->scalar_type(), "rope_attention: cos has dtype ", cos->scalar_type(),
+              " but sin has dtype ", sin->scalar_type());
 }
 
 }  // namespace fastdino

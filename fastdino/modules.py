@@ -126,14 +126,14 @@ class FusedSelfAttentionBlock:
         return self._forward_list([x], rope_list=[rope])[0]
 
 
-def _children_reasons(module: nn.Module, children) -> list[str]:
+def children_reasons(module: nn.Module, children) -> list[str]:
     missing = [c for c in children if not hasattr(module, c)]
     return [f"no attribute {', '.join(missing)}"] if missing else []
 
 
 def self_attention_reasons(module: nn.Module) -> list[str]:
     """dinov3's SelfAttention: a (D, 3D) qkv Linear, heads that split D evenly into an even head dim."""
-    reasons = _children_reasons(module, ("qkv", "proj", "proj_drop", "num_heads"))
+    reasons = children_reasons(module, ("qkv", "proj", "proj_drop", "num_heads"))
     if reasons:
         return reasons
     if not isinstance(module.qkv, nn.Linear) or module.qkv.out_features != 3 * module.qkv.in_features:
@@ -145,7 +145,7 @@ def self_attention_reasons(module: nn.Module) -> list[str]:
 
 
 def hf_attention_reasons(module: nn.Module) -> list[str]:
-    reasons = _children_reasons(module, ("q_proj", "k_proj", "v_proj", "o_proj", "num_heads", "head_dim", "scaling"))
+    reasons = children_reasons(module, ("q_proj", "k_proj", "v_proj", "o_proj", "num_heads", "head_dim", "scaling"))
     if reasons:
         return reasons
     if module.head_dim % 2:
@@ -234,7 +234,7 @@ class CachedDINOv3ViTRopePositionEmbedding(_RopeCache):
 
 def eva_attention_reasons(module: nn.Module) -> list[str]:
     """timm's EvaAttention as DINOv3 uses it: fused qkv, half-split RoPE, no q/k norm, no gate."""
-    reasons = _children_reasons(module, ("qkv", "proj", "proj_drop", "num_heads", "head_dim", "scale",
+    reasons = children_reasons(module, ("qkv", "proj", "proj_drop", "num_heads", "head_dim", "scale",
                                          "num_prefix_tokens", "q_norm", "k_norm", "norm", "attn_drop"))
     if reasons:
         return reasons
@@ -253,7 +253,7 @@ def eva_attention_reasons(module: nn.Module) -> list[str]:
 
 
 def eva_block_reasons(module: nn.Module) -> list[str]:
-    reasons = _children_reasons(module, ("norm1", "attn", "gamma_1", "drop_path1", "norm2", "mlp", "gamma_2",
+    reasons = children_reasons(module, ("norm1", "attn", "gamma_1", "drop_path1", "norm2", "mlp", "gamma_2",
                                          "drop_path2"))
     if reasons:
         return reasons

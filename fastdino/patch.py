@@ -14,9 +14,9 @@ from .ops.rope_attention import preferred_backend as attn_preferred
 
 def _seam_reasons(children, ls, norm):
     def reasons(module):
-        missing = [c for c in children if not hasattr(module, c)]
+        missing = modules.children_reasons(module, children)
         if missing:
-            return [f"no attribute {', '.join(missing)}"]
+            return missing
         return modules.layer_scale_reasons(getattr(module, ls), ls) + modules.layer_norm_reasons(getattr(module, norm), norm)
 
     return reasons

@@ -36,6 +36,26 @@ def _rope_rows(x_lo, x_hi, rows, prefix, N, COS, SIN, stride_cs, offs_h, h_ok, H
 
 
 @triton.jit
+def _load_halves(P, rows, mask, stride_n, prefix, N, COS, SIN, stride_cs, offs_h, h_ok,
+                 HALF: tl.constexpr, ROPE: tl.constexpr, UPCAST: tl.constexpr):
+    """Rows of one head as its two halves, rotated when ROPE (fp32, rounded once to the storage
+    type), ready for tl.dot; UPCAST: the interpreter's 16-bit dots are wrong, fp32 holds 16-bit
+    values exactly."""
+    off = rows.to(tl.int64)[:, None] * stride_n + offs_h[None, :]
+    lo = tl.load(P + off, mask=mask, other=0.0)
+    hi = tl.load(P + off + HALF, mask=mask, other=0.0)
+    if ROPE:
+        lo, hi = _rope_rows(lo.to(tl.float32), hi.to(tl.float32), rows, prefix, N, COS, SIN, stride_cs, offs_h, h_ok,
+                            HALF)
+        lo = lo.to(P.dtype.element_ty)
+        hi = hi.to(P.dtype.element_ty)
+    if UPCAST:
+        lo = lo.to(tl.float32)
+        hi = hi.to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
 def _attend_block(
     acc, m_i, l_i, q_lo, q_hi, K, V, COS, SIN, stride_kn, stride_vn, stride_cs, start_n, N, prefix, qk_scale,
     offs_h, h_ok, offs_d, d_ok,
@@ -45,18 +65,9 @@ def _attend_block(
     """One key block of the online softmax. MASK_N only on the last, partial block."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
-    k_off = offs_n.to(tl.int64)[:, None] * stride_kn + offs_h[None, :]
     km = (n_ok[:, None] & h_ok[None, :]) if MASK_N else h_ok[None, :]
-    k_lo = tl.load(K + k_off, mask=km, other=0.0)
-    k_hi = tl.load(K + k_off + HALF, mask=km, other=0.0)
-    if ROPE:
-        k_lo, k_hi = _rope_rows(k_lo.to(tl.float32), k_hi.to(tl.float32), offs_n, prefix, N, COS, SIN, stride_cs,
-                                offs_h, h_ok, HALF)
-        k_lo = k_lo.to(K.dtype.element_ty)
-        k_hi = k_hi.to(K.dtype.element_ty)
-    if UPCAST:
-        k_lo = k_lo.to(tl.float32)
-        k_hi = k_hi.to(tl.float32)
+    k_lo, k_hi = _load_halves(K, offs_n, km, stride_kn, prefix, N, COS, SIN, stride_cs, offs_h, h_ok, HALF, ROPE,
+                              UPCAST)
     s = tl.dot(q_lo, tl.trans(k_lo), input_precision=PRECISION)
     s = tl.dot(q_hi, tl.trans(k_hi), s, input_precision=PRECISION)
     s = s * qk_scale
@@ -107,18 +118,8 @@ def _rope_attention_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
 
-    q_off = offs_m.to(tl.int64)[:, None] * stride_qn + offs_h[None, :]
-    qm = m_ok[:, None] & h_ok[None, :]
-    q_lo = tl.load(Q + q_off, mask=qm, other=0.0)
-    q_hi = tl.load(Q + q_off + HALF, mask=qm, other=0.0)
-    if ROPE:
-        q_lo, q_hi = _rope_rows(q_lo.to(tl.float32), q_hi.to(tl.float32), offs_m, prefix, N, COS, SIN, stride_cs,
-                                offs_h, h_ok, HALF)
-        q_lo = q_lo.to(Q.dtype.element_ty)
-        q_hi = q_hi.to(Q.dtype.element_ty)
-    if UPCAST:  # the interpreter's 16-bit dots are wrong; fp32 operands hold 16-bit values exactly
-        q_lo = q_lo.to(tl.float32)
-        q_hi = q_hi.to(tl.float32)
+    q_lo, q_hi = _load_halves(Q, offs_m, m_ok[:, None] & h_ok[None, :], stride_qn, prefix, N, COS, SIN, stride_cs,
+                              offs_h, h_ok, HALF, ROPE, UPCAST)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -155,7 +156,7 @@ def rope_attention_config(B: int, H: int, N: int, D: int, dtype_bytes: int, sms:
     return (block_m, 64, 8, 2) if D > 64 else (block_m, 64, 4, 3)
 
 
-def rope_attention_fwd(q, k, v, cos, sin, scale, out, interpret=False, launch=lambda kernel: kernel, config=None):
+def rope_attention_fwd(q, k, v, cos, sin, scale, out, interpret=False):
     """Launch on (B, N, H, D) q, k, v, out (last dim contiguous) and (HW, D) cos/sin or None.
 
     The caller has validated the arguments. `interpret`: the Triton interpreter's 16-bit dots are
@@ -167,11 +168,11 @@ def rope_attention_fwd(q, k, v, cos, sin, scale, out, interpret=False, launch=la
     if B * N * H == 0:
         return
     bytes_ = q.element_size()
-    block_m, block_n, num_warps, num_stages = config or rope_attention_config(B, H, N, D, bytes_)
+    block_m, block_n, num_warps, num_stages = rope_attention_config(B, H, N, D, bytes_)
     rope = cos is not None
     hw = cos.shape[0] if rope else 0
     grid = (triton.cdiv(N, block_m), B * H)
-    launch(_rope_attention_fwd_kernel)[grid](
+    _rope_attention_fwd_kernel[grid](
         q, k, v, cos if rope else q, sin if rope else q, out,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         cos.stride(0) if rope else 0,

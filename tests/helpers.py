@@ -32,6 +32,19 @@ def cuda_timer():
     return time.perf_counter()
 
 
+def bench_ms(benchmark, fn, rounds=10, iterations=3):
+    """Run `fn` under pytest-benchmark and return its median in ms: on a GPU the kernel time from
+    triton.testing.do_bench (CUDA events, L2 flushed between calls), on the CPU the benchmark's own."""
+    cuda = torch.cuda.is_available()
+    benchmark.pedantic(fn, rounds=rounds if cuda else 3, iterations=iterations if cuda else 1,
+                       warmup_rounds=2 if cuda else 1)
+    if cuda:
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+    return benchmark.stats.stats.median * 1e3 if benchmark.stats else None
+
+
 def assert_close_to_ref(name, out, exact, lowp, atol):
     """The tolerance rule, per element: |out - exact| <= 2 * max|lowp - exact| + atol + ulp(exact).
 

@@ -164,8 +164,9 @@ def test_bad_arguments_are_named(mutate, match):
         (lambda a: a.__setitem__(2, a[2].transpose(1, 3).contiguous().transpose(1, 3)), "v must have stride 1"),
         (lambda a: a.__setitem__(3, a[3][:, :16]), r"cos must be \(HW, 32\) with HW <= N=9, got \(5, 16\)"),
         (lambda a: a.__setitem__(0, a[0].double()), "q must be float32, float16 or bfloat16"),
+        (lambda a: a.__setitem__(4, a[4].half()), "cos has dtype Float but sin has dtype Half"),
     ],
-    ids=["dtype", "stride", "cos-shape", "float64"],
+    ids=["dtype", "stride", "cos-shape", "float64", "table-dtypes"],
 )
 def test_cpp_op_rejects_bad_arguments_by_name(mutate, match):
     args = list(make_inputs(1, 9, 2, 32, 4, torch.float32, "cpu"))

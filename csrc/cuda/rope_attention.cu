@@ -2,7 +2,8 @@
 // new contiguous tensors that ATen's flash/cuDNN attention then reads. Memory-bound (read q, k,
 // write them back), so each thread moves VEC rotation pairs with 16-byte loads and stores when
 // the head dim and strides allow it, else one pair. Tables are fp32 (HW, D), L2-resident: shared
-// by every batch and head. Prefix tokens are copied unchanged.
+// by every batch and head, read in their own dtype (fp32 from dinov3, the activation dtype from
+// transformers) so no conversion runs per call. Prefix tokens are copied unchanged.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -25,9 +26,9 @@ struct Strides {
   int64_t b, n, h;
 };
 
-template <typename T, int VEC>
-__global__ void rope_qk_kernel(const T* __restrict__ q, const T* __restrict__ k, const float* __restrict__ cos,
-                               const float* __restrict__ sin, T* __restrict__ qo, T* __restrict__ ko, int64_t rows,
+template <typename T, typename TT, int VEC>
+__global__ void rope_qk_kernel(const T* __restrict__ q, const T* __restrict__ k, const TT* __restrict__ cos,
+                               const TT* __restrict__ sin, T* __restrict__ qo, T* __restrict__ ko, int64_t rows,
                                int N, int H, int half, int prefix, Strides qs, Strides ks) {
   using P = Pack<T, VEC>;
   const int per_row = half / VEC;
@@ -52,14 +53,14 @@ __global__ void rope_qk_kernel(const T* __restrict__ q, const T* __restrict__ k,
     *reinterpret_cast<P*>(dst + d + half) = hi;
     return;
   }
-  const float* c = cos + static_cast<int64_t>(n - prefix) * 2 * half + d;
-  const float* sn = sin + static_cast<int64_t>(n - prefix) * 2 * half + d;
+  const TT* c = cos + static_cast<int64_t>(n - prefix) * 2 * half + d;
+  const TT* sn = sin + static_cast<int64_t>(n - prefix) * 2 * half + d;
   P out_lo, out_hi;
 #pragma unroll
   for (int v = 0; v < VEC; ++v) {
     float o1, o2;
-    rope_pair(static_cast<float>(lo.v[v]), static_cast<float>(hi.v[v]), c[v], c[v + half], sn[v], sn[v + half], o1,
-              o2);
+    rope_pair(static_cast<float>(lo.v[v]), static_cast<float>(hi.v[v]), static_cast<float>(c[v]),
+              static_cast<float>(c[v + half]), static_cast<float>(sn[v]), static_cast<float>(sn[v + half]), o1, o2);
     out_lo.v[v] = static_cast<T>(o1);
     out_hi.v[v] = static_cast<T>(o2);
   }
@@ -67,7 +68,7 @@ __global__ void rope_qk_kernel(const T* __restrict__ q, const T* __restrict__ k,
   *reinterpret_cast<P*>(dst + d + half) = out_hi;
 }
 
-template <typename T, int VEC>
+template <typename T, typename TT, int VEC>
 void launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& qo,
             at::Tensor& ko) {
   const int N = q.size(1), H = q.size(2), half = q.size(3) / 2;
@@ -75,8 +76,8 @@ void launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, con
   const int64_t threads = 2 * rows * (half / VEC);
   constexpr int kThreads = 256;
   const auto blocks = static_cast<unsigned>((threads + kThreads - 1) / kThreads);
-  rope_qk_kernel<T, VEC><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      q.const_data_ptr<T>(), k.const_data_ptr<T>(), cos.const_data_ptr<float>(), sin.const_data_ptr<float>(),
+  rope_qk_kernel<T, TT, VEC><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      q.const_data_ptr<T>(), k.const_data_ptr<T>(), cos.const_data_ptr<TT>(), sin.const_data_ptr<TT>(),
       qo.mutable_data_ptr<T>(), ko.mutable_data_ptr<T>(), rows, N, H, half, static_cast<int>(N - cos.size(0)),
       Strides{q.stride(0), q.stride(1), q.stride(2)}, Strides{k.stride(0), k.stride(1), k.stride(2)});
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -97,13 +98,16 @@ std::tuple<at::Tensor, at::Tensor> rope_qk_cuda(const at::Tensor& q, const at::T
   auto ko = at::empty(k.sizes(), k.options());
   if (q.numel() == 0) return {qo, ko};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "rope_qk_cuda", [&] {
-    constexpr int kVec = 16 / sizeof(scalar_t);
-    const bool packed = can_pack(q, kVec) && can_pack(k, kVec) && (cos.size(1) / 2) % 4 == 0;
-    if (packed) {
-      launch<scalar_t, kVec>(q, k, cos, sin, qo, ko);
-    } else {
-      launch<scalar_t, 1>(q, k, cos, sin, qo, ko);
-    }
+    using T = scalar_t;
+    constexpr int kVec = 16 / sizeof(T);
+    const bool packed = can_pack(q, kVec) && can_pack(k, kVec);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cos.scalar_type(), "rope_qk_cuda_tables", [&] {
+      if (packed) {
+        launch<T, scalar_t, kVec>(q, k, cos, sin, qo, ko);
+      } else {
+        launch<T, scalar_t, 1>(q, k, cos, sin, qo, ko);
+      }
+    });
   });
   return {qo, ko};
 }

@@ -36,9 +36,16 @@ def first_backend(priority: dict, device: torch.device, reasons_of, input_reason
     raise AssertionError("unreachable: ref always applies")
 
 
-def check_pinned(op: str, backend: str, reasons: list[str]) -> None:
-    if reasons:
-        raise ValueError(f"{op}: backend {backend!r} cannot run: {'; '.join(reasons)}")
+def resolve_backend(op: str, backend, select, pinned_reasons) -> str:
+    """The backend a call runs: `select()`'s pick when none is pinned; a pinned one only if
+    `pinned_reasons()` is empty (ValueError with them otherwise); "ref" always."""
+    if backend is None:
+        return select()[0]
+    if backend != "ref":
+        reasons = pinned_reasons()
+        if reasons:
+            raise ValueError(f"{op}: backend {backend!r} cannot run: {'; '.join(reasons)}")
+    return backend
 
 
 def requires_grad(*tensors) -> list[str]:

@@ -26,7 +26,7 @@ from torch import Tensor
 from .. import _ext
 from ..kernels.add_layer_norm import MAX_C as TRITON_MAX_C
 from ..kernels.add_layer_norm import add_layer_norm_fwd
-from ._dispatch import BACKENDS, check_pinned, first_backend, kernel_reasons, requires_grad
+from ._dispatch import BACKENDS, first_backend, kernel_reasons, requires_grad, resolve_backend
 PRIORITY = {"cuda": ("cuda", "triton", "ref"), "cpu": ("ref",)}  # see the module docstring
 CUDA_MAX_C = 32768  # csrc/cuda/add_layer_norm.cu: 32 values per thread, 1024 threads per row
 
@@ -121,11 +121,10 @@ def add_layer_norm(x, branch, gamma, weight, bias, eps: float = 1e-5, backend: O
     bias (C,). `backend` pins one backend (ValueError with the reasons if it cannot run).
     """
     _check_args(x, branch, gamma, weight, bias)
-    if backend is None:
-        backend, _ = select_backend(x, branch, gamma, weight, bias)
-    elif backend != "ref":
-        reasons = backend_reasons(backend, x.device, x.dtype, x.shape[-1])
-        check_pinned("add_layer_norm", backend, reasons + _input_reasons(x, branch, gamma, weight, bias))
+    backend = resolve_backend(
+        "add_layer_norm", backend, lambda: select_backend(x, branch, gamma, weight, bias),
+        lambda: backend_reasons(backend, x.device, x.dtype, x.shape[-1]) + _input_reasons(x, branch, gamma, weight, bias),
+    )
     if backend == "ref":
         return add_layer_norm_ref(x, branch, gamma, weight, bias, eps)
     if backend == "triton":

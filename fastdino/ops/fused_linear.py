@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .. import _ext
 from ..kernels.fused_linear import ACTS, fused_linear_fwd
-from ._dispatch import BACKENDS, check_pinned, first_backend, kernel_reasons, requires_grad
+from ._dispatch import BACKENDS, first_backend, kernel_reasons, requires_grad, resolve_backend
 
 PRIORITY = {"cuda": ("ref",), "cpu": ("ref",)}  # unmeasured kernel: see the module docstring
 
@@ -100,9 +100,13 @@ def _check_args(x, weight, bias, act, weight2, bias2, residual, gamma):
             raise ValueError(f"fused_linear: {name} is on {t.device} but x is on {x.device}")
 
 
-def select_backend(x, weight, bias=None, act=None, weight2=None, bias2=None, residual=None, gamma=None):
-    inputs = _layout_reasons(x, weight, bias, weight2, bias2, residual, gamma) + requires_grad(
+def _input_reasons(x, weight, bias, weight2, bias2, residual, gamma) -> list[str]:
+    return _layout_reasons(x, weight, bias, weight2, bias2, residual, gamma) + requires_grad(
         x, weight, bias, weight2, bias2, residual, gamma)
+
+
+def select_backend(x, weight, bias=None, act=None, weight2=None, bias2=None, residual=None, gamma=None):
+    inputs = _input_reasons(x, weight, bias, weight2, bias2, residual, gamma)
     return first_backend(PRIORITY, x.device, lambda b: backend_reasons(b, x.device, x.dtype), inputs)
 
 
@@ -113,12 +117,10 @@ def fused_linear(x, weight, bias=None, act=None, weight2=None, bias2=None, resid
     Equivalent to `fused_linear_ref`. `backend` pins one backend (ValueError with the reasons if it cannot run).
     """
     _check_args(x, weight, bias, act, weight2, bias2, residual, gamma)
-    if backend is None:
-        backend, _ = select_backend(x, weight, bias, act, weight2, bias2, residual, gamma)
-    elif backend != "ref":
-        reasons = backend_reasons(backend, x.device, x.dtype) + _layout_reasons(
-            x, weight, bias, weight2, bias2, residual, gamma) + requires_grad(x, weight, bias, weight2, bias2, residual, gamma)
-        check_pinned("fused_linear", backend, reasons)
+    backend = resolve_backend(
+        "fused_linear", backend, lambda: select_backend(x, weight, bias, act, weight2, bias2, residual, gamma),
+        lambda: backend_reasons(backend, x.device, x.dtype) + _input_reasons(x, weight, bias, weight2, bias2, residual, gamma),
+    )
     if backend == "ref":
         return fused_linear_ref(x, weight, bias, act, weight2, bias2, residual, gamma)
     return fused_linear_triton(x, weight, bias, act, weight2, bias2, residual, gamma)

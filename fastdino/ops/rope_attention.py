@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .. import _ext
 from ..kernels.rope_attention import FP32_MAX_HEAD_DIM, HEAD_DIMS, rope_attention_fwd
-from ._dispatch import BACKENDS, check_pinned, first_backend, kernel_reasons, requires_grad
+from ._dispatch import BACKENDS, first_backend, kernel_reasons, requires_grad, resolve_backend
 
 PRIORITY = {"cuda": ("cuda", "triton", "ref"), "cpu": ("ref",)}  # see the module docstring
 
@@ -149,11 +149,10 @@ def rope_attention(q, k, v, cos=None, sin=None, scale: Optional[float] = None, b
     """
     _check_args(q, k, v, cos, sin)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if backend is None:
-        backend, _ = select_backend(q, k, v, cos, sin)
-    elif backend != "ref":
-        reasons = backend_reasons(backend, q.device, q.dtype, q.shape[-1])
-        check_pinned("rope_attention", backend, reasons + _input_reasons(q, k, v, cos, sin))
+    backend = resolve_backend(
+        "rope_attention", backend, lambda: select_backend(q, k, v, cos, sin),
+        lambda: backend_reasons(backend, q.device, q.dtype, q.shape[-1]) + _input_reasons(q, k, v, cos, sin),
+    )
     if backend == "ref":
         return rope_attention_ref(q, k, v, cos, sin, scale)
     if backend == "triton":
