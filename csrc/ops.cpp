@@ -34,5 +34,7 @@ TORCH_LIBRARY(fastdino, m) {
   // Fake (meta) implementations are registered in Python, in fastdino/ops/<op>.py.
   m.def("add_layer_norm(Tensor x, Tensor branch, Tensor? gamma, Tensor weight, Tensor bias, float eps) "
         "-> (Tensor, Tensor)");
+  m.def("fused_linear(Tensor x, Tensor weight, Tensor? bias, str? act, Tensor? weight2, Tensor? bias2, "
+        "Tensor? residual, Tensor? gamma) -> Tensor");
   m.def("rope_attention(Tensor q, Tensor k, Tensor v, Tensor? cos, Tensor? sin, float scale) -> Tensor");
 }

@@ -1,9 +1,10 @@
-"""fused_linear: the Triton kernel against the float64 math, with the tolerance rule of helpers."""
+"""fused_linear: the Triton kernel and the C++ form against the float64 math, with the tolerance
+rule of helpers."""
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ATOL, DEVICE, DTYPES, assert_close_to_ref
+from helpers import ATOL, DEVICE, DTYPES, assert_close_to_ref, requires_ext
 
 from fastdino.ops.fused_linear import backend_reasons, fused_linear, fused_linear_ref, select_backend
 
@@ -46,6 +47,39 @@ def test_fused_linear_triton_matches_ref(shape, variant, dtype):
     assert_close_to_ref(f"triton {variant} {shape}", out, exact, unfused(*args), ATOL[dtype] * shape[1] ** 0.5)
 
 
+@requires_ext
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("shape", SHAPES_FULL, ids=str)
+def test_fused_linear_cpp_matches_ref(shape, variant, dtype):
+    args = make_inputs(*shape, *VARIANTS[variant], dtype)
+    out = fused_linear(*args, backend=DEVICE.type)
+    assert out.shape == (shape[0], shape[2]) and out.dtype == dtype
+    exact = fused_linear_ref(*(a.double() if isinstance(a, torch.Tensor) else a for a in args))
+    assert_close_to_ref(f"{DEVICE.type} {variant} {shape}", out, exact, unfused(*args), ATOL[dtype] * shape[1] ** 0.5)
+
+
+@requires_ext
+def test_fused_linear_cpp_unaligned_residual_and_leading_dims():
+    # A residual that starts one element into its storage cannot take 16-byte packs.
+    x, w, b, _, _, _, r, g = make_inputs(10, 32, 24, None, True, torch.float16)
+    r = torch.randn(10 * 24 + 1, device=DEVICE, dtype=torch.float16)[1:].view(2, 5, 24)
+    out = fused_linear(x.view(2, 5, 32), w, b, "gelu", residual=r, gamma=g, backend=DEVICE.type)
+    expect = fused_linear_ref(x.view(2, 5, 32), w, b, "gelu", residual=r, gamma=g)
+    torch.testing.assert_close(out, expect, atol=4e-3, rtol=4e-3)
+
+
+@requires_ext
+def test_fused_linear_cpp_names_bad_arguments():
+    x, w, b, act, *_ = make_inputs(4, 32, 16, "gelu", False, torch.float32)
+    with pytest.raises(RuntimeError, match="bias has dtype Half but x has dtype Float"):
+        torch.ops.fastdino.fused_linear(x, w, b.half(), act, None, None, None, None)
+    with pytest.raises(RuntimeError, match="act must be None, 'gelu' or 'swiglu', got 'relu'"):
+        torch.ops.fastdino.fused_linear(x, w, b, "relu", None, None, None, None)
+    with pytest.raises(RuntimeError, match=r"residual must have x's leading dims and 16 columns"):
+        torch.ops.fastdino.fused_linear(x, w, b, act, None, None, torch.ones(4, 15), None)
+
+
 def test_fused_linear_keeps_leading_dims_and_reads_the_live_weights():
     x, w, b, act, *_ = make_inputs(6, 32, 48, "gelu", False, torch.float32)
     out = fused_linear(x.view(2, 3, 32), w, b, act, backend="triton")
@@ -68,7 +102,7 @@ def test_tolerance_rule_rejects_tanh_gelu():
 def test_dispatch_runs_the_reference_until_measured():
     args = make_inputs(4, 16, 8, "gelu", False, torch.float32, "cpu")
     assert select_backend(*args)[0] == "ref"
-    assert backend_reasons("cuda", torch.device("cuda"), torch.bfloat16) == ["fused_linear has no cuda (C++) kernel"]
+    assert backend_reasons("cuda", torch.device("cpu"), torch.float32)[0] == "device=cpu (needs cuda)"
 
 
 @pytest.mark.parametrize(
@@ -101,3 +135,10 @@ def test_fused_linear_opcheck_triton():
 
     args = make_inputs(5, 32, 16, "swiglu", True, torch.float32)
     torch.library.opcheck(fused_linear_triton, args)
+
+
+@requires_ext
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fused_linear_opcheck_cpp(variant):
+    args = make_inputs(5, 32, 16, *VARIANTS[variant], torch.float32)
+    torch.library.opcheck(torch.ops.fastdino.fused_linear.default, args)

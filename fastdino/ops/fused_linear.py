@@ -9,10 +9,17 @@ Replaces, in DINOv3 MLPs, fc1 + GELU (Mlp, HF DINOv3ViTMLP), w1/w2 + silu * (Swi
 DINOv3ViTGatedMLP gate/up) and fc2 + LayerScale + residual; the weights are the modules' own
 tensors, never a copy. Accumulation and epilogue in fp32, one rounding.
 
-Backends: ``triton`` (kernels/fused_linear.py) and ``ref``. The Triton kernel has been checked for
-correctness (interpreter, sm_90 compile) but not yet timed on a GPU against cuBLAS + eager
-epilogues, so dispatch does not pick it: it runs only when pinned (``backend="triton"``).
-benchmarks/bench_fused_linear.py is the measurement that will decide.
+Backends:
+- ``triton`` (kernels/fused_linear.py): one GEMM kernel with the epilogue in registers, so the
+  wide hidden activation is written once;
+- ``cuda`` and ``cpu`` (fastdino._C, csrc/fused_linear.*): ATen's GEMM (cuBLAS/cuBLASLt with its
+  bias epilogue on the GPU), then one in-place epilogue pass, which replaces eager's separate
+  GELU, or silu + mul, or mul + add passes. The GEMM output is rounded to the activation dtype
+  before the epilogue, as in eager PyTorch;
+- ``ref``: the unfused ops in fp32.
+Neither kernel form has been timed on a GPU yet against cuBLAS + eager epilogues, so dispatch does
+not pick them: they run only when pinned (``backend=...``), and the patched MLP modules run their
+original forward. benchmarks/bench_fused_linear.py is the measurement that will decide.
 """
 
 from typing import Optional
@@ -61,10 +68,15 @@ def _(x, weight, bias, act, weight2, bias2, residual, gamma):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+if _ext.HAS_EXT:
+
+    @torch.library.register_fake("fastdino::fused_linear")
+    def _(x, weight, bias, act, weight2, bias2, residual, gamma):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
 def backend_reasons(backend: str, device: torch.device, dtype: torch.dtype) -> list[str]:
     """Why `backend` cannot run fused_linear on `dtype` tensors on `device`."""
-    if backend in ("cuda", "cpu"):
-        return [f"fused_linear has no {backend} (C++) kernel"]
     return kernel_reasons("fused_linear", backend, device, dtype)
 
 
@@ -123,6 +135,8 @@ def fused_linear(x, weight, bias=None, act=None, weight2=None, bias2=None, resid
     )
     if backend == "ref":
         return fused_linear_ref(x, weight, bias, act, weight2, bias2, residual, gamma)
+    if backend in ("cuda", "cpu"):
+        return torch.ops.fastdino.fused_linear(x, weight, bias, act, weight2, bias2, residual, gamma)
     return fused_linear_triton(x, weight, bias, act, weight2, bias2, residual, gamma)
 
 
