@@ -1,5 +1,6 @@
 """fused_linear against the unfused MLP ops DINOv3 runs today (cuBLAS Linear, then eager GELU /
-silu * / LayerScale + residual), torch.compile of those, and the Triton kernel.
+silu * / LayerScale + residual), torch.compile of those, the Triton kernel and the C++ form
+(ATen GEMM + one CUDA epilogue pass).
 
 TFLOP/s counts the GEMMs: 2 * M * N * K (twice for SwiGLU's two projections).
 """
@@ -9,6 +10,7 @@ import torch
 from helpers import bench_ms, cuda_timer
 from test_fused_linear import make_inputs, unfused
 
+from fastdino import _ext
 from fastdino.ops.fused_linear import fused_linear
 
 CUDA = torch.cuda.is_available()
@@ -17,7 +19,7 @@ CUDA = torch.cuda.is_available()
 SHAPES = [("vits-fc1", 32928, 384, 1536, "gelu", False), ("vitl-fc1", 32928, 1024, 4096, "gelu", False),
           ("vitl-fc2", 32928, 4096, 1024, None, True), ("vits+-swiglu", 32928, 384, 1024, "swiglu", False),
           ("vitl-fc1-b1", 1029, 1024, 4096, "gelu", False)] if CUDA else [("vits-fc1", 197, 384, 1536, "gelu", False)]
-PROVIDERS = ["eager", "compile", "triton"] if CUDA else ["eager"]
+PROVIDERS = (["eager", "compile", "triton"] + (["cuda"] if _ext.BUILD["cuda"] else [])) if CUDA else ["eager"]
 
 
 @pytest.mark.benchmark(timer=cuda_timer)

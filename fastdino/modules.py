@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .ops.add_layer_norm import add_layer_norm
+from .ops.fused_linear import fused_linear, select_backend as fused_linear_backend
 from .ops.rope_attention import rope_attention
 
 # LayerScale classes and the name of their (C,) scale parameter.
@@ -94,6 +95,131 @@ def residual_layer_norm(x, branch, layer_scale, norm, backend=None):
     return add_layer_norm(x, cast(branch), cast(gamma), cast(norm.weight), cast(norm.bias), norm.eps, backend)
 
 
+def is_exact_gelu(act: nn.Module) -> bool:
+    """nn.GELU() or transformers' GELUActivation ("gelu"), both erf GELU; not the tanh forms."""
+    if type(act) is nn.GELU:
+        return act.approximate == "none"
+    return type(act).__name__ == "GELUActivation"
+
+
+def is_silu(act: nn.Module) -> bool:
+    return type(act) is nn.SiLU or type(act).__name__ == "SiLUActivation"
+
+
+def _linear_reasons(module: nn.Module, names) -> list[str]:
+    return [f"{n} is not an nn.Linear" for n in names if type(getattr(module, n)) is not nn.Linear]
+
+
+def mlp_reasons(linears, act=None, act_check=None, act_kind="", identity=()):
+    """Reasons function for an MLP rule: its Linears, its activation, and the optional parts
+    (`identity`, e.g. timm's hidden norm) that must be nn.Identity where they exist."""
+
+    def reasons(module: nn.Module) -> list[str]:
+        missing = children_reasons(module, (*linears, *([act] if act else [])))
+        if missing:
+            return missing
+        out = _linear_reasons(module, linears)
+        if act and not act_check(getattr(module, act)):
+            out.append(f"{act} is {type(getattr(module, act)).__name__}, not {act_kind}")
+        out += [f"{n} is active" for n in identity
+                if hasattr(module, n) and not isinstance(getattr(module, n), nn.Identity)]
+        return out
+
+    return reasons
+
+
+class _FusedMlp:
+    """An MLP whose input projection(s) and activation run as one fused_linear, and whose output
+    projection can take the block's LayerScale + residual into its epilogue (`mlp_residual`).
+
+    Subclasses give `_fastdino_parts()`: (weight, bias, act, weight2, bias2) of the input side,
+    the output nn.Linear, and the dropouts that are no-ops in eval. The original forward runs
+    whenever fused_linear would pick its reference (the default until its kernels are timed),
+    under autocast (the Linears would run in another dtype), or with dropout active in training.
+    """
+
+    _fastdino_dropouts: tuple = ()
+
+    def _fastdino_backend_for(self, x: Tensor) -> Optional[str]:
+        if torch.is_autocast_enabled(x.device.type):
+            return None
+        if self.training and any(getattr(getattr(self, n, None), "p", 0.0) > 0 for n in self._fastdino_dropouts):
+            return None
+        w, b, act, w2, b2, out = self._fastdino_parts()
+        backend = self._fastdino_backend or fused_linear_backend(x, w, b, act, w2, b2)[0]
+        return None if backend == "ref" else backend
+
+    def _fastdino_mlp(self, x: Tensor, residual: Optional[Tensor] = None, layer_scale=None) -> Optional[Tensor]:
+        """mlp(x), or residual + layer_scale(mlp(x)); None when the original modules must run."""
+        backend = self._fastdino_backend_for(x)
+        if backend is None:
+            return None
+        w, b, act, w2, b2, out = self._fastdino_parts()
+        h = fused_linear(x, w, b, act, w2, b2, backend=backend)
+        if residual is None:
+            return fused_linear(h, out.weight, out.bias, backend=backend)
+        gamma = _layer_scale_gamma(layer_scale)
+        if residual.dtype != x.dtype or (gamma is not None and gamma.dtype != x.dtype):
+            return None  # promotion in the unfused add: leave it to the original ops
+        return fused_linear(h, out.weight, out.bias, residual=residual, gamma=gamma, backend=backend)
+
+    def forward(self, x):
+        y = self._fastdino_mlp(x)
+        return super().forward(x) if y is None else y
+
+
+def mlp_residual(mlp: nn.Module, x: Tensor, residual: Tensor, layer_scale) -> Tensor:
+    """``residual + layer_scale(mlp(x))``: one fused epilogue for fc2 + LayerScale + residual when
+    `mlp` is a fused MLP whose kernels run, else the modules as they are."""
+    fused = getattr(mlp, "_fastdino_mlp", None)
+    y = fused(x, residual, layer_scale) if fused is not None else None
+    if y is not None:
+        return y
+    m = mlp(x)
+    if isinstance(layer_scale, nn.Module):
+        return residual + layer_scale(m)
+    return residual + (m if layer_scale is None else layer_scale * m)
+
+
+class FusedMlp(_FusedMlp):
+    """dinov3's and timm's Mlp (fc1, exact GELU, fc2; timm's norm must be Identity)."""
+
+    _fastdino_dropouts = ("drop", "drop1", "drop2")
+
+    def _fastdino_parts(self):
+        return self.fc1.weight, self.fc1.bias, "gelu", None, None, self.fc2
+
+
+class FusedSwiGLUFFN(_FusedMlp):
+    """dinov3's SwiGLUFFN: w3(silu(w1(x)) * w2(x)); w1 and w2 stay separate tensors."""
+
+    def _fastdino_parts(self):
+        return self.w1.weight, self.w1.bias, "swiglu", self.w2.weight, self.w2.bias, self.w3
+
+
+class FusedSwiGLU(_FusedMlp):
+    """timm's SwiGLU: fc2(act(fc1_g(x)) * fc1_x(x)) with SiLU, norm Identity."""
+
+    _fastdino_dropouts = ("drop1", "drop2")
+
+    def _fastdino_parts(self):
+        return self.fc1_g.weight, self.fc1_g.bias, "swiglu", self.fc1_x.weight, self.fc1_x.bias, self.fc2
+
+
+class FusedDINOv3ViTMLP(_FusedMlp):
+    """transformers' DINOv3ViTMLP: down_proj(gelu(up_proj(x)))."""
+
+    def _fastdino_parts(self):
+        return self.up_proj.weight, self.up_proj.bias, "gelu", None, None, self.down_proj
+
+
+class FusedDINOv3ViTGatedMLP(_FusedMlp):
+    """transformers' DINOv3ViTGatedMLP: down_proj(silu(gate_proj(x)) * up_proj(x))."""
+
+    def _fastdino_parts(self):
+        return self.gate_proj.weight, self.gate_proj.bias, "swiglu", self.up_proj.weight, self.up_proj.bias, self.down_proj
+
+
 class FusedDINOv3ViTLayer:
     """transformers' DINOv3ViTLayer with the attention -> MLP seam through add_layer_norm."""
 
@@ -106,7 +232,7 @@ class FusedDINOv3ViTLayer:
             self.norm1(hidden_states), attention_mask=attention_mask, position_embeddings=position_embeddings, **kwargs
         )
         y, z = residual_layer_norm(hidden_states, h, self.layer_scale1, self.norm2, self._fastdino_backend)
-        return self.layer_scale2(self.mlp(z)) + y
+        return mlp_residual(self.mlp, z, y, self.layer_scale2)
 
 
 class FusedSelfAttentionBlock:
@@ -119,7 +245,7 @@ class FusedSelfAttentionBlock:
         for x, rope in zip(x_list, rope_list):
             h = self.attn(self.norm1(x), rope=rope)
             y, z = residual_layer_norm(x, h, self.ls1, self.norm2, self._fastdino_backend)
-            out.append(y + self.ls2(self.mlp(z)))
+            out.append(mlp_residual(self.mlp, z, y, self.ls2))
         return out
 
     def _forward(self, x, rope=None):
@@ -293,5 +419,4 @@ class FusedEvaBlock:
             return super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
         h = self.attn(self.norm1(x), rope=rope, attn_mask=attn_mask, is_causal=is_causal)
         y, z = residual_layer_norm(x, h, self.gamma_1, self.norm2, self._fastdino_backend)
-        m = self.mlp(z)
-        return y + (m if self.gamma_2 is None else self.gamma_2 * m)
+        return mlp_residual(self.mlp, z, y, self.gamma_2)

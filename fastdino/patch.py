@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from . import _ext, modules
 from .ops._dispatch import BACKENDS
 from .ops.add_layer_norm import preferred_backend as aln_preferred
+from .ops.fused_linear import preferred_backend as linear_preferred
 from .ops.rope_attention import preferred_backend as attn_preferred
 
 
@@ -38,6 +39,14 @@ def _attention_backend(weight, head_dim):
     return backend
 
 
+def _mlp_backend(linear):
+    def backend(module):
+        w = getattr(module, linear).weight
+        return linear_preferred(w.device, w.dtype)[0]
+
+    return backend
+
+
 @dataclass(frozen=True)
 class Rule:
     class_name: str  # matched against type(module).__name__, so no import of the model library
@@ -57,6 +66,12 @@ RULES = (
     ),
     Rule("DINOv3ViTAttention", modules.FusedDINOv3ViTAttention, modules.hf_attention_reasons,
          _attention_backend("q_proj", lambda m: m.head_dim)),
+    Rule("DINOv3ViTMLP", modules.FusedDINOv3ViTMLP,
+         modules.mlp_reasons(("up_proj", "down_proj"), "act_fn", modules.is_exact_gelu, "exact GELU"),
+         _mlp_backend("up_proj")),
+    Rule("DINOv3ViTGatedMLP", modules.FusedDINOv3ViTGatedMLP,
+         modules.mlp_reasons(("gate_proj", "up_proj", "down_proj"), "act_fn", modules.is_silu, "SiLU"),
+         _mlp_backend("gate_proj")),
     Rule("DINOv3ViTRopePositionEmbedding", modules.CachedDINOv3ViTRopePositionEmbedding,
          lambda m: [] if isinstance(getattr(m, "inv_freq", None), Tensor) else ["no inv_freq buffer"],
          lambda m: "cache"),
@@ -70,6 +85,10 @@ RULES = (
     ),
     Rule("SelfAttention", modules.FusedSelfAttention, modules.self_attention_reasons,
          _attention_backend("qkv", lambda m: m.qkv.in_features // m.num_heads)),
+    Rule("Mlp", modules.FusedMlp,  # also timm's Mlp (its hidden norm must be Identity)
+         modules.mlp_reasons(("fc1", "fc2"), "act", modules.is_exact_gelu, "exact GELU", identity=("norm",)),
+         _mlp_backend("fc1")),
+    Rule("SwiGLUFFN", modules.FusedSwiGLUFFN, modules.mlp_reasons(("w1", "w2", "w3")), _mlp_backend("w1")),
     Rule("RopePositionEmbedding", modules.CachedRopePositionEmbedding,
          lambda m: [] if isinstance(getattr(m, "periods", None), Tensor) else ["no periods buffer"],
          lambda m: "cache"),
@@ -77,6 +96,9 @@ RULES = (
     Rule("EvaBlock", modules.FusedEvaBlock, modules.eva_block_reasons, _seam_backend("norm2")),
     Rule("EvaAttention", modules.FusedEvaAttention, modules.eva_attention_reasons,
          _attention_backend("qkv", lambda m: m.head_dim)),
+    Rule("SwiGLU", modules.FusedSwiGLU,
+         modules.mlp_reasons(("fc1_g", "fc1_x", "fc2"), "act", modules.is_silu, "SiLU", identity=("norm",)),
+         _mlp_backend("fc1_g")),
 )
 
 _FUSED_CLASSES: dict[tuple[type, type], type] = {}

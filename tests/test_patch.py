@@ -61,6 +61,10 @@ HF_SWAPS = {"DINOv3ViTLayer": "FusedDINOv3ViTLayer", "DINOv3ViTAttention": "Fuse
 OFFICIAL_SWAPS = {"SelfAttentionBlock": "FusedSelfAttentionBlock", "SelfAttention": "FusedSelfAttention",
                   "RopePositionEmbedding": "CachedRopePositionEmbedding"}
 TIMM_SWAPS = {"EvaBlock": "FusedEvaBlock", "EvaAttention": "FusedEvaAttention"}
+# The MLP of each family, GELU and SwiGLU: {original class: fused class}
+MLP = {"hf": {"DINOv3ViTMLP": "FusedDINOv3ViTMLP"}, "hf-gated": {"DINOv3ViTGatedMLP": "FusedDINOv3ViTGatedMLP"},
+       "official": {"Mlp": "FusedMlp"}, "official-swiglu": {"SwiGLUFFN": "FusedSwiGLUFFN"},
+       "timm": {"Mlp": "FusedMlp"}, "timm-swiglu": {"SwiGLU": "FusedSwiGLU"}}
 
 
 def timm_tree(**kw):
@@ -75,13 +79,16 @@ def run_timm(model, pixels):
 
 # name: (build, run, {original class: fused class}, fused op calls per run = blocks x forward passes)
 MODELS = {
-    "hf": (hf_vit, run_hf, HF_SWAPS, 2),
-    "hf-gated": (lambda: hf_vit(gated=True), run_hf, HF_SWAPS, 2),
-    "official": (official_vit, run_official, OFFICIAL_SWAPS, 4),
-    "official-swiglu": (lambda: official_vit(ffn="swiglu"), run_official, OFFICIAL_SWAPS, 4),
-    "official-no-layerscale": (lambda: official_vit(layerscale_init=None), run_official, OFFICIAL_SWAPS, 4),
-    "timm-tree": (timm_tree, run_timm, TIMM_SWAPS, 2),
-    "timm-tree-no-bias-no-layerscale": (lambda: timm_tree(qkv_bias=False, init_values=None), run_timm, TIMM_SWAPS, 2),
+    "hf": (hf_vit, run_hf, HF_SWAPS | MLP["hf"], 2),
+    "hf-gated": (lambda: hf_vit(gated=True), run_hf, HF_SWAPS | MLP["hf-gated"], 2),
+    "official": (official_vit, run_official, OFFICIAL_SWAPS | MLP["official"], 4),
+    "official-swiglu": (lambda: official_vit(ffn="swiglu"), run_official, OFFICIAL_SWAPS | MLP["official-swiglu"], 4),
+    "official-no-layerscale": (lambda: official_vit(layerscale_init=None), run_official,
+                               OFFICIAL_SWAPS | MLP["official"], 4),
+    "timm-tree": (timm_tree, run_timm, TIMM_SWAPS | MLP["timm"], 2),
+    "timm-tree-no-bias-no-layerscale": (lambda: timm_tree(qkv_bias=False, init_values=None), run_timm,
+                                        TIMM_SWAPS | MLP["timm"], 2),
+    "timm-tree-swiglu": (lambda: timm_tree(swiglu_mlp=True), run_timm, TIMM_SWAPS | MLP["timm-swiglu"], 2),
 }
 
 
@@ -104,10 +111,16 @@ def test_patched_model_matches_original(name, backend):
     assert {k: v.data_ptr() for k, v in model.state_dict().items()} == tensors  # shared, not copied
 
     with mock.patch("fastdino.modules.add_layer_norm", wraps=fastdino.modules.add_layer_norm) as seam, \
-            mock.patch("fastdino.modules.rope_attention", wraps=fastdino.modules.rope_attention) as attn:
+            mock.patch("fastdino.modules.rope_attention", wraps=fastdino.modules.rope_attention) as attn, \
+            mock.patch("fastdino.modules.fused_linear", wraps=fastdino.modules.fused_linear) as linear:
         out = run(model, pixels)
     assert seam.call_count == calls and all(c.args[-1] == backend for c in seam.call_args_list)
     assert attn.call_count == calls and all(c.kwargs["backend"] == backend for c in attn.call_args_list)
+    # MLP: input side + output side with LayerScale and residual; "ref" runs the original modules
+    assert linear.call_count == (0 if backend == "ref" else 2 * calls)
+    assert all(c.kwargs["backend"] == backend for c in linear.call_args_list)
+    if backend != "ref" and "no-layerscale" not in name:
+        assert sum(c.kwargs.get("gamma") is not None for c in linear.call_args_list) == calls
     assert rel_err(out, ref) <= REL_TOL[torch.float32]
 
     assert fastdino.unpatch(model) == len(report.swapped)
@@ -154,12 +167,12 @@ def test_report_paths_follow_the_model_and_patch_twice_is_a_noop():
     first = fastdino.patch(model)
     assert all(s.backend in ("ref", "cache") for s in first.swapped)  # CPU parameters: the measured-fastest path
     prefix = "model.layer" if hasattr(model, "model") else "layer"  # transformers 5.x vs 4.x
-    paths = ["rope_embeddings", f"{prefix}.0", f"{prefix}.0.attention", f"{prefix}.1", f"{prefix}.1.attention"]
+    paths = ["rope_embeddings"] + [f"{prefix}.{i}{part}" for i in range(2) for part in ("", ".attention", ".mlp")]
     assert [s.path for s in first.swapped] == paths
     assert "swapped" in str(first) and "FusedDINOv3ViTLayer" in str(first)
     second = fastdino.patch(model)
     assert second.swapped == [] and second.already_patched == paths
-    assert fastdino.unpatch(model) == 5 and fastdino.unpatch(model) == 0
+    assert fastdino.unpatch(model) == 7 and fastdino.unpatch(model) == 0
 
 
 def test_load_state_dict_after_patching_is_used():
@@ -174,17 +187,22 @@ def test_unsupported_variant_is_left_alone_with_a_reason():
     model = hf_vit()
     layer = model.model.layer[1] if hasattr(model, "model") else model.layer[1]
     layer.norm2 = torch.nn.RMSNorm(64)
+    layer.mlp.act_fn = torch.nn.GELU(approximate="tanh")
     report = fastdino.patch(model)
-    assert len(report.swapped) == 4 and len(report.skipped) == 1
-    assert "norm2 is RMSNorm, not nn.LayerNorm" in report.skipped[0].reasons[0]
+    assert len(report.swapped) == 5 and len(report.skipped) == 2
+    reasons = {s.cls: s.reasons for s in report.skipped}
+    assert reasons["DINOv3ViTLayer"] == ["norm2 is RMSNorm, not nn.LayerNorm"]
+    assert reasons["DINOv3ViTMLP"] == ["act_fn is GELU, not exact GELU"]
     assert "left" in str(report)
 
 
-def test_bf16_model_matches_original():
-    model = hf_vit().to(torch.bfloat16)
-    pixels = torch.randn(2, 3, 64, 64, dtype=torch.bfloat16)
+@pytest.mark.parametrize("backend", [None, *BACKENDS])
+@pytest.mark.parametrize("gated", [False, True], ids=["mlp", "gated"])
+def test_bf16_model_matches_original(gated, backend):
+    model = hf_vit(gated=gated).to(DEVICE, torch.bfloat16)
+    pixels = torch.randn(2, 3, 64, 64, device=DEVICE, dtype=torch.bfloat16)
     ref = run_hf(model, pixels)
-    fastdino.patch(model)
+    fastdino.patch(model, backend=backend)
     assert rel_err(run_hf(model, pixels), ref) <= REL_TOL[torch.bfloat16]
 
 
@@ -195,8 +213,10 @@ def test_autocast_keeps_the_original_dtypes():
     pixels = torch.randn(1, 3, 64, 64)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref = run_hf(model, pixels)
-        fastdino.patch(model)
-        out = run_hf(model, pixels)
+        fastdino.patch(model, backend=BACKENDS[0])
+        with mock.patch("fastdino.modules.fused_linear") as linear:
+            out = run_hf(model, pixels)
+    assert linear.call_count == 0  # the Linears run in autocast's dtype: the original MLP runs
     assert out.dtype == ref.dtype
     assert rel_err(out, ref) <= REL_TOL[torch.bfloat16]
 

@@ -88,15 +88,30 @@ class Mlp(nn.Module):
         return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
 
 
+class SwiGLU(nn.Module):
+    """timm.layers.SwiGLU as the DINOv3 S+/H+/7B ports use it (separate fc1_g / fc1_x, hidden aligned)."""
+
+    def __init__(self, dim, hidden, align_to=8):
+        super().__init__()
+        hidden += -hidden % align_to
+        self.fc1_g, self.fc1_x = nn.Linear(dim, hidden), nn.Linear(dim, hidden)
+        self.act, self.drop1, self.norm = nn.SiLU(), nn.Dropout(0.0), nn.Identity()
+        self.fc2, self.drop2 = nn.Linear(hidden, dim), nn.Dropout(0.0)
+
+    def forward(self, x):
+        x = self.act(self.fc1_g(x)) * self.fc1_x(x)
+        return self.drop2(self.fc2(self.norm(self.drop1(x))))
+
+
 class EvaBlock(nn.Module):
-    def __init__(self, dim, num_heads, init_values=0.5, qkv_bias=True, num_prefix_tokens=5):
+    def __init__(self, dim, num_heads, init_values=0.5, qkv_bias=True, num_prefix_tokens=5, swiglu_mlp=False):
         super().__init__()
         self.norm1 = LayerNorm(dim, eps=1e-5)
         self.attn = EvaAttention(dim, num_heads, qkv_bias, num_prefix_tokens)
         self.gamma_1 = nn.Parameter(torch.full((dim,), init_values)) if init_values is not None else None
         self.drop_path1 = nn.Identity()
         self.norm2 = LayerNorm(dim, eps=1e-5)
-        self.mlp = Mlp(dim, 4 * dim)
+        self.mlp = SwiGLU(dim, int(dim * 4 * 2 / 3)) if swiglu_mlp else Mlp(dim, 4 * dim)
         self.gamma_2 = nn.Parameter(torch.full((dim,), init_values)) if init_values is not None else None
         self.drop_path2 = nn.Identity()
 

@@ -117,9 +117,13 @@ def _input_reasons(x, weight, bias, weight2, bias2, residual, gamma) -> list[str
         x, weight, bias, weight2, bias2, residual, gamma)
 
 
+def preferred_backend(device, dtype, input_reasons=()) -> tuple[str, dict[str, list[str]]]:
+    """The first backend of PRIORITY[device] that applies, and why each one before it did not."""
+    return first_backend(PRIORITY, device, lambda b: backend_reasons(b, device, dtype), input_reasons)
+
+
 def select_backend(x, weight, bias=None, act=None, weight2=None, bias2=None, residual=None, gamma=None):
-    inputs = _input_reasons(x, weight, bias, weight2, bias2, residual, gamma)
-    return first_backend(PRIORITY, x.device, lambda b: backend_reasons(b, x.device, x.dtype), inputs)
+    return preferred_backend(x.device, x.dtype, _input_reasons(x, weight, bias, weight2, bias2, residual, gamma))
 
 
 def fused_linear(x, weight, bias=None, act=None, weight2=None, bias2=None, residual=None, gamma=None,
