@@ -9,7 +9,8 @@ from . import _ext
 from .ops._dispatch import BACKENDS, first_backend
 
 # The op modules (fastdino.ops exports functionals of the same names).
-_aln, _ra, _fl = (importlib.import_module(f"fastdino.ops.{op}") for op in ("add_layer_norm", "rope_attention", "fused_linear"))
+_aln, _ra, _fl, _msda = (importlib.import_module(f"fastdino.ops.{op}")
+                         for op in ("add_layer_norm", "rope_attention", "fused_linear", "ms_deform_attn"))
 
 # Per op, on a representative problem (C = 1024 rows, head dim 64): the priority per device, why a
 # backend cannot run, and which one runs.
@@ -17,6 +18,7 @@ _TABLE = [
     ("add_layer_norm", _aln.PRIORITY, lambda b, dev, dt: _aln.backend_reasons(b, dev, dt, 1024)),
     ("rope_attention", _ra.PRIORITY, lambda b, dev, dt: _ra.backend_reasons(b, dev, dt, 64)),
     ("fused_linear", _fl.PRIORITY, lambda b, dev, dt: _fl.backend_reasons(b, dev, dt)),
+    ("ms_deform_attn", _msda.PRIORITY, lambda b, dev, dt: _msda.backend_reasons(b, dev, dt)),
 ]
 
 

@@ -1,0 +1,76 @@
+// ms_deform_attn, C++ form: the CPU kernel here, the CUDA kernel in cuda/ms_deform_attn.cu; both
+// run ms_deform_attn_samples from the header. Output (B, Lq, heads * Dh) in value's dtype.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "ms_deform_attn.h"
+
+namespace fastdino {
+namespace {
+
+template <typename T, typename TL>
+void ms_deform_attn_rows_cpu(const at::Tensor& value, const at::Tensor& shapes, const at::Tensor& starts,
+                             const at::Tensor& loc, const at::Tensor& attw, at::Tensor& out) {
+  const int64_t B = value.size(0), S = value.size(1), Hh = value.size(2), Dh = value.size(3);
+  const int64_t Lq = loc.size(1);
+  const int L = static_cast<int>(loc.size(3)), P = static_cast<int>(loc.size(4));
+  const T* v = value.const_data_ptr<T>();
+  const TL* lp = loc.const_data_ptr<TL>();
+  const TL* ap = attw.const_data_ptr<TL>();
+  const int64_t* sp = shapes.const_data_ptr<int64_t>();
+  const int64_t* st = starts.const_data_ptr<int64_t>();
+  T* o = out.mutable_data_ptr<T>();
+  at::parallel_for(0, B * Lq, std::max<int64_t>(1, 256 / Hh), [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(Dh);
+    for (int64_t bq = begin; bq < end; ++bq) {
+      const int64_t b = bq / Lq;
+      for (int64_t h = 0; h < Hh; ++h) {
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        const int64_t qh = bq * Hh + h;
+        ms_deform_attn_samples(lp + qh * L * P * 2, ap + qh * L * P, sp, st, L, P, S, [&](int64_t row, float w) {
+          const T* src = v + ((b * S + row) * Hh + h) * Dh;
+          for (int64_t d = 0; d < Dh; ++d) acc[d] += w * static_cast<float>(src[d]);
+        });
+        for (int64_t d = 0; d < Dh; ++d) o[qh * Dh + d] = static_cast<T>(acc[d]);
+      }
+    }
+  });
+}
+
+at::Tensor ms_deform_attn_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                              const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+                              const at::Tensor& attention_weights) {
+  TORCH_CHECK(value.device().is_cpu(), "ms_deform_attn (CPU kernel): value must be on the CPU, got ", device_str(value));
+  check_ms_deform_attn_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  auto out = at::empty({value.size(0), sampling_locations.size(1), value.size(2) * value.size(3)}, value.options());
+  if (out.numel() == 0) return out;
+  const bool fp32_loc = sampling_locations.scalar_type() == at::kFloat;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_cpu", [&] {
+    if (fp32_loc) {
+      ms_deform_attn_rows_cpu<scalar_t, float>(value, spatial_shapes, level_start_index, sampling_locations,
+                                               attention_weights, out);
+    } else {
+      ms_deform_attn_rows_cpu<scalar_t, scalar_t>(value, spatial_shapes, level_start_index, sampling_locations,
+                                                  attention_weights, out);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+#ifdef FASTDINO_WITH_CUDA
+at::Tensor ms_deform_attn_cuda(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                               const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+                               const at::Tensor& attention_weights);  // cuda/ms_deform_attn.cu
+
+TORCH_LIBRARY_IMPL(fastdino, CUDA, m) { m.impl("ms_deform_attn", &ms_deform_attn_cuda); }
+#endif
+
+TORCH_LIBRARY_IMPL(fastdino, CPU, m) { m.impl("ms_deform_attn", &ms_deform_attn_cpu); }
+
+}  // namespace fastdino

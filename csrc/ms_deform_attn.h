@@ -1,0 +1,110 @@
+// ms_deform_attn: multi-scale deformable attention (Deformable DETR; the ViT-Adapter's extractors
+// and the Mask2Former pixel decoder). For every query q and head h:
+//   out[q, h, :] = sum over levels l, points p of  weight[q, h, l, p] * bilinear(value_l[h], loc[q, h, l, p])
+// with F.grid_sample's align_corners=False convention (pixel x = loc_x * W - 0.5) and zero padding:
+// each of the four corners outside the map contributes 0. This header holds the sampling math the
+// CPU and CUDA kernels share; accumulation is fp32 whatever the storage type.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/macros/Macros.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+
+#include "checks.h"
+
+namespace fastdino {
+
+// The four bilinear corners of one sample: row offsets (y * W + x) into the level and their weights;
+// a corner outside the map gets weight 0 and offset 0 (a valid address, never read for its value).
+struct Corners {
+  int64_t off[4];
+  float w[4];
+};
+
+C10_HOST_DEVICE inline Corners bilinear_corners(float loc_x, float loc_y, int64_t H, int64_t W) {
+  const float x = loc_x * static_cast<float>(W) - 0.5f;
+  const float y = loc_y * static_cast<float>(H) - 0.5f;
+  const float xf = floorf(x), yf = floorf(y);
+  const float fx = x - xf, fy = y - yf;
+  Corners c;
+  // Locations far outside [0, 1] (or NaN) give coordinates that need not fit an int: test in float.
+  const bool x_in[2] = {xf >= 0.0f && xf <= static_cast<float>(W - 1), xf + 1.0f >= 0.0f && xf + 1.0f <= static_cast<float>(W - 1)};
+  const bool y_in[2] = {yf >= 0.0f && yf <= static_cast<float>(H - 1), yf + 1.0f >= 0.0f && yf + 1.0f <= static_cast<float>(H - 1)};
+  const float wx[2] = {1.0f - fx, fx}, wy[2] = {1.0f - fy, fy};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int dy = i >> 1, dx = i & 1;
+    const bool in = y_in[dy] && x_in[dx];
+    c.w[i] = in ? wy[dy] * wx[dx] : 0.0f;
+    c.off[i] = in ? (static_cast<int64_t>(yf) + dy) * W + static_cast<int64_t>(xf) + dx : 0;
+  }
+  return c;
+}
+
+// One query-head's output: sum over levels and points of weight * bilinear sample, for channels
+// [c0, c0 + n) of the head, accumulated into acc (fp32). `load(row, c, n)` adds value rows; rows
+// outside [0, S) (shapes that disagree with value's length) are skipped, so a bad spatial_shapes
+// tensor reads nothing out of bounds without a host-side check.
+template <typename TL, typename AddRow>
+C10_HOST_DEVICE inline void ms_deform_attn_samples(const TL* loc, const TL* attw, const int64_t* shapes,
+                                                   const int64_t* starts, int L, int P, int64_t S, AddRow add_row) {
+  for (int l = 0; l < L; ++l) {
+    const int64_t H = shapes[2 * l], W = shapes[2 * l + 1], start = starts[l];
+    for (int p = 0; p < P; ++p) {
+      const int s = l * P + p;
+      const float a = static_cast<float>(attw[s]);
+      const Corners c = bilinear_corners(static_cast<float>(loc[2 * s]), static_cast<float>(loc[2 * s + 1]), H, W);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int64_t row = start + c.off[i];
+        if (c.w[i] != 0.0f && row >= 0 && row < S) add_row(row, a * c.w[i]);
+      }
+    }
+  }
+}
+
+// Argument checks shared by every backend of the C++ op; messages name the argument.
+inline void check_ms_deform_attn_args(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                                      const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+                                      const at::Tensor& attention_weights) {
+  const auto dtype = value.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+              "ms_deform_attn: value must be float32, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK(value.dim() == 4, "ms_deform_attn: value must be (B, S, heads, Dh), got shape ", shape_str(value));
+  TORCH_CHECK(value.is_contiguous(), "ms_deform_attn: value must be contiguous");
+  const int64_t B = value.size(0), Hh = value.size(2);
+  TORCH_CHECK(sampling_locations.dim() == 6 && sampling_locations.size(0) == B && sampling_locations.size(2) == Hh &&
+                  sampling_locations.size(5) == 2,
+              "ms_deform_attn: sampling_locations must be (B=", num(B), ", Lq, heads=", num(Hh), ", L, P, 2), got ",
+              shape_str(sampling_locations));
+  const int64_t Lq = sampling_locations.size(1), L = sampling_locations.size(3), P = sampling_locations.size(4);
+  TORCH_CHECK(attention_weights.dim() == 5 && attention_weights.size(0) == B && attention_weights.size(1) == Lq &&
+                  attention_weights.size(2) == Hh && attention_weights.size(3) == L && attention_weights.size(4) == P,
+              "ms_deform_attn: attention_weights must be (", num(B), ", ", num(Lq), ", ", num(Hh), ", ", num(L), ", ",
+              num(P), ") like sampling_locations, got ", shape_str(attention_weights));
+  TORCH_CHECK(spatial_shapes.dim() == 2 && spatial_shapes.size(0) == L && spatial_shapes.size(1) == 2 &&
+                  spatial_shapes.scalar_type() == at::kLong,
+              "ms_deform_attn: spatial_shapes must be int64 (L=", num(L), ", 2), got ", shape_str(spatial_shapes), " ",
+              spatial_shapes.scalar_type());
+  TORCH_CHECK(level_start_index.dim() == 1 && level_start_index.size(0) == L &&
+                  level_start_index.scalar_type() == at::kLong,
+              "ms_deform_attn: level_start_index must be int64 (L=", num(L), ",), got ", shape_str(level_start_index),
+              " ", level_start_index.scalar_type());
+  const auto ldtype = sampling_locations.scalar_type();
+  TORCH_CHECK(ldtype == at::kFloat || ldtype == dtype,
+              "ms_deform_attn: sampling_locations must be float32 or value's dtype ", dtype, ", got ", ldtype);
+  TORCH_CHECK(attention_weights.scalar_type() == ldtype, "ms_deform_attn: attention_weights has dtype ",
+              attention_weights.scalar_type(), " but sampling_locations has ", ldtype);
+  TORCH_CHECK(sampling_locations.is_contiguous() && attention_weights.is_contiguous() &&
+                  spatial_shapes.is_contiguous() && level_start_index.is_contiguous(),
+              "ms_deform_attn: sampling_locations, attention_weights, spatial_shapes and level_start_index must be "
+              "contiguous");
+  for (const auto* t : {&spatial_shapes, &level_start_index, &sampling_locations, &attention_weights}) {
+    TORCH_CHECK(t->device() == value.device(), "ms_deform_attn: every tensor must be on value's device ",
+                device_str(value), ", got one on ", device_str(*t));
+  }
+}
+
+}  // namespace fastdino

@@ -1,0 +1,172 @@
+"""ms_deform_attn: the C++ (CPU/CUDA) and Triton kernels against grid_sample in float64, with the
+tolerance rule of helpers; locations partly outside [0, 1] and exactly on borders and pixel
+centres; the (Dh, L) combinations of the real models; odd query counts."""
+
+import pytest
+import torch
+from helpers import ATOL, DEVICE, DTYPES, assert_close_to_ref, requires_cuda_ext, requires_ext
+
+from fastdino import _ext
+from fastdino.ops.ms_deform_attn import ms_deform_attn, ms_deform_attn_ref, select_backend
+
+KERNEL_BACKENDS = (["cuda" if DEVICE.type == "cuda" else "cpu"] if _ext.HAS_EXT else []) + ["triton"]
+# (Dh, level shapes): adapter extractor (one level, Dh 12 / 128), pixel decoder (3 levels, Dh 2 / 24 /
+# 128), a 4-level Deformable-DETR head; maps with odd sides and a 1-pixel-wide level.
+CASES = {
+    "adapter-dh12": (12, [(8, 6)]),
+    "adapter-dh128": (128, [(5, 7)]),
+    "decoder-dh2": (2, [(9, 7), (5, 4), (3, 2)]),
+    "decoder-dh24": (24, [(8, 8), (4, 4), (2, 2)]),
+    "decoder-dh128": (128, [(6, 5), (3, 3), (1, 2)]),
+    "detr-dh32": (32, [(7, 9), (4, 5), (2, 3), (1, 1)]),
+}
+CASES_FULL = {  # the real pixel-decoder level shapes at 512^2, batch 2
+    "decoder-512-dh24": (24, [(64, 64), (32, 32), (16, 16)]),
+    "adapter-512-dh12": (12, [(32, 32)]),
+}
+
+
+def level_tensors(shapes, device=DEVICE):
+    starts = [0]
+    for h, w in shapes[:-1]:
+        starts.append(starts[-1] + h * w)
+    return (torch.tensor(shapes, dtype=torch.int64, device=device),
+            torch.tensor(starts, dtype=torch.int64, device=device))
+
+
+def make_inputs(B, Lq, heads, Dh, shapes, P=4, dtype=torch.float32, loc_dtype=torch.float32, device=DEVICE):
+    S = sum(h * w for h, w in shapes)
+    L = len(shapes)
+    value = torch.randn(B, S, heads, Dh, device=device).to(dtype)
+    loc = torch.rand(B, Lq, heads, L, P, 2, device=device) * 1.3 - 0.15  # about 20% of corners off the map
+    # Exact borders and pixel centres/edges of every level: x in {0, 1, (k + 0.5) / W, k / W}.
+    wh = torch.tensor([[w, h] for h, w in shapes], device=device, dtype=torch.float32)  # (L, 2) as (x, y)
+    k = torch.randint(0, 4, loc.shape, device=device).float()
+    special = torch.stack([torch.zeros_like(k), torch.ones_like(k), (k + 0.5) / wh[:, None], k / wh[:, None]])
+    pick = torch.randint(0, 6, loc.shape, device=device)  # 0-3: a special value, else keep the random one
+    loc = torch.where(pick < 4, special.gather(0, pick.clamp(max=3)[None]).squeeze(0), loc)
+    weights = torch.randn(B, Lq, heads, L, P, device=device).flatten(-2).softmax(-1).view(B, Lq, heads, L, P)
+    spatial_shapes, starts = level_tensors(shapes, device)
+    return value, spatial_shapes, starts, loc.to(loc_dtype), weights.to(loc_dtype)
+
+
+def exact_and_lowp(args):
+    value, shapes, starts, loc, w = args
+    exact = ms_deform_attn_ref(value.double(), shapes, starts, loc.double(), w.double())
+    return exact, ms_deform_attn_ref(*args)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("Lq", [1, 37])
+def test_ms_deform_attn_matches_grid_sample(backend, dtype, case, Lq):
+    Dh, shapes = CASES[case]
+    heads = 3 if Dh >= 128 else 4
+    args = make_inputs(2, Lq, heads, Dh, shapes, dtype=dtype)
+    out = ms_deform_attn(*args, backend=backend)
+    assert out.shape == (2, Lq, heads * Dh) and out.dtype == dtype
+    exact, lowp = exact_and_lowp(args)
+    assert_close_to_ref(f"{backend} {case} Lq={Lq}", out, exact, lowp, ATOL[dtype])
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("case", CASES_FULL)
+def test_ms_deform_attn_full_level_shapes(backend, case):
+    if backend == "triton" and DEVICE.type == "cpu":
+        pytest.skip("the interpreter takes minutes at full size; the GPU run covers it")
+    Dh, shapes = CASES_FULL[case]
+    args = make_inputs(2, 1029, 16, Dh, shapes, dtype=torch.bfloat16 if DEVICE.type == "cuda" else torch.float32)
+    exact, lowp = exact_and_lowp(args)
+    assert_close_to_ref(case, ms_deform_attn(*args, backend=backend), exact, lowp, ATOL[args[0].dtype])
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_locations_in_the_value_dtype(backend, dtype):
+    # Locations and weights may come in value's dtype; the kernel reads them as they are.
+    args = make_inputs(1, 29, 2, 24, CASES["decoder-dh24"][1], dtype=dtype, loc_dtype=dtype)
+    exact, lowp = exact_and_lowp(args)
+    assert_close_to_ref(f"{backend} loc {dtype}", ms_deform_attn(*args, backend=backend), exact, lowp, ATOL[dtype])
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_far_and_nan_locations_contribute_nothing(backend):
+    args = list(make_inputs(1, 5, 2, 12, [(4, 4), (2, 2)]))
+    loc = args[3]
+    loc[0, 0] = 1e9  # would overflow an int pixel index
+    loc[0, 1] = -1e9
+    out = ms_deform_attn(*args, backend=backend)
+    assert torch.all(out[0, :2] == 0) and torch.isfinite(out).all()
+    torch.testing.assert_close(out, ms_deform_attn_ref(*args), atol=1e-5, rtol=1e-5)
+
+
+@requires_ext
+def test_shapes_that_disagree_with_value_read_nothing_out_of_bounds():
+    # On the device the shapes are not checked against value (that would synchronise): rows past
+    # value's end must be skipped, not read.
+    value, shapes, starts, loc, w = make_inputs(1, 7, 2, 12, [(4, 4)], device="cpu")
+    big = torch.tensor([[400, 400]], dtype=torch.int64)
+    out = torch.ops.fastdino.ms_deform_attn(value, big, starts, loc, w)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda a: a.__setitem__(0, a[0].flatten(2)), r"value must be \(B, S, heads, Dh\), got \(1, 16, 24\)"),
+        (lambda a: a.__setitem__(3, a[3][:, :, :1]), r"sampling_locations must be \(B=1, Lq, heads=2"),
+        (lambda a: a.__setitem__(4, a[4][..., :3]), r"attention_weights must be \(1, 7, 2, 1, 4\)"),
+        (lambda a: a.__setitem__(1, torch.tensor([[4, 5]])), "spatial_shapes cover 20 rows but value has S=16"),
+        (lambda a: a.__setitem__(2, torch.zeros(2, dtype=torch.int64)), r"level_start_index must be \(L=1,\)"),
+    ],
+    ids=["value", "locations", "weights", "shapes", "starts"],
+)
+def test_bad_arguments_are_named(mutate, match):
+    args = list(make_inputs(1, 7, 2, 12, [(4, 4)], device="cpu"))
+    mutate(args)
+    with pytest.raises(ValueError, match=match):
+        ms_deform_attn(*args)
+
+
+def test_kernels_refuse_bad_layouts_by_name():
+    value, shapes, starts, loc, w = make_inputs(1, 7, 2, 12, [(4, 4)], device="cpu")
+    with pytest.raises(ValueError, match="spatial_shapes is torch.int32, not torch.int64"):
+        ms_deform_attn(value, shapes.int(), starts, loc, w, backend="triton")
+    with pytest.raises(ValueError, match="value is not contiguous"):
+        ms_deform_attn(value.transpose(1, 2).contiguous().transpose(1, 2), shapes, starts, loc, w, backend="triton")
+    with pytest.raises(ValueError, match="sampling_locations is torch.float64, not float32"):
+        ms_deform_attn(value, shapes, starts, loc.double(), w.double(), backend="triton")
+    assert select_backend(value, shapes, starts, loc, w)[0] == "ref"  # CPU tensors: the reference
+
+
+@requires_ext
+def test_cpp_op_names_bad_arguments():
+    value, shapes, starts, loc, w = make_inputs(1, 7, 2, 12, [(4, 4)], device="cpu")
+    with pytest.raises(RuntimeError, match="spatial_shapes must be int64"):
+        torch.ops.fastdino.ms_deform_attn(value, shapes.int(), starts, loc, w)
+    with pytest.raises(RuntimeError, match="attention_weights has dtype Half but sampling_locations has Float"):
+        torch.ops.fastdino.ms_deform_attn(value, shapes, starts, loc, w.half())
+
+
+def test_opcheck_triton():
+    from fastdino.ops.ms_deform_attn import ms_deform_attn_triton
+
+    torch.library.opcheck(ms_deform_attn_triton, make_inputs(1, 5, 2, 12, [(4, 3), (2, 2)]))
+
+
+@requires_ext
+def test_opcheck_cpp():
+    torch.library.opcheck(torch.ops.fastdino.ms_deform_attn.default, make_inputs(1, 5, 2, 12, [(4, 3), (2, 2)]))
+
+
+@requires_cuda_ext
+def test_cuda_path_does_not_synchronise():
+    args = make_inputs(2, 97, 4, 24, CASES["decoder-dh24"][1], dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for backend in ("cuda", "triton"):
+            ms_deform_attn(*args, backend=backend)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
