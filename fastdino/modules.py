@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from .ops.add_layer_norm import add_layer_norm
 from .ops.fused_linear import fused_linear, select_backend as fused_linear_backend
+from .ops.ms_deform_attn import ms_deform_attn, preferred_backend as ms_deform_attn_preferred
 from .ops.rope_attention import rope_attention
 
 # LayerScale classes and the name of their (C,) scale parameter.
@@ -420,3 +421,100 @@ class FusedEvaBlock:
         h = self.attn(self.norm1(x), rope=rope, attn_mask=attn_mask, is_causal=is_causal)
         y, z = residual_layer_norm(x, h, self.gamma_1, self.norm2, self._fastdino_backend)
         return mlp_residual(self.mlp, z, y, self.gamma_2)
+
+
+def ms_deform_attn_reasons(module: nn.Module) -> list[str]:
+    """dinov3's MSDeformAttn and transformers' Mask2Former pixel-decoder deformable attention."""
+    reasons = children_reasons(module, ("sampling_offsets", "attention_weights", "value_proj", "output_proj",
+                                         "n_heads", "n_levels", "n_points"))
+    if reasons:
+        return reasons
+    reasons = _linear_reasons(module, ("sampling_offsets", "attention_weights", "value_proj", "output_proj"))
+    if not reasons and module.value_proj.out_features % module.n_heads:
+        reasons.append(f"value_proj width {module.value_proj.out_features} does not split into {module.n_heads} heads")
+    return reasons
+
+
+def _sampling_locations(reference_points: Tensor, offsets: Tensor, normalizer: Tensor, n_points: int) -> Tensor:
+    """Deformable DETR's sampling locations (B, Lq, heads, L, P, 2) from reference points
+    (B, Lq, L, 2) plus offsets scaled by each level's (W, H), or from boxes (B, Lq, L, 4)."""
+    if reference_points.shape[-1] == 2:
+        return reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+    if reference_points.shape[-1] == 4:
+        return (reference_points[:, :, None, :, None, :2]
+                + offsets / n_points * reference_points[:, :, None, :, None, 2:] * 0.5)
+    raise ValueError(f"Last dim of reference_points must be 2 or 4, but got {reference_points.shape[-1]}")
+
+
+class _FusedMSDeformAttn:
+    """The deformable-attention modules' projections and location arithmetic as they are, with the
+    grid_sample core replaced by ms_deform_attn. The original forward runs where ms_deform_attn
+    would pick its reference (CPU tensors by default, inputs that require grad)."""
+
+    def _fastdino_runs(self, x: Tensor) -> bool:
+        if self._fastdino_backend is not None:
+            return self._fastdino_backend != "ref"
+        if torch.is_grad_enabled() and (x.requires_grad or self.value_proj.weight.requires_grad):
+            return False
+        return ms_deform_attn_preferred(x.device, x.dtype)[0] != "ref"
+
+    def _fastdino_core(self, query, value_input, reference_points, shapes, normalizer, level_start_index,
+                       padding_mask, fp32):
+        """(output, softmaxed attention weights) as the module computes them."""
+        B, Lq, _ = query.shape
+        S = value_input.shape[1]
+        H, L, P = self.n_heads, self.n_levels, self.n_points
+        value = self.value_proj(value_input)
+        if padding_mask is not None:
+            value = value.masked_fill(padding_mask[..., None], float(0))
+        value = value.view(B, S, H, -1)
+        offsets = self.sampling_offsets(query).view(B, Lq, H, L, P, 2)
+        weights = self.attention_weights(query).view(B, Lq, H, L * P).softmax(-1).view(B, Lq, H, L, P)
+        loc = _sampling_locations(reference_points, offsets, normalizer, P)
+        if fp32:  # what the original's custom_fwd(cast_inputs=torch.float32) does under autocast
+            value, loc, weights = value.float(), loc.float(), weights.float()
+        # A pinned backend must run (or raise); otherwise dispatch may still take the reference.
+        out = ms_deform_attn(value, shapes, level_start_index, loc.contiguous(), weights, backend=self._fastdino_backend)
+        return self.output_proj(out), weights
+
+
+def _level_tensors(module: nn.Module, shapes_list, device) -> Tensor:
+    """The int64 (L, 2) tensor of a list of (H, W), kept per list and device, so that only the
+    first forward copies it to the device."""
+    key = (tuple(tuple(int(v) for v in s) for s in shapes_list), device)
+    cache = module.__dict__.setdefault("_fastdino_level_cache", {})
+    if key not in cache:
+        if len(cache) >= 8:
+            cache.pop(next(iter(cache)))
+        cache[key] = torch.tensor(key[0], dtype=torch.int64, device=device)
+    return cache[key]
+
+
+class FusedMSDeformAttn(_FusedMSDeformAttn):
+    """dinov3's MSDeformAttn (ViT-Adapter extractors, Mask2Former pixel decoder)."""
+
+    def forward(self, query, reference_points, input_flatten, input_spatial_shapes, input_level_start_index,
+                input_padding_mask=None):
+        if not self._fastdino_runs(query):
+            return super().forward(query, reference_points, input_flatten, input_spatial_shapes,
+                                   input_level_start_index, input_padding_mask)
+        fp32 = torch.is_autocast_enabled("cuda") and query.is_cuda
+        normalizer = input_spatial_shapes.flip(-1)  # (W, H) per level
+        return self._fastdino_core(query, input_flatten, reference_points, input_spatial_shapes, normalizer,
+                                   input_level_start_index, input_padding_mask, fp32)[0]
+
+
+class FusedMask2FormerPixelDecoderEncoderMultiscaleDeformableAttention(_FusedMSDeformAttn):
+    """transformers' Mask2Former pixel-decoder deformable attention; returns (output, weights)."""
+
+    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                position_embeddings=None, reference_points=None, spatial_shapes_list=None, level_start_index=None,
+                output_attentions=False):
+        if not self._fastdino_runs(hidden_states):
+            return super().forward(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
+                                   position_embeddings, reference_points, spatial_shapes_list, level_start_index,
+                                   output_attentions)
+        query = hidden_states if position_embeddings is None else hidden_states + position_embeddings
+        shapes = _level_tensors(self, spatial_shapes_list, query.device)
+        return self._fastdino_core(query, encoder_hidden_states, reference_points, shapes, shapes.flip(-1),
+                                   level_start_index, attention_mask, False)

@@ -10,6 +10,7 @@ from . import _ext, modules
 from .ops._dispatch import BACKENDS
 from .ops.add_layer_norm import preferred_backend as aln_preferred
 from .ops.fused_linear import preferred_backend as linear_preferred
+from .ops.ms_deform_attn import preferred_backend as msda_preferred
 from .ops.rope_attention import preferred_backend as attn_preferred
 
 
@@ -45,6 +46,11 @@ def _mlp_backend(linear):
         return linear_preferred(w.device, w.dtype)[0]
 
     return backend
+
+
+def _msda_backend(module):
+    w = module.value_proj.weight
+    return msda_preferred(w.device, w.dtype)[0]
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,11 @@ RULES = (
     Rule("EvaBlock", modules.FusedEvaBlock, modules.eva_block_reasons, _seam_backend("norm2")),
     Rule("EvaAttention", modules.FusedEvaAttention, modules.eva_attention_reasons,
          _attention_backend("qkv", lambda m: m.head_dim)),
+    # multi-scale deformable attention: dinov3's ViT-Adapter / pixel decoder, transformers' Mask2Former
+    Rule("MSDeformAttn", modules.FusedMSDeformAttn, modules.ms_deform_attn_reasons, _msda_backend),
+    Rule("Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention",
+         modules.FusedMask2FormerPixelDecoderEncoderMultiscaleDeformableAttention, modules.ms_deform_attn_reasons,
+         _msda_backend),
     Rule("SwiGLU", modules.FusedSwiGLU,
          modules.mlp_reasons(("fc1_g", "fc1_x", "fc2"), "act", modules.is_silu, "SiLU", identity=("norm",)),
          _mlp_backend("fc1_g")),
@@ -182,5 +193,6 @@ def unpatch(model: nn.Module) -> int:
             module.__class__ = original
             del module._fastdino_backend
             module.__dict__.pop("_fastdino_rope_cache", None)
+            module.__dict__.pop("_fastdino_level_cache", None)
             restored += 1
     return restored

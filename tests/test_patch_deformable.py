@@ -1,0 +1,156 @@
+"""fastdino.patch on multi-scale deformable attention: modules following dinov3's MSDeformAttn
+(pixel-decoder encoder layers and an adapter extractor's single-level form) and tiny random-init
+transformers Mask2Former models. Patched outputs match, state_dict is untouched, unpatch restores."""
+
+from unittest import mock
+
+import pytest
+import torch
+from dinov3_seg_official import MSDeformAttn, MSDeformAttnTransformerEncoderLayer, reference_points
+from helpers import DEVICE
+from test_patch import BACKENDS, rel_err
+
+import fastdino
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("scipy")  # Mask2FormerForUniversalSegmentation builds its matcher with it
+
+DECODER_SHAPES = [(8, 6), (4, 3), (2, 2)]  # 1/8, 1/16, 1/32 of a 64x48 input
+
+
+class EncoderStack(torch.nn.Module):
+    """Two pixel-decoder encoder layers over three levels, as MSDeformAttnPixelDecoder runs them."""
+
+    def __init__(self, d_model=64, heads=4):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(MSDeformAttnTransformerEncoderLayer(d_model, 128, 3, heads) for _ in range(2))
+
+    def forward(self, src, pos, shapes, starts):
+        ref = reference_points(shapes.tolist(), src.shape[0], src.device)
+        for layer in self.layers:
+            src = layer(src, pos, ref, shapes, starts)
+        return src
+
+
+def level_tensors(shapes):
+    starts = torch.tensor([0] + [h * w for h, w in shapes[:-1]]).cumsum(0)
+    return torch.tensor(shapes, device=DEVICE), starts.to(DEVICE)
+
+
+def random_offsets(module, scale=2.0):
+    # Zero-initialised offsets would sample exactly at the reference points: spread them out.
+    with torch.no_grad():
+        module.sampling_offsets.weight.normal_(0, 0.5)
+        module.sampling_offsets.bias.uniform_(-scale, scale)
+        module.attention_weights.weight.normal_(0, 0.5)
+
+
+def official_decoder():
+    torch.manual_seed(0)
+    model = EncoderStack().to(DEVICE).eval()
+    for m in model.modules():
+        if isinstance(m, MSDeformAttn):
+            random_offsets(m)
+    shapes, starts = level_tensors(DECODER_SHAPES)
+    S = sum(h * w for h, w in DECODER_SHAPES)
+    src, pos = torch.randn(2, S, 64, device=DEVICE), torch.randn(2, S, 64, device=DEVICE)
+    return model, lambda: model(src, pos, shapes, starts)
+
+
+def official_extractor():
+    # The adapter's Extractor: queries are the 21n SPM tokens, values the ViT's single 1/16 level;
+    # ratio 0.5 and 16 heads give Dh = D / 32 (12 for ViT-S).
+    torch.manual_seed(0)
+    attn = MSDeformAttn(d_model=384, n_levels=1, n_heads=16, n_points=4, ratio=0.5).to(DEVICE).eval()
+    random_offsets(attn)
+    shapes, starts = level_tensors([(4, 3)])
+    query = torch.randn(2, 21 * 3, 384, device=DEVICE)
+    feat = torch.randn(2, 12, 384, device=DEVICE)
+    ref = torch.rand(2, 21 * 3, 1, 2, device=DEVICE)
+    return attn, lambda: attn(query, ref, feat, shapes, starts)
+
+
+def hf_mask2former(backbone="swin"):
+    torch.manual_seed(0)
+    if backbone == "swin":
+        bc = transformers.SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1],
+                                     num_heads=[1, 1, 2, 2], window_size=4,
+                                     out_features=["stage1", "stage2", "stage3", "stage4"])
+    else:
+        bc = transformers.DINOv3ViTConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                          num_attention_heads=4, num_register_tokens=4, out_indices=[1, 2, 3, 4],
+                                          reshape_hidden_states=True)
+    cfg = transformers.Mask2FormerConfig(backbone_config=bc, feature_size=32, mask_feature_size=32, hidden_dim=32,
+                                         encoder_feedforward_dim=64, dim_feedforward=64, encoder_layers=2,
+                                         decoder_layers=3, num_attention_heads=4, num_queries=10, num_labels=5)
+    model = transformers.Mask2FormerForUniversalSegmentation(cfg).to(DEVICE).eval()
+    for m in model.modules():
+        if type(m).__name__ == "Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention":
+            random_offsets(m, scale=1.0)
+    pixels = torch.randn(2, 3, 64, 64, device=DEVICE)
+
+    def run():
+        out = model(pixel_values=pixels, output_auxiliary_logits=True)
+        aux = [t for a in out.auxiliary_logits for t in a.values()]
+        assert aux  # the intermediate predictions must match too
+        return torch.cat([t.flatten() for t in (out.pixel_decoder_last_hidden_state, out.class_queries_logits,
+                                                out.masks_queries_logits, *aux)])
+
+    return model, run
+
+
+# name: (build, fused class, swapped modules)
+MODELS = {
+    "official-pixel-decoder": (official_decoder, "FusedMSDeformAttn", 2),
+    "official-extractor": (official_extractor, "FusedMSDeformAttn", 1),
+    "hf-mask2former-swin": (hf_mask2former, "FusedMask2FormerPixelDecoderEncoderMultiscaleDeformableAttention", 2),
+    "hf-mask2former-dinov3": (lambda: hf_mask2former("dinov3"),
+                              "FusedMask2FormerPixelDecoderEncoderMultiscaleDeformableAttention", 2),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", MODELS)
+def test_patched_deformable_attention_matches_original(name, backend):
+    build, fused, count = MODELS[name]
+    model, run = build()
+    with torch.no_grad():
+        ref = run()
+    keys = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    report = fastdino.patch(model, backend=backend)
+    swapped = [s for s in report.swapped if s.fused == fused]
+    assert len(swapped) == count and all(s.backend == backend for s in swapped)
+    assert {k: v.data_ptr() for k, v in model.state_dict().items()} == keys
+    with torch.no_grad(), mock.patch("fastdino.modules.ms_deform_attn", wraps=fastdino.modules.ms_deform_attn) as op:
+        out = run()
+    # every swapped module runs the op once per forward (the reference path too, when pinned)
+    assert op.call_count == (0 if backend == "ref" else count)
+    assert rel_err(out, ref) <= 1e-5, rel_err(out, ref)
+    assert fastdino.unpatch(model) == len(report.swapped)
+    with torch.no_grad():
+        torch.testing.assert_close(run(), ref, atol=0, rtol=0)
+
+
+def test_cpu_default_runs_the_original_forward():
+    model, run = official_decoder()
+    report = fastdino.patch(model)
+    assert all(s.backend == "ref" for s in report.swapped if s.fused == "FusedMSDeformAttn")
+    with torch.no_grad(), mock.patch("fastdino.modules.ms_deform_attn") as op:
+        run()
+    assert op.call_count == 0
+
+
+def test_training_with_grad_runs_the_original_and_gradients_flow():
+    model, run = official_extractor()
+    fastdino.patch(model)
+    model.train()
+    with mock.patch("fastdino.modules.ms_deform_attn") as op:
+        run().sum().backward()
+    assert op.call_count == 0 and model.sampling_offsets.weight.grad is not None
+
+
+def test_unsupported_deformable_attention_is_left_alone_with_a_reason():
+    model = MSDeformAttn(d_model=64, n_heads=4)
+    model.value_proj = torch.nn.Linear(64, 30)
+    report = fastdino.patch(model)
+    assert report.swapped == [] and report.skipped[0].reasons == ["value_proj width 30 does not split into 4 heads"]
