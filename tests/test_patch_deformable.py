@@ -11,6 +11,7 @@ from helpers import DEVICE
 from test_patch import BACKENDS, rel_err
 
 import fastdino
+from fastdino import _ext
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("scipy")  # Mask2FormerForUniversalSegmentation builds its matcher with it
@@ -131,13 +132,16 @@ def test_patched_deformable_attention_matches_original(name, backend):
         torch.testing.assert_close(run(), ref, atol=0, rtol=0)
 
 
-def test_cpu_default_runs_the_original_forward():
+def test_default_dispatch_on_cpu_runs_the_cpp_kernel_where_built():
     model, run = official_decoder()
+    with torch.no_grad():
+        ref = run()
     report = fastdino.patch(model)
-    assert all(s.backend == "ref" for s in report.swapped if s.fused == "FusedMSDeformAttn")
-    with torch.no_grad(), mock.patch("fastdino.modules.ms_deform_attn") as op:
-        run()
-    assert op.call_count == 0
+    expected = "cpu" if _ext.HAS_EXT else "ref"  # the C++ CPU kernel measured faster than grid_sample
+    assert [s.backend for s in report.swapped if s.fused == "FusedMSDeformAttn"] == [expected] * 2
+    with torch.no_grad(), mock.patch("fastdino.modules.ms_deform_attn", wraps=fastdino.modules.ms_deform_attn) as op:
+        out = run()
+    assert op.call_count == (2 if _ext.HAS_EXT else 0) and rel_err(out, ref) <= 1e-5
 
 
 def test_training_with_grad_runs_the_original_and_gradients_flow():

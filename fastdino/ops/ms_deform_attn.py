@@ -15,10 +15,13 @@ so a patched decoder can be captured in a CUDA graph.
 
 Backends: ``cuda`` and ``cpu`` (fastdino._C, csrc/ms_deform_attn.*: one thread per query, head
 and channel pack, vector loads, no atomics), ``triton`` (kernels/ms_deform_attn.py: one program
-per block of queries of one head), ``ref`` (grid_sample per level, in fp32). Neither GPU kernel
-has been timed yet, so on CUDA tensors the priority (cuda, triton, ref) follows the design: the
-C++ kernel's packed loads against the Triton kernel's masked head-wide tiles. On CPU tensors the
-reference runs unless a backend is pinned. Forward only: with grad the reference runs.
+per block of queries of one head), ``ref`` (grid_sample per level, in fp32). On CPU tensors the
+C++ kernel runs first: it measured 1.5-4.7x faster than the grid_sample reference at the real
+ViT-S shapes, fp32, 2 threads (pixel decoder at 512^2, Dh 24: 66 vs 175 ms; Dh 128: 188 vs
+894 ms; adapter extractor, Dh 12: 14 vs 22 ms). Neither GPU kernel has been timed yet, so on
+CUDA tensors the priority (cuda, triton, ref) follows the design: the C++ kernel's packed loads
+against the Triton kernel's masked head-wide tiles. benchmarks/bench_ms_deform_attn.py measures
+both. Forward only: with grad the reference runs.
 """
 
 from typing import Optional, Sequence, Union
@@ -31,7 +34,7 @@ from .. import _ext
 from ..kernels.ms_deform_attn import ms_deform_attn_fwd
 from ._dispatch import BACKENDS, first_backend, kernel_reasons, requires_grad, resolve_backend
 
-PRIORITY = {"cuda": ("cuda", "triton", "ref"), "cpu": ("ref",)}  # see the module docstring
+PRIORITY = {"cuda": ("cuda", "triton", "ref"), "cpu": ("cpu", "ref")}  # see the module docstring
 
 Shapes = Union[Tensor, Sequence[Sequence[int]]]
 
