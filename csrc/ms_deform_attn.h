@@ -30,8 +30,9 @@ C10_HOST_DEVICE inline Corners bilinear_corners(float loc_x, float loc_y, int64_
   const float fx = x - xf, fy = y - yf;
   Corners c;
   // Locations far outside [0, 1] (or NaN) give coordinates that need not fit an int: test in float.
-  const bool x_in[2] = {xf >= 0.0f && xf <= static_cast<float>(W - 1), xf + 1.0f >= 0.0f && xf + 1.0f <= static_cast<float>(W - 1)};
-  const bool y_in[2] = {yf >= 0.0f && yf <= static_cast<float>(H - 1), yf + 1.0f >= 0.0f && yf + 1.0f <= static_cast<float>(H - 1)};
+  const float x_max = static_cast<float>(W - 1), y_max = static_cast<float>(H - 1);
+  const bool x_in[2] = {xf >= 0.0f && xf <= x_max, xf + 1.0f >= 0.0f && xf + 1.0f <= x_max};
+  const bool y_in[2] = {yf >= 0.0f && yf <= y_max, yf + 1.0f >= 0.0f && yf + 1.0f <= y_max};
   const float wx[2] = {1.0f - fx, fx}, wy[2] = {1.0f - fy, fy};
 #pragma unroll
   for (int i = 0; i < 4; ++i) {

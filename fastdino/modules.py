@@ -155,13 +155,11 @@ class _FusedMlp:
         backend = self._fastdino_backend_for(x)
         if backend is None:
             return None
+        gamma = _layer_scale_gamma(layer_scale)
+        if residual is not None and (residual.dtype != x.dtype or (gamma is not None and gamma.dtype != x.dtype)):
+            return None  # promotion in the unfused add: leave it to the original ops
         w, b, act, w2, b2, out = self._fastdino_parts()
         h = fused_linear(x, w, b, act, w2, b2, backend=backend)
-        if residual is None:
-            return fused_linear(h, out.weight, out.bias, backend=backend)
-        gamma = _layer_scale_gamma(layer_scale)
-        if residual.dtype != x.dtype or (gamma is not None and gamma.dtype != x.dtype):
-            return None  # promotion in the unfused add: leave it to the original ops
         return fused_linear(h, out.weight, out.bias, residual=residual, gamma=gamma, backend=backend)
 
     def forward(self, x):
@@ -318,12 +316,13 @@ class FusedDINOv3ViTAttention:
         return self.o_proj(out.reshape(B, N, -1)), None
 
 
-class _RopeCache:
-    """Keeps the (sin/cos) tables of the last few grid sizes, so that a forward computes them once
-    and blocks that call the RoPE module again (dinov3's get_intermediate_layers) reuse them.
+class _ForwardCache:
+    """Keeps a few small tensors a module derives from its inputs' sizes, so that a forward
+    computes them once: RoPE tables per grid size (blocks that call the RoPE module again, as
+    dinov3's get_intermediate_layers does, reuse them), level-shape tensors per pyramid.
 
-    Only in eval mode (training augments the coordinates at random) and outside torch.compile
-    (which fuses the table computation anyway). The key holds the frequency buffer's storage and
+    Only in eval mode (training augments RoPE coordinates at random) and outside torch.compile
+    (which fuses the computation anyway). Keys that depend on a buffer hold its storage and
     version counter: load_state_dict, .to() or an in-place edit of it invalidates the entries.
     """
 
@@ -332,7 +331,7 @@ class _RopeCache:
     def _cached(self, key, compute):
         if self.training or torch.compiler.is_compiling():
             return compute()
-        cache = self.__dict__.setdefault("_fastdino_rope_cache", {})
+        cache = self.__dict__.setdefault("_fastdino_cache", {})
         if key not in cache:
             if len(cache) >= self._MAX_ENTRIES:
                 cache.pop(next(iter(cache)))
@@ -344,14 +343,14 @@ def _buffer_key(t: Tensor) -> tuple:
     return (t.device, t.dtype, t.data_ptr(), t._version)
 
 
-class CachedRopePositionEmbedding(_RopeCache):
+class CachedRopePositionEmbedding(_ForwardCache):
     """dinov3's RopePositionEmbedding with its (sin, cos) cached per (H, W) and periods buffer."""
 
     def forward(self, *, H, W):
         return self._cached((H, W, *_buffer_key(self.periods)), lambda: super(CachedRopePositionEmbedding, self).forward(H=H, W=W))
 
 
-class CachedDINOv3ViTRopePositionEmbedding(_RopeCache):
+class CachedDINOv3ViTRopePositionEmbedding(_ForwardCache):
     """transformers' DINOv3ViTRopePositionEmbedding with its (cos, sin) cached per input size/dtype."""
 
     def forward(self, pixel_values):
@@ -446,10 +445,10 @@ def _sampling_locations(reference_points: Tensor, offsets: Tensor, normalizer: T
     raise ValueError(f"Last dim of reference_points must be 2 or 4, but got {reference_points.shape[-1]}")
 
 
-class _FusedMSDeformAttn:
+class _FusedMSDeformAttn(_ForwardCache):
     """The deformable-attention modules' projections and location arithmetic as they are, with the
     grid_sample core replaced by ms_deform_attn. The original forward runs where ms_deform_attn
-    would pick its reference (CPU tensors by default, inputs that require grad)."""
+    would pick its reference (inputs that require grad, or no kernel for the device)."""
 
     def _fastdino_runs(self, x: Tensor) -> bool:
         if self._fastdino_backend is not None:
@@ -478,18 +477,6 @@ class _FusedMSDeformAttn:
         return self.output_proj(out), weights
 
 
-def _level_tensors(module: nn.Module, shapes_list, device) -> Tensor:
-    """The int64 (L, 2) tensor of a list of (H, W), kept per list and device, so that only the
-    first forward copies it to the device."""
-    key = (tuple(tuple(int(v) for v in s) for s in shapes_list), device)
-    cache = module.__dict__.setdefault("_fastdino_level_cache", {})
-    if key not in cache:
-        if len(cache) >= 8:
-            cache.pop(next(iter(cache)))
-        cache[key] = torch.tensor(key[0], dtype=torch.int64, device=device)
-    return cache[key]
-
-
 class FusedMSDeformAttn(_FusedMSDeformAttn):
     """dinov3's MSDeformAttn (ViT-Adapter extractors, Mask2Former pixel decoder)."""
 
@@ -515,6 +502,13 @@ class FusedMask2FormerPixelDecoderEncoderMultiscaleDeformableAttention(_FusedMSD
                                    position_embeddings, reference_points, spatial_shapes_list, level_start_index,
                                    output_attentions)
         query = hidden_states if position_embeddings is None else hidden_states + position_embeddings
-        shapes = _level_tensors(self, spatial_shapes_list, query.device)
-        return self._fastdino_core(query, encoder_hidden_states, reference_points, shapes, shapes.flip(-1),
+        # The (L, 2) shapes and (W, H) normaliser on the device, copied there once per pyramid.
+        key = (tuple(tuple(int(v) for v in s) for s in spatial_shapes_list), query.device)
+        shapes, normalizer = self._cached(key, lambda: _level_tensors(key[0], query.device))
+        return self._fastdino_core(query, encoder_hidden_states, reference_points, shapes, normalizer,
                                    level_start_index, attention_mask, False)
+
+
+def _level_tensors(shapes_list, device) -> tuple[Tensor, Tensor]:
+    shapes = torch.tensor(shapes_list, dtype=torch.int64, device=device)
+    return shapes, shapes.flip(-1)

@@ -192,7 +192,6 @@ def unpatch(model: nn.Module) -> int:
         if original is not None:
             module.__class__ = original
             del module._fastdino_backend
-            module.__dict__.pop("_fastdino_rope_cache", None)
-            module.__dict__.pop("_fastdino_level_cache", None)
+            module.__dict__.pop("_fastdino_cache", None)
             restored += 1
     return restored

@@ -111,9 +111,9 @@ def _check_args(value, spatial_shapes, level_start_index, sampling_locations, at
     if isinstance(spatial_shapes, Tensor):
         if tuple(spatial_shapes.shape) != (L, 2):
             raise ValueError(f"ms_deform_attn: spatial_shapes must be (L={L}, 2), got {tuple(spatial_shapes.shape)}")
-        if spatial_shapes.device.type == "cpu" and int((spatial_shapes[:, 0] * spatial_shapes[:, 1]).sum()) != S:
-            raise ValueError(f"ms_deform_attn: spatial_shapes cover {int((spatial_shapes[:, 0] * spatial_shapes[:, 1]).sum())} "
-                             f"rows but value has S={S}")
+        covered = int(spatial_shapes.prod(-1).sum()) if spatial_shapes.device.type == "cpu" else S  # no device sync
+        if covered != S:
+            raise ValueError(f"ms_deform_attn: spatial_shapes cover {covered} rows but value has S={S}")
     if level_start_index is not None and tuple(level_start_index.shape) != (L,):
         raise ValueError(f"ms_deform_attn: level_start_index must be (L={L},), got {tuple(level_start_index.shape)}")
     for name, t in (("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index),
