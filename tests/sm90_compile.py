@@ -15,9 +15,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fastdino.kernels import add_layer_norm, fused_linear, ms_deform_attn, rope_attention
+from fastdino.kernels import add_layer_norm, fused_linear, masked_attention, ms_deform_attn, rope_attention
 
-MODULES = [add_layer_norm, rope_attention, fused_linear, ms_deform_attn]
+MODULES = [add_layer_norm, rope_attention, fused_linear, ms_deform_attn, masked_attention]
 SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (checked only at launch)
 
 

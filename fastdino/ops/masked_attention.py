@@ -1,0 +1,150 @@
+"""masked_attention: Mask2Former's masked cross-attention with the mask read from the mask logits.
+
+    out = softmax(q k^T * scale, keys blocked by the mask) v      q, out: (B, Lq, H, D); k, v: (B, Lk, H, D)
+
+mask_logits (B, Lq, Lk) are the predicted mask logits of the previous decoder layer at this
+level's resolution, one mask for every head. A key is blocked for a query where sigmoid(logit),
+in the logits' dtype, is below 0.5, and a query whose every key is blocked attends to all keys:
+exactly what dinov3's MultiScaleMaskedTransformerDecoder and transformers'
+Mask2FormerMaskedAttentionDecoder build as a (B * heads, Q, HW) boolean mask before
+nn.MultiheadAttention, without that mask. Without mask_logits it is plain attention (the
+decoder's self-attention over the queries). Token-major q, k, v with any strides, so the
+projections' outputs are read in place; any head dim up to 128 (2, 24, 32 occur).
+
+Backends: ``triton`` (kernels/masked_attention.py: flash-style, the logits tile loaded next to each
+key block), ``cuda`` and ``cpu`` (fastdino._C, csrc/masked_attention.*: one warp per query row on
+the GPU, its 32 lanes scoring 32 keys at a time and skipping the value rows of blocked keys; a
+row loop on the CPU), ``ref`` (the models' own mask construction, then SDPA). On CUDA tensors the
+priority (triton, cuda, ref) follows the design: the Triton kernel runs its products on tensor
+cores, the C++ kernel on CUDA cores; neither is timed yet (benchmarks/bench_masked_attention.py).
+On CPU tensors the C++ kernel runs first (no (B*heads, Q, HW) mask, no score matrix). Forward
+only: with grad the reference runs.
+"""
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import _ext
+from ..kernels.masked_attention import MAX_HEAD_DIM, masked_attention_fwd
+from ._dispatch import BACKENDS, first_backend, kernel_reasons, requires_grad, resolve_backend
+
+PRIORITY = {"cuda": ("triton", "cuda", "ref"), "cpu": ("cpu", "ref")}  # see the module docstring
+
+
+def blocked_keys(mask_logits: Tensor) -> Tensor:
+    """The decoders' boolean mask, (B, Lq, Lk), True = blocked: sigmoid < 0.5, all-blocked rows lifted."""
+    blocked = mask_logits.sigmoid() < 0.5
+    return blocked & ~blocked.all(-1, keepdim=True)
+
+
+def masked_attention_ref(q: Tensor, k: Tensor, v: Tensor, mask_logits: Optional[Tensor] = None,
+                         scale: Optional[float] = None) -> Tensor:
+    """Reference (and fallback): the models' mask construction, then F.scaled_dot_product_attention
+    in q's dtype. Returns (B, Lq, H, D)."""
+    mask = None if mask_logits is None else ~blocked_keys(mask_logits)[:, None]  # True = attend
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                         scale=scale)
+    return out.transpose(1, 2)
+
+
+@torch.library.custom_op("fastdino::masked_attention_triton", mutates_args=())
+def masked_attention_triton(q: Tensor, k: Tensor, v: Tensor, mask_logits: Optional[Tensor], scale: float) -> Tensor:
+    _check_args(q, k, v, mask_logits)
+    errors = _layout_reasons(q, k, v, mask_logits) + _ext.dtype_reasons(q.dtype) + _head_dim_reasons(q.shape[-1])
+    if errors:
+        raise ValueError(f"masked_attention (Triton kernel): {'; '.join(errors)}")
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    masked_attention_fwd(q, k, v, mask_logits, scale, out, interpret=_ext.INTERPRET)
+    return out
+
+
+def _fake(q, k, v, mask_logits, scale):
+    return q.new_empty(q.shape)
+
+
+masked_attention_triton.register_fake(_fake)
+if _ext.HAS_EXT:
+    torch.library.register_fake("fastdino::masked_attention")(_fake)
+
+
+def _head_dim_reasons(D: int) -> list[str]:
+    return [] if 1 <= D <= MAX_HEAD_DIM else [f"head dim {D} is not in 1..{MAX_HEAD_DIM}"]
+
+
+def backend_reasons(backend: str, device: torch.device, dtype: torch.dtype, D: int) -> list[str]:
+    """Why `backend` cannot run masked_attention with head dim D of `dtype` on `device`."""
+    reasons = kernel_reasons("masked_attention", backend, device, dtype)
+    return reasons + _head_dim_reasons(D) if backend != "ref" else reasons
+
+
+def _layout_reasons(q, k, v, mask_logits) -> list[str]:
+    """What the kernels need: one dtype for q, k, v; unit stride along the head dim and the keys."""
+    reasons = [f"{n} has dtype {t.dtype} != q.dtype" for n, t in (("k", k), ("v", v)) if t.dtype != q.dtype]
+    reasons += [f"{n} has stride {t.stride(-1)} along the head dim (needs 1)"
+                for n, t in (("q", q), ("k", k), ("v", v)) if t.stride(-1) != 1]
+    if mask_logits is not None:
+        if mask_logits.dtype not in (torch.float32, q.dtype):
+            reasons.append(f"mask_logits has dtype {mask_logits.dtype}, not float32 or q's {q.dtype}")
+        if mask_logits.stride(-1) != 1 and mask_logits.shape[-1] > 1:
+            reasons.append(f"mask_logits has stride {mask_logits.stride(-1)} along the keys (needs 1)")
+    return reasons
+
+
+def _input_reasons(q, k, v, mask_logits) -> list[str]:
+    return _layout_reasons(q, k, v, mask_logits) + requires_grad(q, k, v)
+
+
+def _check_args(q, k, v, mask_logits):
+    """Shape and device errors every backend shares (ValueError naming the argument)."""
+    if q.dim() != 4:
+        raise ValueError(f"masked_attention: q must be (B, Lq, H, D), got shape {tuple(q.shape)}")
+    B, Lq, H, D = q.shape
+    if k.dim() != 4 or (k.shape[0], k.shape[2], k.shape[3]) != (B, H, D):
+        raise ValueError(f"masked_attention: k must be (B={B}, Lk, H={H}, D={D}), got shape {tuple(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"masked_attention: v has shape {tuple(v.shape)} but k has {tuple(k.shape)}")
+    if k.shape[1] == 0:
+        raise ValueError("masked_attention: k and v have no keys (Lk = 0)")
+    if mask_logits is not None and tuple(mask_logits.shape) != (B, Lq, k.shape[1]):
+        raise ValueError(f"masked_attention: mask_logits must be (B={B}, Lq={Lq}, Lk={k.shape[1]}), "
+                         f"got shape {tuple(mask_logits.shape)}")
+    for name, t in (("k", k), ("v", v), ("mask_logits", mask_logits)):
+        if t is not None and t.device != q.device:
+            raise ValueError(f"masked_attention: {name} is on {t.device} but q is on {q.device}")
+
+
+def preferred_backend(device, dtype, D, input_reasons=()) -> tuple[str, dict[str, list[str]]]:
+    """The first backend of PRIORITY[device] that applies, and why each one before it did not."""
+    return first_backend(PRIORITY, device, lambda b: backend_reasons(b, device, dtype, D), input_reasons)
+
+
+def select_backend(q, k, v, mask_logits=None) -> tuple[str, dict[str, list[str]]]:
+    return preferred_backend(q.device, q.dtype, q.shape[-1], _input_reasons(q, k, v, mask_logits))
+
+
+def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask_logits: Optional[Tensor] = None,
+                     scale: Optional[float] = None, backend: Optional[str] = None) -> Tensor:
+    """Attention of (B, Lq, H, D) queries over (B, Lk, H, D) keys/values, keys blocked by the
+    (B, Lq, Lk) mask logits as Mask2Former's decoder blocks them; equivalent to `masked_attention_ref`.
+
+    Returns (B, Lq, H, D). `scale` defaults to D**-0.5. `backend` pins one backend (ValueError
+    with the reasons if it cannot run).
+    """
+    _check_args(q, k, v, mask_logits)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    backend = resolve_backend(
+        "masked_attention", backend, lambda: select_backend(q, k, v, mask_logits),
+        lambda: backend_reasons(backend, q.device, q.dtype, q.shape[-1]) + _input_reasons(q, k, v, mask_logits),
+    )
+    if backend == "ref":
+        return masked_attention_ref(q, k, v, mask_logits, scale)
+    if backend == "triton":
+        return masked_attention_triton(q, k, v, mask_logits, scale)
+    return torch.ops.fastdino.masked_attention(q, k, v, mask_logits, scale)
+
+
+__all__ = ["BACKENDS", "blocked_keys", "masked_attention", "masked_attention_ref"]

@@ -1,0 +1,209 @@
+"""masked_attention: every backend against the models' mask construction + attention in float64,
+with the tolerance rule of helpers; the mask rule itself (sigmoid rounding, lifted rows)."""
+
+import pytest
+import torch
+from helpers import ATOL, DEVICE, DTYPES, assert_close_to_ref, requires_cuda_ext, requires_ext
+
+from fastdino import _ext
+from fastdino.kernels.masked_attention import MASK_THRESHOLDS
+from fastdino.ops.masked_attention import (
+    backend_reasons,
+    blocked_keys,
+    masked_attention,
+    masked_attention_ref,
+    masked_attention_triton,
+    select_backend,
+)
+
+# (B, Lq, Lk, H, D). Mask2Former's decoder: 100 queries over one level, 8 or 16 heads, head dim =
+# hidden / heads (256/16 = 16, 384/16 = 24, 256/8 = 32, 2048/16 = 128, 32/16 = 2); odd sizes.
+SHAPES_FULL = [(1, 100, 1024, 16, 16), (2, 100, 4096, 8, 32), (1, 100, 1024, 16, 24), (1, 100, 256, 16, 128),
+               (2, 100, 256, 16, 2), (1, 100, 16384, 16, 24), (3, 7, 97, 3, 5), (1, 1, 1, 1, 2), (2, 37, 1029, 4, 64)]
+# Under the Triton interpreter every program runs serially on the CPU: fewer keys and queries.
+SHAPES_INTERP = [(1, 10, 64, 4, 16), (2, 13, 97, 2, 24), (1, 9, 33, 3, 2), (1, 5, 70, 2, 128), (1, 1, 1, 1, 5),
+                 (2, 17, 40, 2, 32)]
+
+
+def make_inputs(B, Lq, Lk, H, D, dtype, mask_dtype=None, device=DEVICE):
+    """q, k, v as nn.MultiheadAttention's projections lay them out (sequence-first, strided views),
+    and mask logits with a realistic mix: most keys blocked, some rows fully blocked, logits on and
+    within a rounding of 0."""
+    C = H * D
+    q = torch.randn(Lq, B, C, device=device, dtype=dtype).view(Lq, B, H, D).transpose(0, 1)
+    kv = torch.randn(Lk, B, 2 * C, device=device, dtype=dtype)
+    k, v = (t.view(Lk, B, H, D).transpose(0, 1) for t in kv.split(C, dim=-1))
+    logits = torch.randn(B, Lq, Lk, device=device) * 3 - 2  # ~75% blocked
+    logits[:, ::4] = -torch.rand(B, (Lq + 3) // 4, Lk, device=device) - 0.1  # every 4th row fully blocked
+    flat = logits.view(-1)
+    flat[torch.randperm(flat.numel(), device=device)[: flat.numel() // 20]] = 0.0
+    flat[torch.randperm(flat.numel(), device=device)[: flat.numel() // 20]] = -1e-4  # sigmoid rounds to 0.5 in bf16
+    return q, k, v, logits.to(mask_dtype or dtype)
+
+
+def check_backend(backend, shape, dtype, mask_dtype=None, device=DEVICE, masked=True):
+    q, k, v, logits = make_inputs(*shape, dtype, mask_dtype, device)
+    if not masked:
+        logits = None
+    out = masked_attention(q, k, v, logits, backend=backend)
+    assert out.shape == q.shape and out.dtype == dtype
+    exact = masked_attention_ref(q.double(), k.double(), v.double(), logits)  # the same logits: the same mask
+    lowp = masked_attention_ref(q, k, v, logits)
+    assert_close_to_ref(f"{backend} {shape} {dtype}", out, exact, lowp, ATOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("shape", SHAPES_FULL if DEVICE.type == "cuda" else SHAPES_INTERP, ids=str)
+def test_masked_attention_triton_matches_ref(shape, dtype):
+    check_backend("triton", shape, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_masked_attention_triton_fp32_logits_and_no_mask(dtype):
+    shape = SHAPES_INTERP[1]
+    check_backend("triton", shape, dtype, mask_dtype=torch.float32)
+    check_backend("triton", shape, dtype, masked=False)
+
+
+@requires_ext
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("shape", SHAPES_INTERP + [(1, 100, 1024, 16, 16), (2, 100, 256, 8, 32)], ids=str)
+def test_masked_attention_cpu_matches_ref(shape, dtype):
+    check_backend("cpu", shape, dtype, device="cpu")
+    if dtype != torch.float32:
+        check_backend("cpu", shape, dtype, mask_dtype=torch.float32, device="cpu")
+
+
+@requires_ext
+def test_masked_attention_cpu_without_mask():
+    check_backend("cpu", (2, 13, 97, 2, 24), torch.float32, device="cpu", masked=False)
+
+
+@requires_cuda_ext
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("shape", SHAPES_FULL, ids=str)
+def test_masked_attention_cuda_matches_ref(shape, dtype):
+    check_backend("cuda", shape, dtype, device="cuda")
+    if dtype != torch.float32:
+        check_backend("cuda", shape, dtype, mask_dtype=torch.float32, device="cuda")
+    check_backend("cuda", shape, dtype, device="cuda", masked=False)
+
+
+def kernel_backends(device):
+    backends = ["triton"]
+    if _ext.HAS_EXT and (device.type == "cpu" or _ext.BUILD["cuda"]):
+        backends.append(device.type)
+    return backends
+
+
+def test_blocked_keys_is_the_decoders_rule():
+    """sigmoid < 0.5 in the logits' dtype, and an all-blocked row lifted, as the decoders build it."""
+    logits = torch.tensor([[[-1e-4, 1e-4, 0.0, -3.0], [-1.0, -2.0, -0.5, -9.0]]])
+    assert blocked_keys(logits.bfloat16()).tolist() == [[[False, False, False, True], [False] * 4]]
+    assert blocked_keys(logits).tolist() == [[[True, False, False, True], [False] * 4]]
+    # transformers' Mask2FormerMaskPredictor + its decoder's row rule, written out
+    ref = (logits.sigmoid().unsqueeze(1).repeat(1, 3, 1, 1).flatten(0, 1) < 0.5).bool()
+    ref = ref * (ref.sum(-1) != ref.shape[-1]).to(ref.dtype).unsqueeze(-1)
+    assert torch.equal(blocked_keys(logits).repeat(3, 1, 1), ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_mask_thresholds_are_torchs_sigmoid_test(dtype):
+    """`logit < threshold` is `sigmoid(logit) < 0.5` in that dtype: checked on the threshold, its
+    neighbours in the dtype, and a sweep of small negative logits. In float32 torch's own sigmoids
+    disagree within (-2^-22, 0) (the CPU one flips at -3 * 2^-24, a correctly rounded one at
+    -2^-24), so the sweep starts there."""
+    t = torch.tensor(MASK_THRESHOLDS[str(dtype).split(".")[1]], dtype=dtype)
+    if dtype == torch.float32:
+        x = -torch.logspace(-22, 0, 20001, base=2)
+    else:
+        around = [torch.nextafter(t.float(), torch.tensor(-1.0)).to(dtype), t,
+                  torch.nextafter(t.float(), torch.tensor(1.0)).to(dtype)]
+        x = torch.cat([torch.stack(around), -torch.logspace(-30, 0, 20001, base=2).to(dtype)])
+    for d in ("cpu", DEVICE):
+        x = x.to(d)
+        assert torch.equal(x.sigmoid() < 0.5, x < t.to(d)), d
+
+
+@pytest.mark.parametrize("logit_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_masked_attention_kernels_apply_the_rule_exactly(logit_dtype):
+    """One open key per row decides the output: a kernel that blocked by `logit < 0`, or did not
+    lift blocked rows, returns another row of v."""
+    B, Lq, Lk, H, D = 1, 6, 40, 2, 16
+    q, k, v = (torch.randn(B, n, H, D, device=DEVICE, dtype=logit_dtype) for n in (Lq, Lk, Lk))
+    logits = torch.full((B, Lq, Lk), -5.0, device=DEVICE)
+    for i in range(Lq - 1):
+        logits[0, i, 3 * i] = 0.0  # sigmoid(0) = 0.5: open
+        logits[0, i, 3 * i + 1] = -1e-4  # open in bf16 (sigmoid rounds to 0.5), blocked in fp32
+    logits = logits.to(logit_dtype)  # the last row has every key blocked: it attends to all
+    exact = masked_attention_ref(q.double(), k.double(), v.double(), logits)
+    for backend in kernel_backends(DEVICE):
+        out = masked_attention(q, k, v, logits, backend=backend)
+        tol = 1e-5 if logit_dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(out.double(), exact, atol=tol, rtol=tol, msg=backend)
+    if logit_dtype == torch.float32:  # one open key: the output is that key's value row
+        torch.testing.assert_close(exact[0, 0], v[0, 0].double(), atol=1e-6, rtol=0)
+
+
+def test_masked_attention_dispatch():
+    q, k, v, logits = make_inputs(1, 4, 8, 2, 16, torch.float32, device="cpu")
+    backend, skipped = select_backend(q, k, v, logits)
+    assert backend == ("cpu" if _ext.HAS_EXT else "ref")
+    q.requires_grad_(True)
+    with torch.enable_grad():
+        backend, skipped = select_backend(q, k, v, logits)
+    assert backend == "ref" and any("require grad" in r for r in skipped["cpu"])
+    assert backend_reasons("triton", torch.device("cpu"), torch.float32, 160) == ["head dim 160 is not in 1..128"]
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu", "ref"])
+def test_masked_attention_errors_name_the_argument(backend):
+    if backend == "cpu" and not _ext.HAS_EXT:
+        pytest.skip("fastdino._C not built")
+    q, k, v, logits = make_inputs(2, 5, 9, 2, 16, torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="mask_logits must be .B=2, Lq=5, Lk=9."):
+        masked_attention(q, k, v, logits[:, :4], backend=backend)
+    with pytest.raises(ValueError, match="k must be .B=2, Lk, H=2, D=16."):
+        masked_attention(q, k[..., :8], v, logits, backend=backend)
+    with pytest.raises(ValueError, match="v has shape"):
+        masked_attention(q, k, v[:, :3], logits, backend=backend)
+    with pytest.raises(ValueError, match="no keys"):
+        masked_attention(q, k[:, :0], v[:, :0], logits[..., :0], backend=backend)
+    with pytest.raises(ValueError, match="q must be .B, Lq, H, D."):
+        masked_attention(q[0], k, v, logits, backend=backend)
+    if backend != "ref":
+        with pytest.raises(ValueError, match="mask_logits has dtype torch.float64"):
+            masked_attention(q, k, v, logits.double(), backend=backend)
+        with pytest.raises(ValueError, match="k has dtype torch.float16 != q.dtype"):
+            masked_attention(q, k.half(), v, logits, backend=backend)
+        with pytest.raises(ValueError, match="q has stride 2 along the head dim"):
+            masked_attention(torch.randn(2, 5, 2, 32)[..., ::2], k, v, logits, backend=backend)
+        with pytest.raises(ValueError, match="head dim 130 is not in 1..128"):
+            masked_attention(*(torch.randn(1, 3, 1, 130) for _ in range(3)), backend=backend)
+
+
+@requires_ext
+def test_masked_attention_cpp_checks_its_arguments():
+    """The C++ op called directly (no Python checks in front) raises, never reads out of bounds."""
+    q, k, v, logits = make_inputs(2, 5, 9, 2, 16, torch.float32, device="cpu")
+    op = torch.ops.fastdino.masked_attention
+    with pytest.raises(RuntimeError, match=r"mask_logits must be \(B=2, Lq=5, Lk=9\), got shape \(2, 5, 8\)"):
+        op(q, k, v, logits[..., :8], 0.25)
+    with pytest.raises(RuntimeError, match="mask_logits must be float32 or q's dtype"):
+        op(q, k, v, logits.double(), 0.25)
+    with pytest.raises(RuntimeError, match="head dim must be in 1..128, got 160"):
+        op(*(torch.randn(1, 3, 1, 160) for _ in range(3)), None, 0.25)
+    with pytest.raises(RuntimeError, match="k and v have no keys"):
+        op(q, k[:, :0], v[:, :0], None, 0.25)
+
+
+@requires_ext
+def test_masked_attention_opcheck():
+    q, k, v, logits = make_inputs(1, 6, 20, 2, 24, torch.float32, device="cpu")
+    torch.library.opcheck(torch.ops.fastdino.masked_attention, (q, k, v, logits, 0.2))
+    torch.library.opcheck(torch.ops.fastdino.masked_attention, (q, k, v, None, 0.2))
+
+
+def test_masked_attention_triton_opcheck():
+    q, k, v, logits = make_inputs(1, 6, 20, 2, 24, torch.float32, device=DEVICE)
+    torch.library.opcheck(masked_attention_triton, (q, k, v, logits, 0.2))
