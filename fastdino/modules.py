@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from .ops.add_layer_norm import add_layer_norm
 from .ops.fused_linear import fused_linear, select_backend as fused_linear_backend
+from .ops.masked_attention import masked_attention, preferred_backend as masked_attention_preferred
 from .ops.ms_deform_attn import ms_deform_attn, preferred_backend as ms_deform_attn_preferred
 from .ops.rope_attention import rope_attention
 
@@ -512,3 +513,152 @@ class FusedMask2FormerPixelDecoderEncoderMultiscaleDeformableAttention(_FusedMSD
 def _level_tensors(shapes_list, device) -> tuple[Tensor, Tensor]:
     shapes = torch.tensor(shapes_list, dtype=torch.int64, device=device)
     return shapes, shapes.flip(-1)
+
+
+def _multihead_attention_reasons(attn: nn.Module, name: str) -> list[str]:
+    """nn.MultiheadAttention as the Mask2Former decoders build it: sequence-first, one packed
+    in_proj with bias, no bias_k/bias_v or zero_attn."""
+    if type(attn) is not nn.MultiheadAttention:
+        return [f"{name} is {type(attn).__name__}, not nn.MultiheadAttention"]
+    if attn.batch_first or not attn._qkv_same_embed_dim or attn.in_proj_bias is None:
+        return [f"{name} is batch-first, has separate q/k/v weights or no in_proj bias"]
+    if attn.bias_k is not None or attn.add_zero_attn:
+        return [f"{name} has bias_k/bias_v or add_zero_attn"]
+    return []
+
+
+def mask2former_decoder_reasons(module: nn.Module) -> list[str]:
+    """transformers' Mask2FormerMaskedAttentionDecoder: its layers, their attentions, norms and ReLU FFN."""
+    reasons = children_reasons(module, ("layers", "layernorm", "mask_predictor", "num_feature_levels"))
+    if reasons:
+        return reasons
+    reasons += children_reasons(module.mask_predictor, ("mask_embedder",))
+    for i, layer in enumerate(module.layers):
+        missing = children_reasons(layer, ("self_attn", "cross_attn", "fc1", "fc2", "activation_fn", "pre_norm",
+                                           "self_attn_layer_norm", "cross_attn_layer_norm", "final_layer_norm"))
+        if missing:
+            return [f"layers.{i}: {r}" for r in missing]
+        reasons += _multihead_attention_reasons(layer.cross_attn, f"layers.{i}.cross_attn")
+        reasons += [f"layers.{i}.self_attn: {r}" for r in
+                    children_reasons(layer.self_attn, ("q_proj", "k_proj", "v_proj", "out_proj", "num_heads"))]
+        reasons += _linear_reasons(layer, ("fc1", "fc2"))
+        if type(layer.activation_fn) is not nn.ReLU and type(layer.activation_fn).__name__ != "ReLUActivation":
+            reasons.append(f"layers.{i}.activation_fn is {type(layer.activation_fn).__name__}, not ReLU")
+    return reasons
+
+
+def _sequence_first_heads(x: Tensor, heads: int) -> Tensor:
+    """(L, B, C) -> (B, L, heads, C // heads), a view: the kernels take any token and batch stride."""
+    L, B, C = x.shape
+    return x.view(L, B, heads, C // heads).transpose(0, 1)
+
+
+def _post_or_pre_norm(residual: Tensor, branch: Tensor, norm: nn.LayerNorm, pre_norm: bool, backend) -> Tensor:
+    """Post-norm `norm(residual + branch)` (fused add + LayerNorm), or pre-norm `residual + branch`."""
+    if pre_norm:
+        return residual + branch
+    return residual_layer_norm(residual, branch, None, norm, backend)[1]
+
+
+class FusedMask2FormerMaskedAttentionDecoder:
+    """transformers' Mask2FormerMaskedAttentionDecoder with the masked cross-attention on
+    masked_attention: the mask predictor's logits, resized to the next level, go to the kernel as
+    they are; no sigmoid, no (B * heads, Q, HW) boolean mask, no all-blocked-row fix-up pass (the
+    kernel applies the rule). The queries' self-attention runs on masked_attention without a mask,
+    the residual + LayerNorm seams on add_layer_norm. Returns what the original returns.
+
+    The original forward runs for attention weights (output_attentions), dropout or layer drop in
+    training, inputs that require grad, or where masked_attention would pick its reference.
+    """
+
+    def _fastdino_runs(self, x: Tensor) -> bool:
+        if self._fastdino_backend is not None:
+            return self._fastdino_backend != "ref"
+        if self.training and self.config.dropout > 0:
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or self.layernorm.weight.requires_grad):
+            return False
+        head_dim = x.shape[-1] // self.mask_predictor.num_heads
+        return masked_attention_preferred(x.device, x.dtype, head_dim)[0] != "ref"
+
+    def _fastdino_predict(self, output: Tensor, pixel_embeddings: Tensor, size) -> tuple[Tensor, Tensor]:
+        """The mask predictor's (mask logits at 1/4, logits resized to `size` as (B, Q, HW))."""
+        mask_embeddings = self.mask_predictor.mask_embedder(output.transpose(0, 1))
+        outputs_mask = torch.einsum("bqc, bchw -> bqhw", mask_embeddings, pixel_embeddings)
+        resized = nn.functional.interpolate(outputs_mask, size=size, mode="bilinear", align_corners=False)
+        return outputs_mask, resized.flatten(2)
+
+    def _fastdino_layer(self, layer, hidden, level, pos, query_pos, features, mask_logits) -> Tensor:
+        backend = self._fastdino_backend
+        Q, B, C = hidden.shape
+        # masked cross-attention: nn.MultiheadAttention's packed projections, then the kernel
+        attn = layer.cross_attn
+        heads = attn.num_heads
+        x = layer.cross_attn_layer_norm(hidden) if layer.pre_norm else hidden
+        w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = attn.in_proj_bias.chunk(3)
+        key_input = features[level] if pos is None else features[level] + pos[level]
+        q = nn.functional.linear(x if query_pos is None else x + query_pos, w_q, b_q)
+        k = nn.functional.linear(key_input, w_k, b_k)
+        v = nn.functional.linear(features[level], w_v, b_v)
+        out = masked_attention(_sequence_first_heads(q, heads), _sequence_first_heads(k, heads),
+                               _sequence_first_heads(v, heads), mask_logits, backend=backend)
+        out = attn.out_proj(out.transpose(0, 1).reshape(Q, B, C))
+        hidden = _post_or_pre_norm(hidden, out, layer.cross_attn_layer_norm, layer.pre_norm, backend)
+        # self-attention over the queries (Mask2FormerAttention: q pre-scaled by head_dim**-0.5)
+        sa = layer.self_attn
+        x = layer.self_attn_layer_norm(hidden) if layer.pre_norm else hidden
+        x_pos = x if query_pos is None else x + query_pos
+        q, k, v = sa.q_proj(x_pos), sa.k_proj(x_pos), sa.v_proj(x)
+        out = masked_attention(_sequence_first_heads(q, sa.num_heads), _sequence_first_heads(k, sa.num_heads),
+                               _sequence_first_heads(v, sa.num_heads), None, scale=sa.scaling, backend=backend)
+        out = sa.out_proj(out.transpose(0, 1).reshape(Q, B, C))
+        hidden = _post_or_pre_norm(hidden, out, layer.self_attn_layer_norm, layer.pre_norm, backend)
+        # ReLU FFN
+        x = layer.final_layer_norm(hidden) if layer.pre_norm else hidden
+        out = layer.fc2(torch.relu_(layer.fc1(x)))
+        return _post_or_pre_norm(hidden, out, layer.final_layer_norm, layer.pre_norm, backend)
+
+    def forward(self, inputs_embeds=None, multi_stage_positional_embeddings=None, pixel_embeddings=None,
+                encoder_hidden_states=None, query_position_embeddings=None, feature_size_list=None,
+                output_attentions=None, output_hidden_states=None, return_dict=None):
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        if output_attentions or not self._fastdino_runs(inputs_embeds):
+            return super().forward(inputs_embeds, multi_stage_positional_embeddings, pixel_embeddings,
+                                   encoder_hidden_states, query_position_embeddings, feature_size_list,
+                                   output_attentions, output_hidden_states, return_dict)
+        output_hidden_states = (output_hidden_states if output_hidden_states is not None
+                                else self.config.output_hidden_states)
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        hidden = inputs_embeds
+        all_hidden_states = () if output_hidden_states else None
+        normed = self.layernorm(hidden)
+        intermediate = (normed,)
+        predicted_mask, mask_logits = self._fastdino_predict(normed, pixel_embeddings, feature_size_list[0])
+        masks = (predicted_mask,)
+        for idx, layer in enumerate(self.layers):
+            if output_hidden_states:
+                all_hidden_states += (hidden,)
+            level = idx % self.num_feature_levels
+            hidden = self._fastdino_layer(layer, hidden, level, multi_stage_positional_embeddings,
+                                          query_position_embeddings, encoder_hidden_states, mask_logits)
+            normed = self.layernorm(hidden)
+            predicted_mask, mask_logits = self._fastdino_predict(
+                normed, pixel_embeddings, feature_size_list[(idx + 1) % self.num_feature_levels])
+            masks += (predicted_mask,)
+            intermediate += (normed,)
+        if output_hidden_states:
+            all_hidden_states += (hidden,)
+        hidden = hidden.transpose(1, 0)
+        if not return_dict:
+            return tuple(v for v in (hidden, all_hidden_states, None, intermediate, masks) if v is not None)
+        return _decoder_output_class(self)(last_hidden_state=hidden, hidden_states=all_hidden_states,
+                                           attentions=None, intermediate_hidden_states=intermediate,
+                                           masks_queries_logits=masks)
+
+
+def _decoder_output_class(module: nn.Module) -> type:
+    """The Mask2FormerMaskedAttentionDecoderOutput of the module's own transformers module."""
+    import sys
+
+    return getattr(sys.modules[module._fastdino_original_class.__module__], "Mask2FormerMaskedAttentionDecoderOutput")

@@ -10,6 +10,7 @@ from . import _ext, modules
 from .ops._dispatch import BACKENDS
 from .ops.add_layer_norm import preferred_backend as aln_preferred
 from .ops.fused_linear import preferred_backend as linear_preferred
+from .ops.masked_attention import preferred_backend as masked_preferred
 from .ops.ms_deform_attn import preferred_backend as msda_preferred
 from .ops.rope_attention import preferred_backend as attn_preferred
 
@@ -51,6 +52,11 @@ def _mlp_backend(linear):
 def _msda_backend(module):
     w = module.value_proj.weight
     return msda_preferred(w.device, w.dtype)[0]
+
+
+def _masked_decoder_backend(module):
+    w = module.layernorm.weight
+    return masked_preferred(w.device, w.dtype, w.shape[0] // module.mask_predictor.num_heads)[0]
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,9 @@ RULES = (
     Rule("Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention",
          modules.FusedMask2FormerPixelDecoderEncoderMultiscaleDeformableAttention, modules.ms_deform_attn_reasons,
          _msda_backend),
+    # Mask2Former's masked-attention transformer decoder (transformers)
+    Rule("Mask2FormerMaskedAttentionDecoder", modules.FusedMask2FormerMaskedAttentionDecoder,
+         modules.mask2former_decoder_reasons, _masked_decoder_backend),
     Rule("SwiGLU", modules.FusedSwiGLU,
          modules.mlp_reasons(("fc1_g", "fc1_x", "fc2"), "act", modules.is_silu, "SiLU", identity=("norm",)),
          _mlp_backend("fc1_g")),

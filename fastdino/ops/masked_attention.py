@@ -17,8 +17,10 @@ the GPU, its 32 lanes scoring 32 keys at a time and skipping the value rows of b
 row loop on the CPU), ``ref`` (the models' own mask construction, then SDPA). On CUDA tensors the
 priority (triton, cuda, ref) follows the design: the Triton kernel runs its products on tensor
 cores, the C++ kernel on CUDA cores; neither is timed yet (benchmarks/bench_masked_attention.py).
-On CPU tensors the C++ kernel runs first (no (B*heads, Q, HW) mask, no score matrix). Forward
-only: with grad the reference runs.
+On CPU tensors the reference runs: with 2 threads, fp32, one cross-attention layer with its
+projections (Q 100, 16 heads) took 4.5 / 18.8 / 561 ms against the C++ kernel's 12.8 / 59.0 /
+1125 ms at (HW, C) = (1024, 256), (4096, 256), (4096, 2048); the C++ CPU kernel is kept as the
+compile-friendly form and runs when pinned. Forward only: with grad the reference runs.
 """
 
 import math
@@ -32,7 +34,7 @@ from .. import _ext
 from ..kernels.masked_attention import MAX_HEAD_DIM, masked_attention_fwd
 from ._dispatch import BACKENDS, first_backend, kernel_reasons, requires_grad, resolve_backend
 
-PRIORITY = {"cuda": ("triton", "cuda", "ref"), "cpu": ("cpu", "ref")}  # see the module docstring
+PRIORITY = {"cuda": ("triton", "cuda", "ref"), "cpu": ("ref",)}  # see the module docstring
 
 
 def blocked_keys(mask_logits: Tensor) -> Tensor:

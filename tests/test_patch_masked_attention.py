@@ -1,0 +1,164 @@
+"""fastdino.patch on Mask2Former's masked-attention transformer decoder: tiny random-init
+transformers Mask2Former models (Swin and DINOv3 backbones) give the same class and mask logits,
+intermediate predictions included; state_dict is untouched; unpatch restores."""
+
+from unittest import mock
+
+import pytest
+import torch
+from helpers import DEVICE
+from test_patch import BACKENDS, rel_err
+
+import fastdino
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("scipy")  # Mask2FormerForUniversalSegmentation builds its matcher with it
+
+FUSED = "FusedMask2FormerMaskedAttentionDecoder"
+
+
+def _mixed_masks(module, inputs, out):
+    """Random init gives pixel embeddings with a large mean, so every query's mask is ~97% blocked.
+    Centred, plus one constant channel: per-query offsets, hence a mix of open, blocked and fully
+    blocked rows, as trained decoders have."""
+    out = out - out.mean((2, 3), keepdim=True)
+    return torch.cat([torch.full_like(out[:, :1], 8) * out[:, 1:].std(), out[:, 1:]], dim=1)
+
+
+def hf_mask2former(backbone="swin", dtype=torch.float32, **cfg):
+    torch.manual_seed(0)
+    if backbone == "swin":
+        bc = transformers.SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1],
+                                     num_heads=[1, 1, 2, 2], window_size=4,
+                                     out_features=["stage1", "stage2", "stage3", "stage4"])
+    else:
+        bc = transformers.DINOv3ViTConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                          num_attention_heads=4, num_register_tokens=4, out_indices=[1, 2, 3, 4],
+                                          reshape_hidden_states=True)
+    # 5 decoder layers (decoder_layers - 1): every level is attended, the first one twice
+    kw = dict(backbone_config=bc, feature_size=32, mask_feature_size=32, hidden_dim=32, encoder_feedforward_dim=64,
+              dim_feedforward=64, encoder_layers=1, decoder_layers=6, num_attention_heads=4, num_queries=10,
+              num_labels=5)
+    kw.update(cfg)
+    model = transformers.Mask2FormerForUniversalSegmentation(transformers.Mask2FormerConfig(**kw))
+    model = model.to(DEVICE, dtype).eval()
+    model.model.pixel_level_module.decoder.mask_projection.register_forward_hook(_mixed_masks)
+    pixels = torch.randn(2, 3, 96, 64, device=DEVICE, dtype=dtype)
+
+    def run(**kwargs):
+        out = model(pixel_values=pixels, output_auxiliary_logits=True, output_hidden_states=True, **kwargs)
+        aux = [t for a in out.auxiliary_logits for t in a.values()]
+        assert len(aux) == 2 * (model.config.decoder_layers - 1)  # the intermediate predictions must match too
+        states = (out.transformer_decoder_last_hidden_state, *out.transformer_decoder_hidden_states)
+        return torch.cat([t.flatten().float() for t in (out.class_queries_logits, out.masks_queries_logits, *aux,
+                                                        *states)])
+
+    return model, run
+
+
+def count_layers(model):
+    return model.config.decoder_layers - 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backbone", ["swin", "dinov3"])
+def test_patched_decoder_matches_original(backbone, backend):
+    model, run = hf_mask2former(backbone)
+    with torch.no_grad():
+        ref = run()
+    keys = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    report = fastdino.patch(model, backend=backend)
+    swapped = [s for s in report.swapped if s.fused == FUSED]
+    assert len(swapped) == 1 and swapped[0].backend == backend
+    assert {k: v.data_ptr() for k, v in model.state_dict().items()} == keys
+    with torch.no_grad(), mock.patch("fastdino.modules.masked_attention",
+                                     wraps=fastdino.modules.masked_attention) as op:
+        out = run()
+    # per layer: the masked cross-attention (with logits) and the queries' self-attention (without)
+    layers = count_layers(model)
+    assert op.call_count == (0 if backend == "ref" else 2 * layers)
+    if backend != "ref":
+        masked = [c for c in op.call_args_list if c.args[3] is not None]
+        assert len(masked) == layers
+        # Swin's levels are 1/32, 1/16, 1/8 of 96x64; a ViT's taps are all 1/16
+        levels = {(10, 3 * 2), (10, 6 * 4), (10, 12 * 8)} if backbone == "swin" else {(10, 6 * 4)}
+        assert {tuple(c.args[3].shape[1:]) for c in masked} == levels
+    assert rel_err(out, ref) <= 1e-5, rel_err(out, ref)
+    assert fastdino.unpatch(model) == len(report.swapped)
+    with torch.no_grad():
+        torch.testing.assert_close(run(), ref, atol=0, rtol=0)
+
+
+def test_the_comparison_sees_the_mask():
+    """Dropping the mask changes the outputs far beyond the tolerance above, and the decoder's
+    masks have blocked keys and fully blocked rows: the match is not one the mask could miss."""
+    model, run = hf_mask2former()
+    with torch.no_grad():
+        ref = run()
+    fastdino.patch(model, backend="triton")
+    real = fastdino.modules.masked_attention
+    stats = []
+
+    def unmasked(q, k, v, mask_logits=None, **kw):
+        if mask_logits is not None:
+            blocked = mask_logits.sigmoid() < 0.5
+            stats.append((blocked.float().mean().item(), blocked.all(-1).sum().item()))
+        return real(q, k, v, None, **kw)
+
+    with torch.no_grad(), mock.patch("fastdino.modules.masked_attention", unmasked):
+        out = run()
+    assert rel_err(out, ref) > 1e-2
+    assert all(0.05 < frac < 0.95 for frac, _ in stats) and sum(rows for _, rows in stats) > 0, stats
+
+
+@pytest.mark.parametrize("backend", BACKENDS[:2])
+def test_pre_norm_decoder_matches_original(backend):
+    model, run = hf_mask2former(pre_norm=True)
+    with torch.no_grad():
+        ref = run()
+    fastdino.patch(model, backend=backend)
+    with torch.no_grad():
+        assert rel_err(run(), ref) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS[:2])
+def test_bf16_decoder_matches_original(backend):
+    model, run = hf_mask2former(dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = run()
+    fastdino.patch(model, backend=backend)
+    with torch.no_grad(), mock.patch("fastdino.modules.masked_attention",
+                                     wraps=fastdino.modules.masked_attention) as op:
+        out = run()
+    assert op.call_count == 2 * count_layers(model)
+    assert rel_err(out, ref) <= 2e-2, rel_err(out, ref)
+
+
+def test_attention_weights_or_grad_run_the_original():
+    model, run = hf_mask2former()
+    fastdino.patch(model)
+    with torch.no_grad(), mock.patch("fastdino.modules.masked_attention") as op:
+        out = model(pixel_values=torch.randn(1, 3, 64, 64, device=DEVICE), output_attentions=True)
+    assert op.call_count == 0 and len(out.attentions) == count_layers(model)
+    with mock.patch("fastdino.modules.masked_attention") as op:  # grad enabled, parameters require grad
+        run().sum().backward()
+    assert op.call_count == 0 and model.model.transformer_module.decoder.layers[0].fc1.weight.grad is not None
+
+
+def test_default_dispatch_on_cpu_keeps_the_original_forward():
+    """On CPU tensors masked_attention picks its reference (measured faster than the C++ CPU
+    kernel), so the decoder runs its original forward unless a backend is pinned."""
+    model, run = hf_mask2former()
+    report = fastdino.patch(model)
+    assert [s.backend for s in report.swapped if s.fused == FUSED] == ["ref"]
+    with torch.no_grad(), mock.patch("fastdino.modules.masked_attention") as op:
+        run()
+    assert op.call_count == 0
+
+
+def test_unsupported_decoder_is_left_alone_with_a_reason():
+    model, _ = hf_mask2former(activation_function="gelu")
+    report = fastdino.patch(model)
+    assert not [s for s in report.swapped if s.fused == FUSED]
+    skipped = [s for s in report.skipped if s.cls == "Mask2FormerMaskedAttentionDecoder"]
+    assert skipped and skipped[0].reasons[0] == "layers.0.activation_fn is GELUActivation, not ReLU"
