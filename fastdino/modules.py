@@ -542,7 +542,7 @@ def mask2former_decoder_reasons(module: nn.Module) -> list[str]:
         reasons += [f"layers.{i}.self_attn: {r}" for r in
                     children_reasons(layer.self_attn, ("q_proj", "k_proj", "v_proj", "out_proj", "num_heads"))]
         reasons += _linear_reasons(layer, ("fc1", "fc2"))
-        if type(layer.activation_fn) is not nn.ReLU and type(layer.activation_fn).__name__ != "ReLUActivation":
+        if not _is_relu(layer.activation_fn):
             reasons.append(f"layers.{i}.activation_fn is {type(layer.activation_fn).__name__}, not ReLU")
     return reasons
 
@@ -558,6 +558,42 @@ def _post_or_pre_norm(residual: Tensor, branch: Tensor, norm: nn.LayerNorm, pre_
     if pre_norm:
         return residual + branch
     return residual_layer_norm(residual, branch, None, norm, backend)[1]
+
+
+def _mha_block(attn: nn.MultiheadAttention, norm, pre_norm: bool, tgt: Tensor, memory: Optional[Tensor], pos,
+               query_pos, mask_logits: Optional[Tensor], backend) -> Tensor:
+    """One sequence-first attention layer around nn.MultiheadAttention on masked_attention:
+    queries tgt (+ query_pos), keys memory (+ pos), values memory (memory None: self-attention,
+    keys tgt + query_pos, values tgt), the mask from mask_logits; residual, then post-norm (or
+    the pre-norm form)."""
+    Q, B, C = tgt.shape
+    x = norm(tgt) if pre_norm else tgt
+    query = x if query_pos is None else x + query_pos
+    key, value = (query, x) if memory is None else (memory if pos is None else memory + pos, memory)
+    w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = attn.in_proj_bias.chunk(3)
+    heads = attn.num_heads
+    q = _sequence_first_heads(nn.functional.linear(query, w_q, b_q), heads)
+    k = _sequence_first_heads(nn.functional.linear(key, w_k, b_k), heads)
+    v = _sequence_first_heads(nn.functional.linear(value, w_v, b_v), heads)
+    out = masked_attention(q, k, v, mask_logits, backend=backend)
+    out = attn.out_proj(out.transpose(0, 1).reshape(Q, B, C))
+    return _post_or_pre_norm(tgt, out, norm, pre_norm, backend)
+
+
+def _ffn_block(linear1: nn.Linear, linear2: nn.Linear, norm, pre_norm: bool, tgt: Tensor, backend) -> Tensor:
+    """The decoders' ReLU FFN with its residual and (post- or pre-) LayerNorm."""
+    x = norm(tgt) if pre_norm else tgt
+    return _post_or_pre_norm(tgt, linear2(torch.relu_(linear1(x))), norm, pre_norm, backend)
+
+
+def _is_relu(act) -> bool:
+    return act is nn.functional.relu or type(act) is nn.ReLU or type(act).__name__ == "ReLUActivation"
+
+
+def _dropout_active(module: nn.Module) -> bool:
+    return module.training and any((isinstance(m, nn.Dropout) and m.p > 0) or
+                                   (isinstance(m, nn.MultiheadAttention) and m.dropout > 0) for m in module.modules())
 
 
 class FusedMask2FormerMaskedAttentionDecoder:
@@ -591,20 +627,8 @@ class FusedMask2FormerMaskedAttentionDecoder:
     def _fastdino_layer(self, layer, hidden, level, pos, query_pos, features, mask_logits) -> Tensor:
         backend = self._fastdino_backend
         Q, B, C = hidden.shape
-        # masked cross-attention: nn.MultiheadAttention's packed projections, then the kernel
-        attn = layer.cross_attn
-        heads = attn.num_heads
-        x = layer.cross_attn_layer_norm(hidden) if layer.pre_norm else hidden
-        w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
-        b_q, b_k, b_v = attn.in_proj_bias.chunk(3)
-        key_input = features[level] if pos is None else features[level] + pos[level]
-        q = nn.functional.linear(x if query_pos is None else x + query_pos, w_q, b_q)
-        k = nn.functional.linear(key_input, w_k, b_k)
-        v = nn.functional.linear(features[level], w_v, b_v)
-        out = masked_attention(_sequence_first_heads(q, heads), _sequence_first_heads(k, heads),
-                               _sequence_first_heads(v, heads), mask_logits, backend=backend)
-        out = attn.out_proj(out.transpose(0, 1).reshape(Q, B, C))
-        hidden = _post_or_pre_norm(hidden, out, layer.cross_attn_layer_norm, layer.pre_norm, backend)
+        hidden = _mha_block(layer.cross_attn, layer.cross_attn_layer_norm, layer.pre_norm, hidden, features[level],
+                            None if pos is None else pos[level], query_pos, mask_logits, backend)
         # self-attention over the queries (Mask2FormerAttention: q pre-scaled by head_dim**-0.5)
         sa = layer.self_attn
         x = layer.self_attn_layer_norm(hidden) if layer.pre_norm else hidden
@@ -614,10 +638,7 @@ class FusedMask2FormerMaskedAttentionDecoder:
                                _sequence_first_heads(v, sa.num_heads), None, scale=sa.scaling, backend=backend)
         out = sa.out_proj(out.transpose(0, 1).reshape(Q, B, C))
         hidden = _post_or_pre_norm(hidden, out, layer.self_attn_layer_norm, layer.pre_norm, backend)
-        # ReLU FFN
-        x = layer.final_layer_norm(hidden) if layer.pre_norm else hidden
-        out = layer.fc2(torch.relu_(layer.fc1(x)))
-        return _post_or_pre_norm(hidden, out, layer.final_layer_norm, layer.pre_norm, backend)
+        return _ffn_block(layer.fc1, layer.fc2, layer.final_layer_norm, layer.pre_norm, hidden, backend)
 
     def forward(self, inputs_embeds=None, multi_stage_positional_embeddings=None, pixel_embeddings=None,
                 encoder_hidden_states=None, query_position_embeddings=None, feature_size_list=None,
@@ -662,3 +683,89 @@ def _decoder_output_class(module: nn.Module) -> type:
     import sys
 
     return getattr(sys.modules[module._fastdino_original_class.__module__], "Mask2FormerMaskedAttentionDecoderOutput")
+
+
+def official_mask2former_decoder_reasons(module: nn.Module) -> list[str]:
+    """dinov3's MultiScaleMaskedTransformerDecoder: its three layer lists, heads and prediction heads."""
+    reasons = children_reasons(module, ("transformer_self_attention_layers", "transformer_cross_attention_layers",
+                                         "transformer_ffn_layers", "post_norm", "query_feat", "query_embed",
+                                         "level_embed", "input_proj", "class_embed", "mask_embed", "pe_layer",
+                                         "num_feature_levels", "num_layers", "num_heads"))
+    if reasons:
+        return reasons
+    for i in range(module.num_layers):
+        cross = module.transformer_cross_attention_layers[i]
+        self_attn = module.transformer_self_attention_layers[i]
+        ffn = module.transformer_ffn_layers[i]
+        missing = (children_reasons(cross, ("multihead_attn", "norm", "normalize_before"))
+                   + children_reasons(self_attn, ("self_attn", "norm", "normalize_before"))
+                   + children_reasons(ffn, ("linear1", "linear2", "norm", "activation", "normalize_before")))
+        if missing:
+            return [f"layer {i}: {r}" for r in missing]
+        reasons += _multihead_attention_reasons(cross.multihead_attn, f"transformer_cross_attention_layers.{i}")
+        reasons += _multihead_attention_reasons(self_attn.self_attn, f"transformer_self_attention_layers.{i}")
+        reasons += [f"transformer_ffn_layers.{i}: {r}" for r in _linear_reasons(ffn, ("linear1", "linear2"))]
+        if not _is_relu(ffn.activation):
+            reasons.append(f"transformer_ffn_layers.{i}.activation is not ReLU")
+    return reasons
+
+
+class FusedMultiScaleMaskedTransformerDecoder:
+    """dinov3's MultiScaleMaskedTransformerDecoder (Mask2Former head) with its masked cross-attention
+    on masked_attention: forward_prediction_heads' resized mask logits go to the kernel as they are
+    (no sigmoid, no per-head boolean mask, no all-blocked-row pass); the queries' self-attention
+    runs on the same op without a mask and the post-norm seams on add_layer_norm. Returns the
+    original's dict (pred_logits, pred_masks, aux_outputs).
+
+    The original forward runs with dropout in training, inputs that require grad, or where
+    masked_attention would pick its reference.
+    """
+
+    def _fastdino_runs(self, x: Tensor) -> bool:
+        if self._fastdino_backend is not None:
+            return self._fastdino_backend != "ref"
+        if _dropout_active(self):
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or self.post_norm.weight.requires_grad):
+            return False
+        head_dim = self.post_norm.weight.shape[0] // self.num_heads
+        return masked_attention_preferred(x.device, x.dtype, head_dim)[0] != "ref"
+
+    def _fastdino_heads(self, output: Tensor, mask_features: Tensor, size):
+        """forward_prediction_heads with the resized mask logits, (B, Q, HW), in place of the mask."""
+        decoder_output = self.post_norm(output).transpose(0, 1)
+        outputs_class = self.class_embed(decoder_output)
+        outputs_mask = torch.einsum("bqc,bchw->bqhw", self.mask_embed(decoder_output), mask_features)
+        resized = nn.functional.interpolate(outputs_mask, size=size, mode="bilinear", align_corners=False)
+        return outputs_class, outputs_mask, resized.flatten(2)
+
+    def forward(self, x, mask_features, mask=None):
+        if not self._fastdino_runs(mask_features):
+            return super().forward(x, mask_features, mask)
+        backend = self._fastdino_backend
+        src, pos, size_list = [], [], []
+        for i in range(self.num_feature_levels):
+            size_list.append(x[i].shape[-2:])
+            pos.append(self.pe_layer(x[i], None).flatten(2).permute(2, 0, 1))
+            src.append((self.input_proj[i](x[i]).flatten(2) + self.level_embed.weight[i][None, :, None]).permute(2, 0, 1))
+        batch = src[0].shape[1]
+        query_pos = self.query_embed.weight.unsqueeze(1).repeat(1, batch, 1)
+        output = self.query_feat.weight.unsqueeze(1).repeat(1, batch, 1)
+        outputs_class, outputs_mask, mask_logits = self._fastdino_heads(output, mask_features, size_list[0])
+        classes, masks = [outputs_class], [outputs_mask]
+        for i in range(self.num_layers):
+            level = i % self.num_feature_levels
+            cross = self.transformer_cross_attention_layers[i]
+            output = _mha_block(cross.multihead_attn, cross.norm, cross.normalize_before, output, src[level],
+                                pos[level], query_pos, mask_logits, backend)
+            sa = self.transformer_self_attention_layers[i]
+            output = _mha_block(sa.self_attn, sa.norm, sa.normalize_before, output, None, None, query_pos, None,
+                                backend)
+            ffn = self.transformer_ffn_layers[i]
+            output = _ffn_block(ffn.linear1, ffn.linear2, ffn.norm, ffn.normalize_before, output, backend)
+            outputs_class, outputs_mask, mask_logits = self._fastdino_heads(
+                output, mask_features, size_list[(i + 1) % self.num_feature_levels])
+            classes.append(outputs_class)
+            masks.append(outputs_mask)
+        return {"pred_logits": classes[-1], "pred_masks": masks[-1],
+                "aux_outputs": [{"pred_logits": c, "pred_masks": m} for c, m in zip(classes[:-1], masks[:-1])]}

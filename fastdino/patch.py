@@ -59,6 +59,11 @@ def _masked_decoder_backend(module):
     return masked_preferred(w.device, w.dtype, w.shape[0] // module.mask_predictor.num_heads)[0]
 
 
+def _official_decoder_backend(module):
+    w = module.post_norm.weight
+    return masked_preferred(w.device, w.dtype, w.shape[0] // module.num_heads)[0]
+
+
 @dataclass(frozen=True)
 class Rule:
     class_name: str  # matched against type(module).__name__, so no import of the model library
@@ -116,6 +121,9 @@ RULES = (
     # Mask2Former's masked-attention transformer decoder (transformers)
     Rule("Mask2FormerMaskedAttentionDecoder", modules.FusedMask2FormerMaskedAttentionDecoder,
          modules.mask2former_decoder_reasons, _masked_decoder_backend),
+    # dinov3's Mask2Former head (dinov3/eval/segmentation/models/heads/mask2former_transformer_decoder.py)
+    Rule("MultiScaleMaskedTransformerDecoder", modules.FusedMultiScaleMaskedTransformerDecoder,
+         modules.official_mask2former_decoder_reasons, _official_decoder_backend),
     Rule("SwiGLU", modules.FusedSwiGLU,
          modules.mlp_reasons(("fc1_g", "fc1_x", "fc2"), "act", modules.is_silu, "SiLU", identity=("norm",)),
          _mlp_backend("fc1_g")),

@@ -82,3 +82,143 @@ def reference_points(shapes, batch, device=None):
         points.append(torch.stack((x.reshape(-1) / w, y.reshape(-1) / h), -1))
     ref = torch.cat(points)[None, :, None].expand(batch, -1, len(shapes), -1)
     return ref.contiguous()
+
+
+# The masked-attention transformer decoder (heads/mask2former_transformer_decoder.py): sequence-first
+# (Q x B x C, HW x B x C) layers around nn.MultiheadAttention, post-norm by default.
+
+
+class PositionEmbeddingSine(nn.Module):
+    """DETR's normalised sine embedding of a (B, C, H, W) map: (B, 2 * num_pos_feats, H, W)."""
+
+    def __init__(self, num_pos_feats=64, temperature=10000):
+        super().__init__()
+        self.num_pos_feats, self.temperature = num_pos_feats, temperature
+
+    def forward(self, x, mask=None):
+        B, _, H, W = x.shape
+        ones = torch.ones(B, H, W, device=x.device)
+        y_embed, x_embed = ones.cumsum(1), ones.cumsum(2)
+        eps, scale = 1e-6, 2 * torch.pi
+        y_embed = y_embed / (y_embed[:, -1:, :] + eps) * scale
+        x_embed = x_embed / (x_embed[:, :, -1:] + eps) * scale
+        dim_t = torch.arange(self.num_pos_feats, device=x.device, dtype=torch.float32)
+        dim_t = self.temperature ** (2 * (dim_t // 2) / self.num_pos_feats)
+        pos_x, pos_y = x_embed[..., None] / dim_t, y_embed[..., None] / dim_t
+        pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=4).flatten(3)
+        pos_y = torch.stack((pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()), dim=4).flatten(3)
+        return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2).to(x.dtype)
+
+
+class SelfAttentionLayer(nn.Module):
+    def __init__(self, d_model, nhead, dropout=0.0, normalize_before=False):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
+        self.norm, self.dropout, self.normalize_before = nn.LayerNorm(d_model), nn.Dropout(dropout), normalize_before
+
+    def forward(self, tgt, tgt_mask=None, tgt_key_padding_mask=None, query_pos=None):
+        x = self.norm(tgt) if self.normalize_before else tgt
+        q = k = x if query_pos is None else x + query_pos
+        tgt = tgt + self.dropout(self.self_attn(q, k, value=x, attn_mask=tgt_mask,
+                                                key_padding_mask=tgt_key_padding_mask)[0])
+        return tgt if self.normalize_before else self.norm(tgt)
+
+
+class CrossAttentionLayer(nn.Module):
+    def __init__(self, d_model, nhead, dropout=0.0, normalize_before=False):
+        super().__init__()
+        self.multihead_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
+        self.norm, self.dropout, self.normalize_before = nn.LayerNorm(d_model), nn.Dropout(dropout), normalize_before
+
+    def forward(self, tgt, memory, memory_mask=None, memory_key_padding_mask=None, pos=None, query_pos=None):
+        x = self.norm(tgt) if self.normalize_before else tgt
+        tgt = tgt + self.dropout(self.multihead_attn(query=x if query_pos is None else x + query_pos,
+                                                     key=memory if pos is None else memory + pos, value=memory,
+                                                     attn_mask=memory_mask, key_padding_mask=memory_key_padding_mask)[0])
+        return tgt if self.normalize_before else self.norm(tgt)
+
+
+class FFNLayer(nn.Module):
+    def __init__(self, d_model, dim_feedforward=2048, dropout=0.0, normalize_before=False):
+        super().__init__()
+        self.linear1, self.dropout, self.linear2 = nn.Linear(d_model, dim_feedforward), nn.Dropout(dropout), \
+            nn.Linear(dim_feedforward, d_model)
+        self.norm, self.activation, self.normalize_before = nn.LayerNorm(d_model), F.relu, normalize_before
+
+    def forward(self, tgt):
+        x = self.norm(tgt) if self.normalize_before else tgt
+        tgt = tgt + self.dropout(self.linear2(self.dropout(self.activation(self.linear1(x)))))
+        return tgt if self.normalize_before else self.norm(tgt)
+
+
+class MLP(nn.Module):
+    def __init__(self, input_dim, hidden_dim, output_dim, num_layers):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
+        self.layers = nn.ModuleList(nn.Linear(n, k) for n, k in zip(dims, [hidden_dim] * (num_layers - 1) + [output_dim]))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = torch.relu(layer(x)) if i < len(self.layers) - 1 else layer(x)
+        return x
+
+
+class MultiScaleMaskedTransformerDecoder(nn.Module):
+    def __init__(self, in_channels=32, num_classes=5, hidden_dim=32, num_queries=10, nheads=4, dim_feedforward=64,
+                 dec_layers=5, pre_norm=False, mask_dim=32):
+        super().__init__()
+        self.pe_layer = PositionEmbeddingSine(hidden_dim // 2)
+        self.num_heads, self.num_layers, self.num_feature_levels = nheads, dec_layers, 3
+        self.transformer_self_attention_layers = nn.ModuleList(
+            SelfAttentionLayer(hidden_dim, nheads, normalize_before=pre_norm) for _ in range(dec_layers))
+        self.transformer_cross_attention_layers = nn.ModuleList(
+            CrossAttentionLayer(hidden_dim, nheads, normalize_before=pre_norm) for _ in range(dec_layers))
+        self.transformer_ffn_layers = nn.ModuleList(
+            FFNLayer(hidden_dim, dim_feedforward, normalize_before=pre_norm) for _ in range(dec_layers))
+        self.post_norm = nn.LayerNorm(hidden_dim)
+        self.num_queries = num_queries
+        self.query_feat, self.query_embed = nn.Embedding(num_queries, hidden_dim), nn.Embedding(num_queries, hidden_dim)
+        self.level_embed = nn.Embedding(self.num_feature_levels, hidden_dim)
+        self.input_proj = nn.ModuleList(nn.Sequential() if in_channels == hidden_dim else nn.Conv2d(in_channels, hidden_dim, 1)
+                                        for _ in range(self.num_feature_levels))
+        self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
+        self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
+
+    def forward(self, x, mask_features, mask=None):
+        src, pos, size_list = [], [], []
+        for i in range(self.num_feature_levels):
+            size_list.append(x[i].shape[-2:])
+            pos.append(self.pe_layer(x[i], None).flatten(2).permute(2, 0, 1))
+            src.append((self.input_proj[i](x[i]).flatten(2) + self.level_embed.weight[i][None, :, None]).permute(2, 0, 1))
+        bs = src[0].shape[1]
+        query_embed = self.query_embed.weight.unsqueeze(1).repeat(1, bs, 1)
+        output = self.query_feat.weight.unsqueeze(1).repeat(1, bs, 1)
+        predictions_class, predictions_mask = [], []
+        outputs_class, outputs_mask, attn_mask = self.forward_prediction_heads(output, mask_features, size_list[0])
+        predictions_class.append(outputs_class)
+        predictions_mask.append(outputs_mask)
+        for i in range(self.num_layers):
+            level_index = i % self.num_feature_levels
+            attn_mask[torch.where(attn_mask.sum(-1) == attn_mask.shape[-1])] = False
+            output = self.transformer_cross_attention_layers[i](output, src[level_index], memory_mask=attn_mask,
+                                                                memory_key_padding_mask=None, pos=pos[level_index],
+                                                                query_pos=query_embed)
+            output = self.transformer_self_attention_layers[i](output, tgt_mask=None, tgt_key_padding_mask=None,
+                                                               query_pos=query_embed)
+            output = self.transformer_ffn_layers[i](output)
+            outputs_class, outputs_mask, attn_mask = self.forward_prediction_heads(
+                output, mask_features, size_list[(i + 1) % self.num_feature_levels])
+            predictions_class.append(outputs_class)
+            predictions_mask.append(outputs_mask)
+        return {"pred_logits": predictions_class[-1], "pred_masks": predictions_mask[-1],
+                "aux_outputs": [{"pred_logits": a, "pred_masks": b}
+                                for a, b in zip(predictions_class[:-1], predictions_mask[:-1])]}
+
+    def forward_prediction_heads(self, output, mask_features, attn_mask_target_size):
+        decoder_output = self.post_norm(output).transpose(0, 1)
+        outputs_class = self.class_embed(decoder_output)
+        outputs_mask = torch.einsum("bqc,bchw->bqhw", self.mask_embed(decoder_output), mask_features)
+        attn_mask = F.interpolate(outputs_mask, size=attn_mask_target_size, mode="bilinear", align_corners=False)
+        attn_mask = (attn_mask.sigmoid().flatten(2).unsqueeze(1).repeat(1, self.num_heads, 1, 1).flatten(0, 1)
+                     < 0.5).bool().detach()
+        return outputs_class, outputs_mask, attn_mask

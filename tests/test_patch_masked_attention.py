@@ -6,6 +6,7 @@ from unittest import mock
 
 import pytest
 import torch
+from dinov3_seg_official import MultiScaleMaskedTransformerDecoder
 from helpers import DEVICE
 from test_patch import BACKENDS, rel_err
 
@@ -162,3 +163,55 @@ def test_unsupported_decoder_is_left_alone_with_a_reason():
     assert not [s for s in report.swapped if s.fused == FUSED]
     skipped = [s for s in report.skipped if s.cls == "Mask2FormerMaskedAttentionDecoder"]
     assert skipped and skipped[0].reasons[0] == "layers.0.activation_fn is GELUActivation, not ReLU"
+
+
+def official_decoder(heads=4, pre_norm=False):
+    """A module tree following dinov3's MultiScaleMaskedTransformerDecoder over a 96x64 input's
+    1/32, 1/16 and 1/8 maps, with 1/4 mask features (centred plus one constant channel: mixed masks)."""
+    torch.manual_seed(0)
+    model = MultiScaleMaskedTransformerDecoder(nheads=heads, pre_norm=pre_norm).to(DEVICE).eval()
+    x = [torch.randn(2, 32, h, w, device=DEVICE) for h, w in ((3, 2), (6, 4), (12, 8))]
+    features = torch.randn(2, 32, 24, 16, device=DEVICE)
+    features[:, 0] = 8
+
+    def run():
+        out = model(x, features)
+        return torch.cat([out["pred_logits"].flatten(), out["pred_masks"].flatten()]
+                         + [t.flatten() for a in out["aux_outputs"] for t in a.values()])
+
+    return model, run
+
+
+OFFICIAL_KEYS = {"transformer_cross_attention_layers.0.multihead_attn.in_proj_weight",
+                 "transformer_cross_attention_layers.0.multihead_attn.out_proj.bias",
+                 "transformer_self_attention_layers.4.self_attn.in_proj_bias", "transformer_ffn_layers.2.linear1.weight",
+                 "transformer_ffn_layers.2.norm.weight", "post_norm.weight", "query_feat.weight", "query_embed.weight",
+                 "level_embed.weight", "class_embed.weight", "mask_embed.layers.2.bias"}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("heads,pre_norm", [(4, False), (16, False), (4, True)], ids=["dh8", "dh2", "pre-norm"])
+def test_patched_official_decoder_matches_original(heads, pre_norm, backend):
+    model, run = official_decoder(heads, pre_norm)
+    assert OFFICIAL_KEYS <= set(model.state_dict())
+    with torch.no_grad():
+        ref = run()
+    keys = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    report = fastdino.patch(model, backend=backend)
+    assert [(s.fused, s.backend) for s in report.swapped] == [("FusedMultiScaleMaskedTransformerDecoder", backend)]
+    assert {k: v.data_ptr() for k, v in model.state_dict().items()} == keys
+    with torch.no_grad(), mock.patch("fastdino.modules.masked_attention",
+                                     wraps=fastdino.modules.masked_attention) as op:
+        out = run()
+    assert op.call_count == (0 if backend == "ref" else 2 * model.num_layers)
+    assert rel_err(out, ref) <= 1e-5, rel_err(out, ref)
+    assert fastdino.unpatch(model) == 1
+    with torch.no_grad():
+        torch.testing.assert_close(run(), ref, atol=0, rtol=0)
+
+
+def test_official_decoder_left_alone_with_a_reason():
+    model, _ = official_decoder()
+    model.transformer_ffn_layers[1].activation = torch.nn.GELU()
+    report = fastdino.patch(model)
+    assert report.swapped == [] and report.skipped[0].reasons == ["transformer_ffn_layers.1.activation is not ReLU"]
