@@ -9,16 +9,18 @@ from . import _ext
 from .ops._dispatch import BACKENDS, first_backend
 
 # The op modules (fastdino.ops exports functionals of the same names).
-_aln, _ra, _fl, _msda = (importlib.import_module(f"fastdino.ops.{op}")
-                         for op in ("add_layer_norm", "rope_attention", "fused_linear", "ms_deform_attn"))
+_aln, _ra, _fl, _msda, _ma = (importlib.import_module(f"fastdino.ops.{op}") for op in
+                              ("add_layer_norm", "rope_attention", "fused_linear", "ms_deform_attn", "masked_attention"))
 
-# Per op, on a representative problem (C = 1024 rows, head dim 64): the priority per device, why a
+# Per op, on a representative problem (C = 1024 rows, head dim 64, 32 for the decoders' masked
+# attention): the priority per device, why a
 # backend cannot run, and which one runs.
 _TABLE = [
     ("add_layer_norm", _aln.PRIORITY, lambda b, dev, dt: _aln.backend_reasons(b, dev, dt, 1024)),
     ("rope_attention", _ra.PRIORITY, lambda b, dev, dt: _ra.backend_reasons(b, dev, dt, 64)),
     ("fused_linear", _fl.PRIORITY, lambda b, dev, dt: _fl.backend_reasons(b, dev, dt)),
     ("ms_deform_attn", _msda.PRIORITY, lambda b, dev, dt: _msda.backend_reasons(b, dev, dt)),
+    ("masked_attention", _ma.PRIORITY, lambda b, dev, dt: _ma.backend_reasons(b, dev, dt, 32)),
 ]
 
 
