@@ -596,6 +596,23 @@ def _dropout_active(module: nn.Module) -> bool:
                                    (isinstance(m, nn.MultiheadAttention) and m.dropout > 0) for m in module.modules())
 
 
+def masked_decoder_backend(device: torch.device, dtype: torch.dtype, width: int, heads: int) -> str:
+    """What masked_attention picks for a Mask2Former decoder of this width and head count."""
+    return masked_attention_preferred(device, dtype, width // heads)[0]
+
+
+def _masked_decoder_runs(decoder: nn.Module, x: Tensor, norm_weight: Tensor, heads: int) -> bool:
+    """Whether a Mask2Former decoder takes its fused forward: a pinned kernel backend, or no
+    dropout in training, no grad, and a kernel that masked_attention picks (not its reference)."""
+    if decoder._fastdino_backend is not None:
+        return decoder._fastdino_backend != "ref"
+    if _dropout_active(decoder):  # transformers' cross_attn carries config.dropout, as its layer drop
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or norm_weight.requires_grad):
+        return False
+    return masked_decoder_backend(x.device, x.dtype, norm_weight.shape[0], heads) != "ref"
+
+
 class FusedMask2FormerMaskedAttentionDecoder:
     """transformers' Mask2FormerMaskedAttentionDecoder with the masked cross-attention on
     masked_attention: the mask predictor's logits, resized to the next level, go to the kernel as
@@ -608,14 +625,7 @@ class FusedMask2FormerMaskedAttentionDecoder:
     """
 
     def _fastdino_runs(self, x: Tensor) -> bool:
-        if self._fastdino_backend is not None:
-            return self._fastdino_backend != "ref"
-        if self.training and self.config.dropout > 0:
-            return False
-        if torch.is_grad_enabled() and (x.requires_grad or self.layernorm.weight.requires_grad):
-            return False
-        head_dim = x.shape[-1] // self.mask_predictor.num_heads
-        return masked_attention_preferred(x.device, x.dtype, head_dim)[0] != "ref"
+        return _masked_decoder_runs(self, x, self.layernorm.weight, self.mask_predictor.num_heads)
 
     def _fastdino_predict(self, output: Tensor, pixel_embeddings: Tensor, size) -> tuple[Tensor, Tensor]:
         """The mask predictor's (mask logits at 1/4, logits resized to `size` as (B, Q, HW))."""
@@ -722,14 +732,7 @@ class FusedMultiScaleMaskedTransformerDecoder:
     """
 
     def _fastdino_runs(self, x: Tensor) -> bool:
-        if self._fastdino_backend is not None:
-            return self._fastdino_backend != "ref"
-        if _dropout_active(self):
-            return False
-        if torch.is_grad_enabled() and (x.requires_grad or self.post_norm.weight.requires_grad):
-            return False
-        head_dim = self.post_norm.weight.shape[0] // self.num_heads
-        return masked_attention_preferred(x.device, x.dtype, head_dim)[0] != "ref"
+        return _masked_decoder_runs(self, x, self.post_norm.weight, self.num_heads)
 
     def _fastdino_heads(self, output: Tensor, mask_features: Tensor, size):
         """forward_prediction_heads with the resized mask logits, (B, Q, HW), in place of the mask."""

@@ -10,7 +10,6 @@ from . import _ext, modules
 from .ops._dispatch import BACKENDS
 from .ops.add_layer_norm import preferred_backend as aln_preferred
 from .ops.fused_linear import preferred_backend as linear_preferred
-from .ops.masked_attention import preferred_backend as masked_preferred
 from .ops.ms_deform_attn import preferred_backend as msda_preferred
 from .ops.rope_attention import preferred_backend as attn_preferred
 
@@ -54,14 +53,12 @@ def _msda_backend(module):
     return msda_preferred(w.device, w.dtype)[0]
 
 
-def _masked_decoder_backend(module):
-    w = module.layernorm.weight
-    return masked_preferred(w.device, w.dtype, w.shape[0] // module.mask_predictor.num_heads)[0]
+def _decoder_backend(norm, heads):
+    def backend(module):
+        w = getattr(module, norm).weight
+        return modules.masked_decoder_backend(w.device, w.dtype, w.shape[0], heads(module))
 
-
-def _official_decoder_backend(module):
-    w = module.post_norm.weight
-    return masked_preferred(w.device, w.dtype, w.shape[0] // module.num_heads)[0]
+    return backend
 
 
 @dataclass(frozen=True)
@@ -120,10 +117,10 @@ RULES = (
          _msda_backend),
     # Mask2Former's masked-attention transformer decoder (transformers)
     Rule("Mask2FormerMaskedAttentionDecoder", modules.FusedMask2FormerMaskedAttentionDecoder,
-         modules.mask2former_decoder_reasons, _masked_decoder_backend),
+         modules.mask2former_decoder_reasons, _decoder_backend("layernorm", lambda m: m.mask_predictor.num_heads)),
     # dinov3's Mask2Former head (dinov3/eval/segmentation/models/heads/mask2former_transformer_decoder.py)
     Rule("MultiScaleMaskedTransformerDecoder", modules.FusedMultiScaleMaskedTransformerDecoder,
-         modules.official_mask2former_decoder_reasons, _official_decoder_backend),
+         modules.official_mask2former_decoder_reasons, _decoder_backend("post_norm", lambda m: m.num_heads)),
     Rule("SwiGLU", modules.FusedSwiGLU,
          modules.mlp_reasons(("fc1_g", "fc1_x", "fc2"), "act", modules.is_silu, "SiLU", identity=("norm",)),
          _mlp_backend("fc1_g")),

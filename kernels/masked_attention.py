@@ -19,6 +19,8 @@ D = 2), are padded inside the kernel with masked loads; the caller's tensors are
 import triton
 import triton.language as tl
 
+from .flash import online_softmax_step
+
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 128
 LIFT_BLOCK = 1024  # keys per step of the lift kernel
@@ -111,21 +113,9 @@ def _masked_attention_fwd_kernel(
                         mask=m_ok[:, None] & n_ok[None, :], other=0.0)
             keep = keep & (lift[:, None] | ~_blocked(x))
         s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with no open key yet keeps m = -inf: shift by 0 so exp2 gives 0, not NaN.
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :],
                     other=0.0)
-        acc = acc * alpha[:, None]
-        p = p.to(V.dtype.element_ty)  # rounded to the storage type like any flash kernel's P
-        if UPCAST:
-            p = p.to(tl.float32)
-            v = v.to(tl.float32)
-        acc = tl.dot(p, v, acc, input_precision=PRECISION)
-        m_i = m_new
+        acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, v, UPCAST, PRECISION, True)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_off = offs_m.to(tl.int64)[:, None] * stride_on + offs_d[None, :]
     tl.store(O + o_off, out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])

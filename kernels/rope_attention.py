@@ -16,6 +16,8 @@ two fused multiply-adds per element, and q.k^T is the sum of two dots over the h
 import triton
 import triton.language as tl
 
+from .flash import online_softmax_step
+
 LOG2E = 1.4426950408889634
 HEAD_DIMS = tuple(range(16, 129, 16))  # head dims the kernel is built and tested for
 FP32_MAX_HEAD_DIM = 64  # fp32 beyond this spills registers on sm_90 whatever the tiles
@@ -73,20 +75,10 @@ def _attend_block(
     s = s * qk_scale
     if MASK_N:
         s = tl.where(n_ok[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.math.exp2(s - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
     v_off = offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :]
     vm = (n_ok[:, None] & d_ok[None, :]) if MASK_N else d_ok[None, :]
     v = tl.load(V + v_off, mask=vm, other=0.0)
-    acc = acc * alpha[:, None]
-    p = p.to(V.dtype.element_ty)  # rounded to the storage type like any flash kernel's P
-    if UPCAST:
-        p = p.to(tl.float32)
-        v = v.to(tl.float32)
-    acc = tl.dot(p, v, acc, input_precision=PRECISION)
-    return acc, m_new, l_i
+    return online_softmax_step(acc, m_i, l_i, s, v, UPCAST, PRECISION, False)
 
 
 @triton.jit

@@ -71,8 +71,8 @@ def official_extractor():
     return attn, lambda: attn(query, ref, feat, shapes, starts)
 
 
-def hf_mask2former(backbone="swin"):
-    torch.manual_seed(0)
+def mask2former_config(backbone="swin", **overrides):
+    """A tiny Mask2FormerConfig (dinov3-stack.md §4.5) with a Swin or a DINOv3ViT backbone."""
     if backbone == "swin":
         bc = transformers.SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1],
                                      num_heads=[1, 1, 2, 2], window_size=4,
@@ -81,10 +81,15 @@ def hf_mask2former(backbone="swin"):
         bc = transformers.DINOv3ViTConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                                           num_attention_heads=4, num_register_tokens=4, out_indices=[1, 2, 3, 4],
                                           reshape_hidden_states=True)
-    cfg = transformers.Mask2FormerConfig(backbone_config=bc, feature_size=32, mask_feature_size=32, hidden_dim=32,
-                                         encoder_feedforward_dim=64, dim_feedforward=64, encoder_layers=2,
-                                         decoder_layers=3, num_attention_heads=4, num_queries=10, num_labels=5)
-    model = transformers.Mask2FormerForUniversalSegmentation(cfg).to(DEVICE).eval()
+    kw = dict(backbone_config=bc, feature_size=32, mask_feature_size=32, hidden_dim=32, encoder_feedforward_dim=64,
+              dim_feedforward=64, encoder_layers=2, decoder_layers=3, num_attention_heads=4, num_queries=10,
+              num_labels=5)
+    return transformers.Mask2FormerConfig(**{**kw, **overrides})
+
+
+def hf_mask2former(backbone="swin"):
+    torch.manual_seed(0)
+    model = transformers.Mask2FormerForUniversalSegmentation(mask2former_config(backbone)).to(DEVICE).eval()
     for m in model.modules():
         if type(m).__name__ == "Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention":
             random_offsets(m, scale=1.0)

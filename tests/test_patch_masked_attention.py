@@ -9,6 +9,7 @@ import torch
 from dinov3_seg_official import MultiScaleMaskedTransformerDecoder
 from helpers import DEVICE
 from test_patch import BACKENDS, rel_err
+from test_patch_deformable import mask2former_config
 
 import fastdino
 
@@ -28,21 +29,9 @@ def _mixed_masks(module, inputs, out):
 
 def hf_mask2former(backbone="swin", dtype=torch.float32, **cfg):
     torch.manual_seed(0)
-    if backbone == "swin":
-        bc = transformers.SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1],
-                                     num_heads=[1, 1, 2, 2], window_size=4,
-                                     out_features=["stage1", "stage2", "stage3", "stage4"])
-    else:
-        bc = transformers.DINOv3ViTConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                                          num_attention_heads=4, num_register_tokens=4, out_indices=[1, 2, 3, 4],
-                                          reshape_hidden_states=True)
     # 5 decoder layers (decoder_layers - 1): every level is attended, the first one twice
-    kw = dict(backbone_config=bc, feature_size=32, mask_feature_size=32, hidden_dim=32, encoder_feedforward_dim=64,
-              dim_feedforward=64, encoder_layers=1, decoder_layers=6, num_attention_heads=4, num_queries=10,
-              num_labels=5)
-    kw.update(cfg)
-    model = transformers.Mask2FormerForUniversalSegmentation(transformers.Mask2FormerConfig(**kw))
-    model = model.to(DEVICE, dtype).eval()
+    cfg = mask2former_config(backbone, **{"encoder_layers": 1, "decoder_layers": 6, **cfg})
+    model = transformers.Mask2FormerForUniversalSegmentation(cfg).to(DEVICE, dtype).eval()
     model.model.pixel_level_module.decoder.mask_projection.register_forward_hook(_mixed_masks)
     pixels = torch.randn(2, 3, 96, 64, device=DEVICE, dtype=dtype)
 
