@@ -39,5 +39,6 @@ TORCH_LIBRARY(fastdino, m) {
   m.def("masked_attention(Tensor q, Tensor k, Tensor v, Tensor? mask_logits, float scale) -> Tensor");
   m.def("ms_deform_attn(Tensor value, Tensor spatial_shapes, Tensor level_start_index, Tensor sampling_locations, "
         "Tensor attention_weights) -> Tensor");
-  m.def("rope_attention(Tensor q, Tensor k, Tensor v, Tensor? cos, Tensor? sin, float scale) -> Tensor");
+  m.def("rope_attention(Tensor q, Tensor k, Tensor v, Tensor? cos, Tensor? sin, Tensor? mask_logits, float scale) "
+        "-> Tensor");
 }

@@ -4,6 +4,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/ones.h>
 #include <ATen/ops/scaled_dot_product_attention.h>
 #include <torch/library.h>
 
@@ -16,19 +17,31 @@ namespace fastdino {
 
 // The device-independent part of the op: rotate with the device's `rope_qk` ((q, k, cos, sin) -> new
 // contiguous (B, N, H, D) q and k; tables in their own dtype), then ATen attention on transposed
-// views (no copies).
+// views (no copies). EoMT's mask: the M masked rows run again through ATen attention with a
+// (B, 1, M, N) boolean mask (True = attend; it broadcasts over the heads), built from logit > 0,
+// and replace their unmasked result: M / N of the attention is done twice (about 6% at ViT-L 640^2)
+// instead of building the models' dense (B, heads, N, N) additive mask.
 template <typename RopeFn>
 at::Tensor rope_attention_with(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
-                               double scale, RopeFn rope_qk) {
-  check_rope_attention_args(q, k, v, cos, sin);
+                               const std::optional<at::Tensor>& mask_logits, double scale, RopeFn rope_qk) {
+  check_rope_attention_args(q, k, v, cos, sin, mask_logits);
   at::Tensor qr = q, kr = k;
   if (cos.has_value()) {
     std::tie(qr, kr) = rope_qk(q, k, cos->contiguous(), sin->contiguous());
   }
-  auto out = at::scaled_dot_product_attention(qr.transpose(1, 2), kr.transpose(1, 2), v.transpose(1, 2), {}, 0.0,
-                                              false, scale);
-  return out.transpose(1, 2).contiguous();
+  const auto kt = kr.transpose(1, 2), vt = v.transpose(1, 2);
+  auto out = at::scaled_dot_product_attention(qr.transpose(1, 2), kt, vt, {}, 0.0, false, scale)
+                 .transpose(1, 2)
+                 .contiguous();
+  if (!mask_logits.has_value() || mask_logits->size(1) == 0) return out;
+  const auto& logits = *mask_logits;
+  const int64_t B = q.size(0), N = q.size(1), M = logits.size(1), K = logits.size(2);
+  auto open = at::ones({B, 1, M, N}, q.options().dtype(at::kBool));
+  open.narrow(3, N - K, K).copy_(logits.gt(0).unsqueeze(1));
+  auto masked = at::scaled_dot_product_attention(qr.narrow(1, 0, M).transpose(1, 2), kt, vt, open, 0.0, false, scale);
+  out.narrow(1, 0, M).copy_(masked.transpose(1, 2));
+  return out;
 }
 
 namespace {
@@ -80,9 +93,9 @@ std::tuple<at::Tensor, at::Tensor> rope_qk_cpu(const at::Tensor& q, const at::Te
 
 at::Tensor rope_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
-                              double scale) {
+                              const std::optional<at::Tensor>& mask_logits, double scale) {
   TORCH_CHECK(q.device().is_cpu(), "rope_attention (CPU kernel): q must be on the CPU, got ", device_str(q));
-  return rope_attention_with(q, k, v, cos, sin, scale, rope_qk_cpu);
+  return rope_attention_with(q, k, v, cos, sin, mask_logits, scale, rope_qk_cpu);
 }
 
 }  // namespace
@@ -93,9 +106,9 @@ std::tuple<at::Tensor, at::Tensor> rope_qk_cuda(const at::Tensor& q, const at::T
 
 at::Tensor rope_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
-                               double scale) {
+                               const std::optional<at::Tensor>& mask_logits, double scale) {
   TORCH_CHECK(q.is_cuda(), "rope_attention (CUDA kernel): q must be on a CUDA device, got ", device_str(q));
-  return rope_attention_with(q, k, v, cos, sin, scale, rope_qk_cuda);
+  return rope_attention_with(q, k, v, cos, sin, mask_logits, scale, rope_qk_cuda);
 }
 
 TORCH_LIBRARY_IMPL(fastdino, CUDA, m) { m.impl("rope_attention", &rope_attention_cuda); }

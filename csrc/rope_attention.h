@@ -22,7 +22,8 @@ C10_HOST_DEVICE inline void rope_pair(float x1, float x2, float c1, float c2, fl
 
 // Argument checks shared by every backend of the C++ op; messages name the argument.
 inline void check_rope_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                      const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin) {
+                                      const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
+                                      const std::optional<at::Tensor>& mask_logits) {
   TORCH_CHECK(q.dim() == 4, "rope_attention: q must be (B, N, H, D), got shape ", shape_str(q));
   const auto dtype = q.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
@@ -39,6 +40,15 @@ inline void check_rope_attention_args(const at::Tensor& q, const at::Tensor& k, 
   TORCH_CHECK(q.stride(-1) == 1, "rope_attention: q must have stride 1 along the head dim");
   same(k, "k");
   same(v, "v");
+  if (mask_logits.has_value()) {
+    const auto& m = *mask_logits;
+    TORCH_CHECK(m.dim() == 3 && m.size(0) == q.size(0) && m.size(1) + m.size(2) <= q.size(1),
+                "rope_attention: mask_logits must be (B=", num(q.size(0)), ", M, K) with M + K <= N=", num(q.size(1)),
+                ", got ", shape_str(m));
+    TORCH_CHECK(m.device() == q.device(), "rope_attention: mask_logits is on ", device_str(m), " but q is on ",
+                device_str(q));
+    TORCH_CHECK(m.is_floating_point(), "rope_attention: mask_logits must be floating point, got ", m.scalar_type());
+  }
   TORCH_CHECK(cos.has_value() == sin.has_value(), "rope_attention: cos and sin must be given together");
   if (!cos.has_value()) return;
   const int64_t N = q.size(1), D = q.size(3);

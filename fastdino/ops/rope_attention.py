@@ -9,6 +9,15 @@ are. cos/sin are the model's own tables, (HW, D), computed once per forward. Wit
 plain attention. Token-major layout is what the projections produce and consume, so a fused qkv
 output is passed as three strided views and nothing is transposed or copied.
 
+``mask_logits`` (B, M, K) is EoMT's query-to-patch mask: the first M query rows (the prepended
+queries) see each of the trailing K keys (the patches) only where its logit is > 0, the models'
+``interpolated_logits > 0`` in the logits' own dtype (NaN blocks). Every other entry is open, and
+M + K <= N is required, so each masked row keeps its N - K >= M open prefix keys and no row is
+ever empty: unlike Mask2Former (masked_attention) there is no fully-blocked-row rule. The dense
+(B, heads, N, N) additive mask the models build is never made: the Triton kernel reads the logits
+tile next to each key block, the C++ form runs the M masked rows as a second ATen attention with a
+(B, 1, M, N) boolean mask.
+
 Backends: ``cuda`` and ``cpu`` (fastdino._C: one C++ pass that rotates q and k, then ATen's
 scaled_dot_product_attention, i.e. flash attention on the GPU), ``triton`` (the flash-style kernel
 in kernels/rope_attention.py, RoPE applied on load), ``ref``. On CUDA tensors the priority is
@@ -41,36 +50,54 @@ def rope_ref(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x[:, :prefix], turned.to(x.dtype)), dim=1)
 
 
-def rope_attention_ref(q, k, v, cos=None, sin=None, scale=None):
-    """Reference (and fallback): rope_ref on q and k, then F.scaled_dot_product_attention."""
+def query_key_mask(mask_logits: Tensor, N: int) -> Tensor:
+    """EoMT's rule as a boolean (B, 1, M, N) mask, True = attend: the first M query rows see the
+    trailing K = mask_logits.shape[2] keys where the logit is > 0, and every other key."""
+    B, M, K = mask_logits.shape
+    open_ = torch.ones(B, 1, M, N, dtype=torch.bool, device=mask_logits.device)
+    open_[:, 0, :, N - K:] = mask_logits > 0
+    return open_
+
+
+def rope_attention_ref(q, k, v, cos=None, sin=None, scale=None, mask_logits=None):
+    """Reference (and fallback): rope_ref on q and k, then F.scaled_dot_product_attention; with
+    mask_logits, the first M rows again with query_key_mask."""
     if cos is not None:
         q, k = rope_ref(q, cos, sin), rope_ref(k, cos, sin)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
-    return out.transpose(1, 2)
+    kt, vt = k.transpose(1, 2), v.transpose(1, 2)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), kt, vt, scale=scale).transpose(1, 2)
+    if mask_logits is None:
+        return out
+    M = mask_logits.shape[1]
+    masked = F.scaled_dot_product_attention(q[:, :M].transpose(1, 2), kt, vt,
+                                            attn_mask=query_key_mask(mask_logits, q.shape[1]), scale=scale)
+    return torch.cat((masked.transpose(1, 2), out[:, M:]), dim=1)
 
 
 @torch.library.custom_op("fastdino::rope_attention_triton", mutates_args=())
 def rope_attention_triton(
-    q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor], sin: Optional[Tensor], scale: float
+    q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor], sin: Optional[Tensor], mask_logits: Optional[Tensor],
+    scale: float,
 ) -> Tensor:
-    _check_args(q, k, v, cos, sin)
-    errors = _layout_reasons(q, k, v, cos, sin) + _ext.dtype_reasons(q.dtype) + _triton_reasons(q.dtype, q.shape[-1])
+    _check_args(q, k, v, cos, sin, mask_logits)
+    errors = (_layout_reasons(q, k, v, cos, sin, mask_logits) + _ext.dtype_reasons(q.dtype)
+              + _triton_reasons(q.dtype, q.shape[-1]))
     if errors:
         raise ValueError(f"rope_attention (Triton kernel): {'; '.join(errors)}")
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    rope_attention_fwd(q, k, v, cos, sin, scale, out, interpret=_ext.INTERPRET)
+    rope_attention_fwd(q, k, v, cos, sin, scale, out, mask_logits=mask_logits, interpret=_ext.INTERPRET)
     return out
 
 
 @rope_attention_triton.register_fake
-def _(q, k, v, cos, sin, scale):
+def _(q, k, v, cos, sin, mask_logits, scale):
     return q.new_empty(q.shape)
 
 
 if _ext.HAS_EXT:
 
     @torch.library.register_fake("fastdino::rope_attention")
-    def _(q, k, v, cos, sin, scale):
+    def _(q, k, v, cos, sin, mask_logits, scale):
         return q.new_empty(q.shape)
 
 
@@ -94,7 +121,7 @@ def backend_reasons(backend: str, device: torch.device, dtype: torch.dtype, D: i
     return reasons
 
 
-def _layout_reasons(q, k, v, cos, sin) -> list[str]:
+def _layout_reasons(q, k, v, cos, sin, mask_logits=None) -> list[str]:
     """What the kernels need: one dtype for q, k, v; unit stride along the head dim."""
     reasons = [f"{n} has dtype {t.dtype} != q.dtype" for n, t in (("k", k), ("v", v)) if t.dtype != q.dtype]
     reasons += [f"{n} has stride {t.stride(-1)} along the head dim (needs 1)"
@@ -104,14 +131,16 @@ def _layout_reasons(q, k, v, cos, sin) -> list[str]:
         reasons.append(f"cos has dtype {cos.dtype} but sin has {sin.dtype}")
     if cos is not None and cos.dtype not in _ext.KERNEL_DTYPES:
         reasons.append(f"cos has dtype {cos.dtype}")
+    if mask_logits is not None and mask_logits.dtype not in _ext.KERNEL_DTYPES:
+        reasons.append(f"mask_logits has dtype {mask_logits.dtype}")
     return reasons
 
 
-def _input_reasons(q, k, v, cos, sin) -> list[str]:
-    return _layout_reasons(q, k, v, cos, sin) + requires_grad(q, k, v, cos, sin)
+def _input_reasons(q, k, v, cos, sin, mask_logits=None) -> list[str]:
+    return _layout_reasons(q, k, v, cos, sin, mask_logits) + requires_grad(q, k, v, cos, sin)
 
 
-def _check_args(q, k, v, cos, sin):
+def _check_args(q, k, v, cos, sin, mask_logits=None):
     if q.dim() != 4:
         raise ValueError(f"rope_attention: q must be (B, N, H, D), got shape {tuple(q.shape)}")
     for name, t in (("k", k), ("v", v)):
@@ -130,6 +159,15 @@ def _check_args(q, k, v, cos, sin):
                 raise ValueError(f"rope_attention: {name} is on {t.device} but q is on {q.device}")
         if D % 2:
             raise ValueError(f"rope_attention: RoPE needs an even head dim, got {D}")
+    if mask_logits is not None:
+        B, N = q.shape[:2]
+        if mask_logits.dim() != 3 or mask_logits.shape[0] != B or mask_logits.shape[1] + mask_logits.shape[2] > N:
+            raise ValueError(f"rope_attention: mask_logits must be (B={B}, M, K) with M + K <= N={N}, "
+                             f"got {tuple(mask_logits.shape)}")
+        if mask_logits.device != q.device:
+            raise ValueError(f"rope_attention: mask_logits is on {mask_logits.device} but q is on {q.device}")
+        if not mask_logits.is_floating_point():
+            raise ValueError(f"rope_attention: mask_logits must be floating point, got {mask_logits.dtype}")
 
 
 def preferred_backend(device, dtype, D, input_reasons=()) -> tuple[str, dict[str, list[str]]]:
@@ -137,27 +175,30 @@ def preferred_backend(device, dtype, D, input_reasons=()) -> tuple[str, dict[str
     return first_backend(PRIORITY, device, lambda b: backend_reasons(b, device, dtype, D), input_reasons)
 
 
-def select_backend(q, k, v, cos=None, sin=None) -> tuple[str, dict[str, list[str]]]:
-    return preferred_backend(q.device, q.dtype, q.shape[-1], _input_reasons(q, k, v, cos, sin))
+def select_backend(q, k, v, cos=None, sin=None, mask_logits=None) -> tuple[str, dict[str, list[str]]]:
+    return preferred_backend(q.device, q.dtype, q.shape[-1], _input_reasons(q, k, v, cos, sin, mask_logits))
 
 
-def rope_attention(q, k, v, cos=None, sin=None, scale: Optional[float] = None, backend: Optional[str] = None):
+def rope_attention(q, k, v, cos=None, sin=None, scale: Optional[float] = None, backend: Optional[str] = None,
+                   mask_logits: Optional[Tensor] = None):
     """Attention over (B, N, H, D) q, k, v with DINOv3's RoPE on the trailing cos.shape[0] tokens.
 
     Equivalent to `rope_attention_ref`; returns (B, N, H, D). `scale` defaults to D**-0.5.
+    `mask_logits` (B, M, K): EoMT's query-to-patch mask (see the module docstring).
     `backend` pins one backend (ValueError with the reasons if it cannot run).
     """
-    _check_args(q, k, v, cos, sin)
+    _check_args(q, k, v, cos, sin, mask_logits)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     backend = resolve_backend(
-        "rope_attention", backend, lambda: select_backend(q, k, v, cos, sin),
-        lambda: backend_reasons(backend, q.device, q.dtype, q.shape[-1]) + _input_reasons(q, k, v, cos, sin),
+        "rope_attention", backend, lambda: select_backend(q, k, v, cos, sin, mask_logits),
+        lambda: backend_reasons(backend, q.device, q.dtype, q.shape[-1])
+        + _input_reasons(q, k, v, cos, sin, mask_logits),
     )
     if backend == "ref":
-        return rope_attention_ref(q, k, v, cos, sin, scale)
+        return rope_attention_ref(q, k, v, cos, sin, scale, mask_logits)
     if backend == "triton":
-        return rope_attention_triton(q, k, v, cos, sin, scale)
-    return torch.ops.fastdino.rope_attention(q, k, v, cos, sin, scale)
+        return rope_attention_triton(q, k, v, cos, sin, mask_logits, scale)
+    return torch.ops.fastdino.rope_attention(q, k, v, cos, sin, mask_logits, scale)
 
 
-__all__ = ["BACKENDS", "rope_attention", "rope_attention_ref", "rope_ref"]
+__all__ = ["BACKENDS", "query_key_mask", "rope_attention", "rope_attention_ref", "rope_ref"]
