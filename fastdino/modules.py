@@ -17,7 +17,8 @@ from .ops.ms_deform_attn import ms_deform_attn, preferred_backend as ms_deform_a
 from .ops.rope_attention import rope_attention
 
 # LayerScale classes and the name of their (C,) scale parameter.
-LAYER_SCALE_PARAM = {"LayerScale": "gamma", "DINOv3ViTLayerScale": "lambda1"}
+LAYER_SCALE_PARAM = {"LayerScale": "gamma", "DINOv3ViTLayerScale": "lambda1", "EomtDinov3LayerScale": "lambda1",
+                     "EomtLayerScale": "lambda1"}
 
 
 def layer_scale_reasons(module: nn.Module, name: str) -> list[str]:
@@ -207,21 +208,31 @@ class FusedSwiGLU(_FusedMlp):
 
 
 class FusedDINOv3ViTMLP(_FusedMlp):
-    """transformers' DINOv3ViTMLP: down_proj(gelu(up_proj(x)))."""
+    """transformers' DINOv3ViTMLP (and EoMT-DINOv3's copy): down_proj(gelu(up_proj(x)))."""
 
     def _fastdino_parts(self):
         return self.up_proj.weight, self.up_proj.bias, "gelu", None, None, self.down_proj
 
 
 class FusedDINOv3ViTGatedMLP(_FusedMlp):
-    """transformers' DINOv3ViTGatedMLP: down_proj(silu(gate_proj(x)) * up_proj(x))."""
+    """transformers' DINOv3ViTGatedMLP (and EoMT's EomtDinov3GatedMLP, EomtSwiGLUFFN):
+    down_proj(silu(gate_proj(x)) * up_proj(x))."""
 
     def _fastdino_parts(self):
         return self.gate_proj.weight, self.gate_proj.bias, "swiglu", self.up_proj.weight, self.up_proj.bias, self.down_proj
 
 
+class FusedEomtMLP(_FusedMlp):
+    """transformers' EomtMLP: fc2(gelu(fc1(x)))."""
+
+    def _fastdino_parts(self):
+        return self.fc1.weight, self.fc1.bias, "gelu", None, None, self.fc2
+
+
 class FusedDINOv3ViTLayer:
-    """transformers' DINOv3ViTLayer with the attention -> MLP seam through add_layer_norm."""
+    """transformers' DINOv3ViTLayer (and EoMT's EomtDinov3Layer, EomtLayer) with the attention ->
+    MLP seam through add_layer_norm. Extra keyword arguments go to the attention, as the original
+    passes them (the fused EoMT model sends `fastdino_mask_logits` this way)."""
 
     def forward(self, hidden_states, attention_mask=None, position_embeddings=None, **kwargs):
         if self.training and not isinstance(self.drop_path, nn.Identity):
@@ -299,12 +310,40 @@ class FusedSelfAttention:
         return self.proj_drop(self.proj(out.reshape(B, N, C)))
 
 
-class FusedDINOv3ViTAttention:
-    """transformers' DINOv3ViTAttention: q/k/v projections, then rope_attention on their outputs."""
+def eomt_attention_reasons(module: nn.Module) -> list[str]:
+    """transformers' EomtAttention (EoMT on DINOv2: no RoPE, so any head dim)."""
+    return children_reasons(module, ("q_proj", "k_proj", "v_proj", "out_proj", "num_heads", "head_dim", "scale",
+                                     "dropout"))
 
-    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, **kwargs):
+
+def eomt_dense_mask(mask_logits: Tensor, N: int, heads: int, dtype: torch.dtype) -> Tensor:
+    """EoMT-DINOv3's own attention mask from query-to-patch logits (B, Q, K): (B, heads, N, N),
+    finfo(dtype).min where a query row's patch logit is not > 0 and, as the model has it, 1 (not 0)
+    where open: a constant per row, which softmax ignores."""
+    B, Q, K = mask_logits.shape
+    attend = torch.ones(B, N, N, dtype=torch.bool, device=mask_logits.device)
+    attend[:, :Q, N - K:] = mask_logits > 0
+    attend = attend[:, None].expand(-1, heads, -1, -1)
+    return attend.to(dtype).masked_fill(~attend, torch.finfo(dtype).min)  # the model's construction
+
+
+class FusedDINOv3ViTAttention:
+    """transformers' DINOv3ViTAttention (and EoMT-DINOv3's copy): q/k/v projections, then
+    rope_attention on their outputs. `fastdino_mask_logits` (B, Q, HW) is EoMT's query-to-patch
+    mask from the fused EoMT model; rope_attention reads it instead of a dense N x N mask."""
+
+    _fastdino_out = "o_proj"
+    _fastdino_scale = "scaling"
+    _fastdino_rope = True
+
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, fastdino_mask_logits=None,
+                **kwargs):
         if _attention_fallback(self.training, self.dropout, mask=attention_mask is not None,
-                               no_rope=position_embeddings is None, weights=kwargs.get("output_attentions")):
+                               no_rope=self._fastdino_rope and position_embeddings is None,
+                               weights=kwargs.get("output_attentions")):
+            if fastdino_mask_logits is not None and attention_mask is None:
+                attention_mask = eomt_dense_mask(fastdino_mask_logits, hidden_states.shape[1], self.num_heads,
+                                                 hidden_states.dtype)
             return super().forward(hidden_states, attention_mask=attention_mask,
                                    position_embeddings=position_embeddings, **kwargs)
         B, N, C = hidden_states.shape
@@ -312,9 +351,18 @@ class FusedDINOv3ViTAttention:
         q = self.q_proj(hidden_states).view(shape)
         k = self.k_proj(hidden_states).view(shape)
         v = self.v_proj(hidden_states).view(shape)
-        cos, sin = position_embeddings
-        out = rope_attention(q, k, v, cos, sin, scale=self.scaling, backend=self._fastdino_backend)
-        return self.o_proj(out.reshape(B, N, -1)), None
+        cos, sin = position_embeddings if self._fastdino_rope else (None, None)
+        out = rope_attention(q, k, v, cos, sin, scale=getattr(self, self._fastdino_scale),
+                             backend=self._fastdino_backend, mask_logits=fastdino_mask_logits)
+        return getattr(self, self._fastdino_out)(out.reshape(B, N, -1)), None
+
+
+class FusedEomtAttention(FusedDINOv3ViTAttention):
+    """transformers' EomtAttention (EoMT on DINOv2): the same without RoPE, out_proj and scale."""
+
+    _fastdino_out = "out_proj"
+    _fastdino_scale = "scale"
+    _fastdino_rope = False
 
 
 class _ForwardCache:
@@ -683,16 +731,16 @@ class FusedMask2FormerMaskedAttentionDecoder:
         hidden = hidden.transpose(1, 0)
         if not return_dict:
             return tuple(v for v in (hidden, all_hidden_states, None, intermediate, masks) if v is not None)
-        return _decoder_output_class(self)(last_hidden_state=hidden, hidden_states=all_hidden_states,
+        return _sibling_class(self, "Mask2FormerMaskedAttentionDecoderOutput")(last_hidden_state=hidden, hidden_states=all_hidden_states,
                                            attentions=None, intermediate_hidden_states=intermediate,
                                            masks_queries_logits=masks)
 
 
-def _decoder_output_class(module: nn.Module) -> type:
-    """The Mask2FormerMaskedAttentionDecoderOutput of the module's own transformers module."""
+def _sibling_class(module: nn.Module, name: str) -> type:
+    """A class (an output dataclass) defined next to the patched module's original class."""
     import sys
 
-    return getattr(sys.modules[module._fastdino_original_class.__module__], "Mask2FormerMaskedAttentionDecoderOutput")
+    return getattr(sys.modules[module._fastdino_original_class.__module__], name)
 
 
 def official_mask2former_decoder_reasons(module: nn.Module) -> list[str]:
@@ -772,3 +820,87 @@ class FusedMultiScaleMaskedTransformerDecoder:
             masks.append(outputs_mask)
         return {"pred_logits": classes[-1], "pred_masks": masks[-1],
                 "aux_outputs": [{"pred_logits": c, "pred_masks": m} for c, m in zip(classes[:-1], masks[:-1])]}
+
+
+# -- EoMT: queries prepended to the last num_blocks layers, masked to their predicted patches -----
+
+
+def eomt_reasons(module: nn.Module) -> list[str]:
+    """transformers' EomtForUniversalSegmentation / EomtDinov3ForUniversalSegmentation."""
+    reasons = children_reasons(module, ("embeddings", "layers", "layernorm", "query", "predict", "attn_mask_probs",
+                                        "grid_size", "num_hidden_layers", "config"))
+    if reasons:
+        return reasons
+    missing = [n for n in ("num_blocks", "num_queries") if not hasattr(module.config, n)]
+    if missing or not hasattr(module.embeddings, "num_prefix_tokens"):
+        return [f"config has no {', '.join(missing) or 'embeddings.num_prefix_tokens'}"]
+    return []
+
+
+def _is_fused(module: nn.Module) -> bool:
+    return hasattr(type(module), "_fastdino_original_class")
+
+
+class FusedEomtForUniversalSegmentation:
+    """EoMT's forward without the dense (B, heads, N, N) attention mask.
+
+    The original builds, for every masked block, a boolean N x N mask, writes the query-to-patch
+    part from the interpolated mask logits, expands it over the heads and turns it into an
+    additive float mask. Here the interpolated logits (B, Q, HW) go to the patched layers'
+    attention as they are (rope_attention's `mask_logits`, rule logit > 0). Everything else is the
+    original's sequence: queries prepended at layer L - num_blocks, a prediction from the
+    layernormed tokens before each masked block while its attn_mask_probs entry is > 0, a mask
+    kept for the following layers, random queries unmasked with probability 1 - p (the same
+    torch.rand call, so the same draw), the final prediction. Outputs are the original's output
+    class with the same fields. The original forward runs in training, with labels (the loss),
+    with any extra argument (output_hidden_states, return_dict, ...), or when a masked layer or its
+    attention was left unpatched.
+    """
+
+    def _fastdino_runs(self, mask_labels, class_labels, kwargs) -> bool:
+        cfg = self.config
+        if self.training or mask_labels is not None or class_labels is not None or kwargs:
+            return False
+        if getattr(cfg, "output_hidden_states", False) or getattr(cfg, "output_attentions", False):
+            return False
+        if getattr(cfg, "return_dict", True) is False:
+            return False
+        first = self.num_hidden_layers - cfg.num_blocks
+        return all(_is_fused(layer) and _is_fused(layer.attention) for layer in self.layers[first:])
+
+    def forward(self, pixel_values, mask_labels=None, class_labels=None, patch_offsets=None, **kwargs):
+        if not self._fastdino_runs(mask_labels, class_labels, kwargs):
+            return super().forward(pixel_values, mask_labels=mask_labels, class_labels=class_labels,
+                                   patch_offsets=patch_offsets, **kwargs)
+        cfg = self.config
+        hidden = self.embeddings(pixel_values)
+        rope = getattr(self, "rope_embeddings", None)  # EoMT-DINOv3; EoMT on DINOv2 has none
+        extra = {} if rope is None else {"position_embeddings": rope(pixel_values.to(hidden.dtype))}
+        first = self.num_hidden_layers - cfg.num_blocks
+        queries = cfg.num_queries
+        logits = None
+        for idx, layer in enumerate(self.layers):
+            if idx == first:
+                query = self.query.weight[None].expand(hidden.shape[0], -1, -1).to(hidden.device)
+                hidden = torch.cat((query, hidden), dim=1)
+            if idx >= first and self.attn_mask_probs[idx - first] > 0:
+                masks, _ = self.predict(self.layernorm(hidden))
+                logits = nn.functional.interpolate(masks, size=self.grid_size, mode="bilinear").flatten(2)
+                patches = hidden.shape[1] - queries - self.embeddings.num_prefix_tokens
+                if logits.shape[2] != patches:
+                    raise ValueError(f"EoMT: the mask grid {tuple(self.grid_size)} has {logits.shape[2]} cells but "
+                                     f"the image gives {patches} patches (pixel_values must be config.image_size)")
+                prob = self.attn_mask_probs[idx - first]
+                if prob < 1:  # the original's _disable_attention_mask, same draw
+                    unmasked = torch.rand(hidden.shape[0], queries, device=hidden.device) > prob
+                    logits = logits.masked_fill(unmasked[..., None], 1.0)
+            if logits is None:
+                hidden = layer(hidden, **extra)
+            else:
+                hidden = layer(hidden, fastdino_mask_logits=logits, **extra)
+        sequence_output = self.layernorm(hidden)
+        masks, classes = self.predict(sequence_output)
+        output_class = self._fastdino_original_class.__name__ + "Output"  # e.g. EomtForUniversalSegmentationOutput
+        return _sibling_class(self, output_class)(
+            loss=None, masks_queries_logits=masks, class_queries_logits=classes, last_hidden_state=sequence_output,
+            patch_offsets=patch_offsets)

@@ -61,6 +61,18 @@ def _decoder_backend(norm, heads):
     return backend
 
 
+def _eomt_backend(module):
+    attn = module.layers[-1].attention
+    return attn_preferred(attn.q_proj.weight.device, attn.q_proj.weight.dtype, attn.head_dim)[0]
+
+
+# transformers' DINOv3ViT layer and MLPs, which EoMT-DINOv3 copies
+_LAYER_REASONS = _seam_reasons(("norm1", "attention", "layer_scale1", "drop_path", "norm2", "mlp", "layer_scale2"),
+                               "layer_scale1", "norm2")
+_HF_MLP_REASONS = modules.mlp_reasons(("up_proj", "down_proj"), "act_fn", modules.is_exact_gelu, "exact GELU")
+_HF_GATED_MLP_REASONS = modules.mlp_reasons(("gate_proj", "up_proj", "down_proj"), "act_fn", modules.is_silu, "SiLU")
+
+
 @dataclass(frozen=True)
 class Rule:
     class_name: str  # matched against type(module).__name__, so no import of the model library
@@ -71,21 +83,11 @@ class Rule:
 
 RULES = (
     # Hugging Face transformers (4.56+ and 5.x; the layer sits at layer.{i} or model.layer.{i})
-    Rule(
-        "DINOv3ViTLayer",
-        modules.FusedDINOv3ViTLayer,
-        _seam_reasons(("norm1", "attention", "layer_scale1", "drop_path", "norm2", "mlp", "layer_scale2"),
-                      "layer_scale1", "norm2"),
-        _seam_backend("norm2"),
-    ),
+    Rule("DINOv3ViTLayer", modules.FusedDINOv3ViTLayer, _LAYER_REASONS, _seam_backend("norm2")),
     Rule("DINOv3ViTAttention", modules.FusedDINOv3ViTAttention, modules.hf_attention_reasons,
          _attention_backend("q_proj", lambda m: m.head_dim)),
-    Rule("DINOv3ViTMLP", modules.FusedDINOv3ViTMLP,
-         modules.mlp_reasons(("up_proj", "down_proj"), "act_fn", modules.is_exact_gelu, "exact GELU"),
-         _mlp_backend("up_proj")),
-    Rule("DINOv3ViTGatedMLP", modules.FusedDINOv3ViTGatedMLP,
-         modules.mlp_reasons(("gate_proj", "up_proj", "down_proj"), "act_fn", modules.is_silu, "SiLU"),
-         _mlp_backend("gate_proj")),
+    Rule("DINOv3ViTMLP", modules.FusedDINOv3ViTMLP, _HF_MLP_REASONS, _mlp_backend("up_proj")),
+    Rule("DINOv3ViTGatedMLP", modules.FusedDINOv3ViTGatedMLP, _HF_GATED_MLP_REASONS, _mlp_backend("gate_proj")),
     Rule("DINOv3ViTRopePositionEmbedding", modules.CachedDINOv3ViTRopePositionEmbedding,
          lambda m: [] if isinstance(getattr(m, "inv_freq", None), Tensor) else ["no inv_freq buffer"],
          lambda m: "cache"),
@@ -121,6 +123,23 @@ RULES = (
     # dinov3's Mask2Former head (dinov3/eval/segmentation/models/heads/mask2former_transformer_decoder.py)
     Rule("MultiScaleMaskedTransformerDecoder", modules.FusedMultiScaleMaskedTransformerDecoder,
          modules.official_mask2former_decoder_reasons, _decoder_backend("post_norm", lambda m: m.num_heads)),
+    # EoMT (transformers): EoMT-DINOv3 layers are DINOv3ViT layers; EoMT on DINOv2 has no RoPE
+    Rule("EomtDinov3ForUniversalSegmentation", modules.FusedEomtForUniversalSegmentation, modules.eomt_reasons,
+         _eomt_backend),
+    Rule("EomtForUniversalSegmentation", modules.FusedEomtForUniversalSegmentation, modules.eomt_reasons,
+         _eomt_backend),
+    Rule("EomtDinov3Layer", modules.FusedDINOv3ViTLayer, _LAYER_REASONS, _seam_backend("norm2")),
+    Rule("EomtLayer", modules.FusedDINOv3ViTLayer, _LAYER_REASONS, _seam_backend("norm2")),
+    Rule("EomtDinov3Attention", modules.FusedDINOv3ViTAttention, modules.hf_attention_reasons,
+         _attention_backend("q_proj", lambda m: m.head_dim)),
+    Rule("EomtAttention", modules.FusedEomtAttention, modules.eomt_attention_reasons,
+         _attention_backend("q_proj", lambda m: m.head_dim)),
+    Rule("EomtDinov3MLP", modules.FusedDINOv3ViTMLP, _HF_MLP_REASONS, _mlp_backend("up_proj")),
+    Rule("EomtDinov3GatedMLP", modules.FusedDINOv3ViTGatedMLP, _HF_GATED_MLP_REASONS, _mlp_backend("gate_proj")),
+    Rule("EomtSwiGLUFFN", modules.FusedDINOv3ViTGatedMLP, _HF_GATED_MLP_REASONS, _mlp_backend("gate_proj")),
+    Rule("EomtMLP", modules.FusedEomtMLP,
+         modules.mlp_reasons(("fc1", "fc2"), "activation_fn", modules.is_exact_gelu, "exact GELU"),
+         _mlp_backend("fc1")),
     Rule("SwiGLU", modules.FusedSwiGLU,
          modules.mlp_reasons(("fc1_g", "fc1_x", "fc2"), "act", modules.is_silu, "SiLU", identity=("norm",)),
          _mlp_backend("fc1_g")),
