@@ -76,41 +76,54 @@ def graphed(model, pixels):
     return run
 
 
-def bench_one(name, res, batch, variants, iters, dtype=torch.bfloat16):
-    model = build(name, dtype, "cuda")
-    pixels = torch.randn(batch, 3, res, res, device="cuda", dtype=dtype)
+def run_variants(model, forward, variants, iters, row, graph=None):
+    """Time `forward(module)` (-> one output tensor) for each variant of `model`, side by side, and
+    check each against eager. `row` holds the configuration fields of every result row; `graph`
+    makes the CUDA-graph replay callable of the patched model (fastdino+graph)."""
     rows = []
     with torch.inference_mode():
-        ref = model(pixel_values=pixels).last_hidden_state.float()
+        ref = forward(model).float()
         for variant in variants:
             torch._dynamo.reset()
             if variant.startswith("fastdino"):
                 fastdino.patch(model)
             else:
                 fastdino.unpatch(model)
-            if variant == "compile":
-                compiled = torch.compile(model)
-                fn = lambda: compiled(pixel_values=pixels).last_hidden_state  # noqa: E731
-            elif variant == "max-autotune":
-                compiled = torch.compile(model, mode="max-autotune")
-                fn = lambda: compiled(pixel_values=pixels).last_hidden_state  # noqa: E731
+            if variant in ("compile", "max-autotune"):
+                compiled = torch.compile(model, mode=None if variant == "compile" else variant)
+                fn = lambda: forward(compiled)  # noqa: E731
             elif variant == "fastdino+graph":
-                fn = graphed(model, pixels)
+                fn = graph(model)
             else:
-                fn = lambda: model(pixel_values=pixels).last_hidden_state  # noqa: E731
+                fn = lambda: forward(model)  # noqa: E731
             out = fn().float()
             rel = ((out - ref).norm() / ref.norm()).item()
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             ms = time_ms(fn, iters)
             peak = torch.cuda.max_memory_allocated() / 2**20
-            rows.append(dict(model=name, resolution=res, batch=batch, dtype=str(dtype), variant=variant, ms=ms,
-                             ms_per_img=ms / batch, img_per_s=1e3 * batch / ms, peak_mib=peak, rel_err=rel))
-            print(f"{name} {res}px b{batch} {variant:<15} {ms:9.3f} ms  {1e3 * batch / ms:8.1f} img/s  "
-                  f"{peak:8.0f} MiB  rel.err {rel:.2e}", flush=True)
+            batch = row["batch"]
+            rows.append(dict(row, variant=variant, ms=ms, ms_per_img=ms / batch, img_per_s=1e3 * batch / ms,
+                             peak_mib=peak, rel_err=rel))
+            print(f"{row['model']} {row['resolution']}px b{batch} {variant:<15} {ms:9.3f} ms  "
+                  f"{1e3 * batch / ms:8.1f} img/s  {peak:8.0f} MiB  rel.err {rel:.2e}", flush=True)
             del fn
     fastdino.unpatch(model)
     return rows
+
+
+def bench_one(name, res, batch, variants, iters, dtype=torch.bfloat16):
+    model = build(name, dtype, "cuda")
+    pixels = torch.randn(batch, 3, res, res, device="cuda", dtype=dtype)
+    row = dict(model=name, resolution=res, batch=batch, dtype=str(dtype))
+    return run_variants(model, lambda m: m(pixel_values=pixels).last_hidden_state, variants, iters, row,
+                        graph=lambda m: graphed(m, pixels))
+
+
+def commit_meta():
+    commit = os.environ.get("FASTDINO_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
+    return {**build_info(), "commit": commit}
 
 
 def markdown(rows):
@@ -155,12 +168,9 @@ def main(argv=None):
                 except torch.OutOfMemoryError as e:
                     print(f"{name} {res}px b{batch}: out of memory ({e})", flush=True)
                 torch.cuda.empty_cache()
-    commit = os.environ.get("FASTDINO_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
-    meta = {**build_info(), "commit": commit}
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": meta, "rows": rows}, f, indent=1)
+            json.dump({"machine": commit_meta(), "rows": rows}, f, indent=1)
     print(markdown(rows))
     return 0
 

@@ -8,6 +8,14 @@ input of the output projection:
 - ``triton`` / ``cuda``: fastdino's two forms, with RoPE.
 
 TFLOP/s counts the two matmuls: 4 * B * H * N^2 * D.
+
+EoMT's masked blocks (test_bench_rope_attention_eomt: 200 queries prepended to cls + 4 registers
++ 40 x 40 patches of a 640^2 image, the queries masked to their predicted patches):
+
+- ``sdpa+dense``: EoMT-DINOv3's path: eager RoPE, the (B, heads, N, N) additive mask built from
+  the logits (bool N x N, query -> patch part from logit > 0, expanded, to float), SDPA with it;
+- ``flex``: compiled FlexAttention with a block mask from the same logits, build included, no RoPE;
+- ``triton`` / ``cuda``: fastdino with the logits as they are, with RoPE.
 """
 
 import pytest
@@ -16,6 +24,7 @@ import torch.nn.functional as F
 from helpers import bench_ms, cuda_timer
 
 from fastdino import _ext
+from fastdino.modules import eomt_dense_mask
 from fastdino.ops.rope_attention import rope_attention, rope_ref
 
 CUDA = torch.cuda.is_available()
@@ -60,6 +69,53 @@ def test_bench_rope_attention(benchmark, B, H, N, D, provider):
     benchmark.group = f"rope_attention B={B} H={H} N={N} D={D} {dtype}"
     benchmark.extra_info.update(op="rope_attention", shape=f"B={B} H={H} N={N} D={D}", dtype=str(dtype),
                                 provider=provider, baselines=["sdpa+rope", "sdpa"])
+    ms = bench_ms(benchmark, fn)
+    if ms:
+        benchmark.extra_info.update(ms=ms, metric="TFLOP/s", value=4 * B * H * N * N * D / ms / 1e9)
+
+
+# (B, H, queries, HW): EoMT-DINOv3 S (6 heads) and L (16 heads) at 640^2, 200 queries
+EOMT_SHAPES = [(1, 6, 200, 1600), (1, 16, 200, 1600)] if CUDA else [(1, 6, 20, 64)]
+EOMT_PROVIDERS = ["sdpa+dense", "flex", "triton", "cuda"] if CUDA else ["sdpa+dense", "cpu"]
+
+
+@pytest.mark.benchmark(timer=cuda_timer)
+@pytest.mark.parametrize("provider", EOMT_PROVIDERS)
+@pytest.mark.parametrize("B,H,Q,HW", EOMT_SHAPES, ids=lambda v: str(v))
+def test_bench_rope_attention_eomt(benchmark, B, H, Q, HW, provider):
+    device, dtype = ("cuda", torch.bfloat16) if CUDA else ("cpu", torch.float32)
+    if provider in ("cuda", "cpu") and _ext.ext_reasons(device):
+        pytest.skip("; ".join(_ext.ext_reasons(device)))
+    D, N = 64, Q + PREFIX + HW
+    qkv = torch.randn(B, N, 3, H, D, device=device, dtype=dtype)
+    angles = torch.rand(HW, D // 2, device=device) * 6.283
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    logits = (torch.randn(B, Q, HW, device=device) * 3 - 1).to(dtype)  # about 60% of the patches blocked
+    q, k, v = qkv.unbind(2)
+    if provider == "sdpa+dense":
+        def fn():
+            qr, kr = rope_ref(q, cos, sin), rope_ref(k, cos, sin)
+            mask = eomt_dense_mask(logits, N, H, dtype)
+            out = F.scaled_dot_product_attention(qr.transpose(1, 2), kr.transpose(1, 2), v.transpose(1, 2), mask)
+            return out.transpose(1, 2).reshape(B, N, H * D)
+    elif provider == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        flex = torch.compile(flex_attention)
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+
+        def fn():
+            open_ = logits > 0
+            block = create_block_mask(lambda b, h, i, j: (i >= Q) | (j < N - HW) | open_[b, i.clamp(max=Q - 1),
+                                                                                          (j - (N - HW)).clamp(min=0)],
+                                      B, None, N, N, device=device)
+            return flex(qt, kt, vt, block_mask=block).transpose(1, 2).reshape(B, N, H * D)
+    else:
+        fn = lambda: rope_attention(q, k, v, cos, sin, backend=provider,  # noqa: E731
+                                    mask_logits=logits).reshape(B, N, H * D)
+    benchmark.group = f"rope_attention EoMT B={B} H={H} Q={Q} HW={HW} {dtype}"
+    benchmark.extra_info.update(op="rope_attention", shape=f"EoMT B={B} H={H} Q={Q} HW={HW} D={D}",
+                                dtype=str(dtype), provider=provider, baselines=["sdpa+dense", "flex"])
     ms = bench_ms(benchmark, fn)
     if ms:
         benchmark.extra_info.update(ms=ms, metric="TFLOP/s", value=4 * B * H * N * N * D / ms / 1e9)

@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
 # On a machine with an NVIDIA GPU, in one call: build fastdino._C with its CUDA kernels, run the
-# whole test suite on the GPU, run the kernel benchmarks, the backbone benchmark and the demo, and
-# write the results to OUT_DIR:
-#   build.log info.txt tests.log benchmarks.json benchmarks.md backbone.json backbone.md demo.txt
+# whole test suite on the GPU, run the kernel benchmarks, the backbone and segmentation-head
+# benchmarks and the demo, and write the results to OUT_DIR:
+#   build.log info.txt tests.log benchmarks.json benchmarks.md backbone.json backbone.md
+#   segmentation.json segmentation.md demo.txt
 # Usage: scripts/gpu_run.sh OUT_DIR   (needs torch with CUDA, nvcc, pytest, pytest-benchmark, transformers)
-#   STAGES=build,tests,kernels,backbone,demo (default: all) runs a subset, e.g. to split the work;
-#   BACKBONE_ARGS overrides the backbone benchmark's arguments (see benchmarks/bench_backbone.py).
+#   STAGES=build,tests,kernels,backbone,segmentation,demo (default: all) runs a subset, e.g. to split
+#   the work; BACKBONE_ARGS and SEGMENTATION_ARGS override the arguments of
+#   benchmarks/bench_backbone.py and benchmarks/bench_segmentation.py.
 set -uo pipefail
 OUT=${1:?usage: scripts/gpu_run.sh OUT_DIR}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-STAGES=",${STAGES:-build,tests,kernels,backbone,demo},"
+STAGES=",${STAGES:-build,tests,kernels,backbone,segmentation,demo},"
 BACKBONE_ARGS=${BACKBONE_ARGS:---models vits16,vitb16,vitl16 --resolutions 512,1024 --batches 1,32 --limit max-autotune:vitl16:512:32}
+SEGMENTATION_ARGS=${SEGMENTATION_ARGS:-}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-8}
 export FASTDINO_COMMIT=${FASTDINO_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 export PYTHONUNBUFFERED=1
@@ -44,6 +47,14 @@ if [[ $STAGES == *,backbone,* ]]; then
   $PY benchmarks/bench_backbone.py $BACKBONE_ARGS --json "$OUT/backbone.json" >"$OUT/backbone.log" 2>&1 || status=1
   sed -n '/^| model/,$p' "$OUT/backbone.log" | tee "$OUT/backbone.md"
   [ -s "$OUT/backbone.md" ] || tail -20 "$OUT/backbone.log"
+fi
+if [[ $STAGES == *,segmentation,* ]]; then
+  echo "== segmentation benchmark ($SEGMENTATION_ARGS)"
+  # shellcheck disable=SC2086
+  $PY benchmarks/bench_segmentation.py $SEGMENTATION_ARGS --json "$OUT/segmentation.json" >"$OUT/segmentation.log" 2>&1 \
+    || status=1
+  sed -n '/^| model/,$p' "$OUT/segmentation.log" | tee "$OUT/segmentation.md"
+  [ -s "$OUT/segmentation.md" ] || tail -20 "$OUT/segmentation.log"
 fi
 if [[ $STAGES == *,demo,* ]]; then
   echo "== demo"
