@@ -3,6 +3,7 @@
     import fastdino
     report = fastdino.patch(model)   # swap supported modules in place; print(report) says what and why
     fastdino.unpatch(model)          # restore the original modules
+    print(fastdino.verify(model, inputs, precision="bf16"))  # original vs patched: errors, argmax agreement
 """
 
 import pkgutil
@@ -22,6 +23,7 @@ except ImportError as e:
 from . import ops  # noqa: E402
 from .info import info  # noqa: E402
 from .patch import PatchReport, patch, unpatch  # noqa: E402
+from .verify import VerifyReport, verify  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["ops", "info", "patch", "unpatch", "PatchReport", "__version__"]
+__all__ = ["ops", "info", "patch", "unpatch", "verify", "PatchReport", "VerifyReport", "__version__"]

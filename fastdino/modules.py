@@ -506,9 +506,14 @@ class _FusedMSDeformAttn(_ForwardCache):
             return False
         return ms_deform_attn_preferred(x.device, x.dtype)[0] != "ref"
 
+    def _fastdino_bf16(self, x: Tensor) -> bool:
+        """The bf16 precision policy (patch(..., precision="bf16")) under an enabled autocast."""
+        return getattr(self, "_fastdino_precision", None) == "bf16" and torch.is_autocast_enabled(x.device.type)
+
     def _fastdino_core(self, query, value_input, reference_points, shapes, normalizer, level_start_index,
-                       padding_mask, fp32):
-        """(output, softmaxed attention weights) as the module computes them."""
+                       padding_mask, fp32, bf16=False):
+        """(output, softmaxed attention weights) as the module computes them; `fp32`: the original's
+        fp32 cast under CUDA autocast; `bf16`: the bf16 policy (values bf16, locations and weights fp32)."""
         B, Lq, _ = query.shape
         S = value_input.shape[1]
         H, L, P = self.n_heads, self.n_levels, self.n_points
@@ -517,7 +522,10 @@ class _FusedMSDeformAttn(_ForwardCache):
             value = value.masked_fill(padding_mask[..., None], float(0))
         value = value.view(B, S, H, -1)
         offsets = self.sampling_offsets(query).view(B, Lq, H, L, P, 2)
-        weights = self.attention_weights(query).view(B, Lq, H, L * P).softmax(-1).view(B, Lq, H, L, P)
+        logits = self.attention_weights(query).view(B, Lq, H, L * P)
+        if bf16:  # the bf16 policy: offsets -> locations and the softmax in fp32, values sampled in bf16
+            offsets, logits, value = offsets.float(), logits.float(), value.bfloat16()
+        weights = logits.softmax(-1).view(B, Lq, H, L, P)
         loc = _sampling_locations(reference_points, offsets, normalizer, P)
         if fp32:  # what the original's custom_fwd(cast_inputs=torch.float32) does under autocast
             value, loc, weights = value.float(), loc.float(), weights.float()
@@ -534,10 +542,11 @@ class FusedMSDeformAttn(_FusedMSDeformAttn):
         if not self._fastdino_runs(query):
             return super().forward(query, reference_points, input_flatten, input_spatial_shapes,
                                    input_level_start_index, input_padding_mask)
-        fp32 = torch.is_autocast_enabled("cuda") and query.is_cuda
+        bf16 = self._fastdino_bf16(query)
+        fp32 = not bf16 and torch.is_autocast_enabled("cuda") and query.is_cuda
         normalizer = input_spatial_shapes.flip(-1)  # (W, H) per level
         return self._fastdino_core(query, input_flatten, reference_points, input_spatial_shapes, normalizer,
-                                   input_level_start_index, input_padding_mask, fp32)[0]
+                                   input_level_start_index, input_padding_mask, fp32, bf16)[0]
 
 
 class FusedMask2FormerPixelDecoderEncoderMultiscaleDeformableAttention(_FusedMSDeformAttn):
@@ -555,7 +564,7 @@ class FusedMask2FormerPixelDecoderEncoderMultiscaleDeformableAttention(_FusedMSD
         key = (tuple(tuple(int(v) for v in s) for s in spatial_shapes_list), query.device)
         shapes, normalizer = self._cached(key, lambda: _level_tensors(key[0], query.device))
         return self._fastdino_core(query, encoder_hidden_states, reference_points, shapes, normalizer,
-                                   level_start_index, attention_mask, False)
+                                   level_start_index, attention_mask, False, self._fastdino_bf16(query))
 
 
 def _level_tensors(shapes_list, device) -> tuple[Tensor, Tensor]:
@@ -904,3 +913,70 @@ class FusedEomtForUniversalSegmentation:
         return _sibling_class(self, output_class)(
             loss=None, masks_queries_logits=masks, class_queries_logits=classes, last_hidden_state=sequence_output,
             patch_offsets=patch_offsets)
+
+
+# -- the bf16 precision policy: whole regions (pixel decoders, the ViT-Adapter) under bf16 autocast --
+
+
+def _unwrap_autocast(fn):
+    """The function under torch's autocast decorator (dinov3's pixel decoder wraps forward_features
+    in autocast(enabled=False) to force fp32), or fn itself. Other decorators are kept."""
+    inner = getattr(fn, "__wrapped__", None)
+    return inner if inner is not None and fn.__code__.co_name == "decorate_autocast" else fn
+
+
+def _to_dtype(out, dtype: torch.dtype):
+    """`out` with every floating tensor in it (tensors, tuples, lists, dicts, ModelOutputs) cast to dtype."""
+    if isinstance(out, Tensor):
+        return out.to(dtype) if out.is_floating_point() else out
+    if isinstance(out, dict):  # also transformers' ModelOutput, an OrderedDict kept in its own class
+        for key in list(out.keys()):
+            out[key] = _to_dtype(out[key], dtype)
+        return out
+    if isinstance(out, (tuple, list)):
+        items = [_to_dtype(o, dtype) for o in out]
+        return type(out)(*items) if hasattr(out, "_fields") else type(out)(items)
+    return out
+
+
+class _Bf16Region:
+    """Runs the original `_fastdino_method` under bf16 autocast: matmuls and convolutions in bf16,
+    softmax, normalisation statistics and (in the fused deformable attention) sampling locations
+    and weights in fp32. Floating outputs come back in the module's parameter dtype, so the rest of
+    the model sees what it saw before."""
+
+    _fastdino_method = "forward"
+
+    def _fastdino_bf16_call(self, *args, **kwargs):
+        original = _unwrap_autocast(getattr(self._fastdino_original_class, self._fastdino_method))
+        param = next(self.parameters())
+        with torch.autocast(param.device.type, dtype=torch.bfloat16):
+            out = original(self, *args, **kwargs)
+        return _to_dtype(out, param.dtype)
+
+
+class Bf16Forward(_Bf16Region):
+    """A region whose forward runs under the bf16 policy (transformers' Mask2FormerPixelDecoder,
+    dinov3's DINOv3_Adapter)."""
+
+    def forward(self, *args, **kwargs):
+        return self._fastdino_bf16_call(*args, **kwargs)
+
+
+class Bf16MSDeformAttnPixelDecoder(_Bf16Region):
+    """dinov3's MSDeformAttnPixelDecoder: forward_features, which the original forces to fp32
+    (autocast disabled, inputs cast with .float()), runs under the bf16 policy."""
+
+    _fastdino_method = "forward_features"
+
+    def forward_features(self, *args, **kwargs):
+        return self._fastdino_bf16_call(*args, **kwargs)
+
+
+def bf16_region_reasons(module: nn.Module) -> list[str]:
+    params = list(module.parameters())
+    if not params:
+        return ["no parameters"]
+    if any(p.dtype != torch.float32 for p in params):
+        return ["parameters are not all float32 (the policy lowers an fp32 region)"]
+    return []

@@ -145,6 +145,16 @@ RULES = (
          _mlp_backend("fc1_g")),
 )
 
+# Regions that precision="bf16" also swaps: they run under bf16 autocast (modules.Bf16Forward).
+PRECISION_RULES = (
+    Rule("MSDeformAttnPixelDecoder", modules.Bf16MSDeformAttnPixelDecoder, modules.bf16_region_reasons,
+         lambda m: "bf16"),  # dinov3's pixel decoder (forward_features forced to fp32)
+    Rule("DINOv3_Adapter", modules.Bf16Forward, modules.bf16_region_reasons, lambda m: "bf16"),
+    Rule("Mask2FormerPixelDecoder", modules.Bf16Forward, modules.bf16_region_reasons, lambda m: "bf16"),
+)
+PRECISIONS = (None, "bf16")
+_DEFORMABLE = ("MSDeformAttn", "Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention")
+
 _FUSED_CLASSES: dict[tuple[type, type], type] = {}
 
 
@@ -187,22 +197,31 @@ class PatchReport:
         return "\n".join(lines)
 
 
-def patch(model: nn.Module, backend: Optional[str] = None) -> PatchReport:
+def patch(model: nn.Module, backend: Optional[str] = None, precision: Optional[str] = None) -> PatchReport:
     """Swap every recognised module of `model` for its fused form, in place.
 
     Parameters, buffers and state_dict keys are unchanged; calling it again is a no-op.
     `backend` pins the kernel backend of every fused op ("cuda", "triton", "cpu" or "ref").
+    `precision`: None keeps every module's precision. "bf16" also runs the fp32 regions that
+    dominate a segmentor's cost in bf16 under autocast (dinov3's pixel decoder, which the
+    original forces to fp32, its ViT-Adapter, transformers' Mask2Former pixel decoder):
+    matmuls and convolutions in bf16; softmax, normalisation statistics and the deformable
+    attention's sampling locations and weights in fp32; outputs returned in fp32. Check what it
+    changes on your inputs with fastdino.verify.
     """
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"fastdino.patch: backend must be one of {BACKENDS} or None, got {backend!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"fastdino.patch: precision must be one of {PRECISIONS}, got {precision!r}")
     report = PatchReport()
     if not _ext.HAS_EXT:
         report.notes.append(f"C++/CUDA kernels unavailable: {_ext.EXT_ERROR}")
+    rules = RULES + (PRECISION_RULES if precision == "bf16" else ())
     for path, module in model.named_modules():
         if hasattr(type(module), "_fastdino_original_class"):
             report.already_patched.append(path)
             continue
-        rule = next((r for r in RULES if type(module).__name__ == r.class_name), None)
+        rule = next((r for r in rules if type(module).__name__ == r.class_name), None)
         if rule is None:
             continue
         reasons = rule.reasons(module)
@@ -212,8 +231,16 @@ def patch(model: nn.Module, backend: Optional[str] = None) -> PatchReport:
         original = type(module)
         module.__class__ = _fused_class(rule.mixin, original)
         module._fastdino_backend = backend
-        expected = rule.backend(module) if backend is None or rule.backend(module) == "cache" else backend
+        if precision is not None and rule.class_name in _DEFORMABLE:
+            module._fastdino_precision = precision  # values in bf16 where a bf16 region's autocast is on
+        expected = rule.backend(module) if backend is None or rule.backend(module) in ("cache", "bf16") else backend
         report.swapped.append(Swapped(path, original.__name__, type(module).__name__, expected))
+    regions = [s.path or "<root>" for s in report.swapped if s.backend == "bf16"]
+    if precision == "bf16":
+        report.notes.append(
+            f"precision bf16: {', '.join(regions) or 'no region found'} run under bf16 autocast (matmuls and "
+            "convolutions in bf16; softmax, normalisation statistics, deformable sampling locations and weights "
+            "in fp32; outputs returned in fp32); everything else keeps its precision")
     return report
 
 
@@ -226,5 +253,6 @@ def unpatch(model: nn.Module) -> int:
             module.__class__ = original
             del module._fastdino_backend
             module.__dict__.pop("_fastdino_cache", None)
+            module.__dict__.pop("_fastdino_precision", None)
             restored += 1
     return restored

@@ -84,6 +84,57 @@ def reference_points(shapes, batch, device=None):
     return ref.contiguous()
 
 
+class PixelDecoderEncoder(nn.Module):
+    def __init__(self, d_model, d_ffn, n_heads, n_layers, n_levels=3):
+        super().__init__()
+        self.level_encoding = nn.Parameter(torch.randn(n_levels, d_model))
+        self.layers = nn.ModuleList(MSDeformAttnTransformerEncoderLayer(d_model, d_ffn, n_levels, n_heads)
+                                    for _ in range(n_layers))
+
+
+class MSDeformAttnPixelDecoder(nn.Module):
+    """The pixel decoder (dinov3-stack.md §3.4): features "4", "3", "2" (1/32, 1/16, 1/8) through
+    1x1 conv + GroupNorm(32), sine position + level encoding, post-norm deformable encoder layers;
+    one FPN level from feature "1" (1/4): lateral 1x1 + GN plus the upsampled 1/8 map, 3x3 conv +
+    GN + ReLU; mask features by a 1x1 conv. forward_features runs in fp32 whatever the caller's
+    autocast: the decorator and the .float() casts of the original."""
+
+    def __init__(self, in_channels=64, conv_dim=64, mask_dim=64, n_heads=4, d_ffn=128, n_layers=2):
+        super().__init__()
+        self.input_convs = nn.ModuleList(nn.Sequential(nn.Conv2d(in_channels, conv_dim, 1), nn.GroupNorm(32, conv_dim))
+                                         for _ in range(3))
+        self.pe_layer = PositionEmbeddingSine(conv_dim // 2)
+        self.encoder = PixelDecoderEncoder(conv_dim, d_ffn, n_heads, n_layers)
+        self.mask_feature = nn.Conv2d(conv_dim, mask_dim, 1)
+        self.lateral_convs = nn.ModuleList([nn.Sequential(nn.Conv2d(in_channels, conv_dim, 1),
+                                                          nn.GroupNorm(32, conv_dim))])
+        self.output_convs = nn.ModuleList([nn.Sequential(nn.Conv2d(conv_dim, conv_dim, 3, padding=1),
+                                                         nn.GroupNorm(32, conv_dim), nn.ReLU())])
+
+    @torch.autocast("cuda", enabled=False)
+    def forward_features(self, features):
+        srcs, pos = [], []
+        for i, name in enumerate(("4", "3", "2")):
+            x = self.input_convs[i](features[name].float())
+            srcs.append(x)
+            pos.append(self.pe_layer(x).flatten(2).transpose(1, 2) + self.encoder.level_encoding[i])
+        B, C = srcs[0].shape[:2]
+        shapes = [tuple(x.shape[-2:]) for x in srcs]
+        spatial_shapes = torch.tensor(shapes, dtype=torch.long, device=srcs[0].device)
+        sizes = [h * w for h, w in shapes]
+        level_start = torch.tensor([0, sizes[0], sizes[0] + sizes[1]], device=srcs[0].device)
+        out = torch.cat([x.flatten(2).transpose(1, 2) for x in srcs], 1)
+        pos_flat, ref = torch.cat(pos, 1), reference_points(shapes, B, srcs[0].device)
+        for layer in self.encoder.layers:
+            out = layer(out, pos_flat, ref, spatial_shapes, level_start)
+        maps = [o.transpose(1, 2).reshape(B, C, h, w) for o, (h, w) in zip(out.split(sizes, 1), shapes)]
+        f1 = features["1"].float()
+        y = self.lateral_convs[0](f1) + F.interpolate(maps[-1], size=f1.shape[-2:], mode="bilinear",
+                                                       align_corners=False)
+        maps.append(self.output_convs[0](y))
+        return self.mask_feature(maps[-1]), maps[0], maps[:3]
+
+
 # The masked-attention transformer decoder (heads/mask2former_transformer_decoder.py): sequence-first
 # (Q x B x C, HW x B x C) layers around nn.MultiheadAttention, post-norm by default.
 

@@ -1,0 +1,123 @@
+"""`fastdino.verify(model, inputs)`: run the original and the patched model on the same inputs and
+say how far apart their outputs are, per output, and for segmentation outputs how many pixels
+get the same class."""
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .patch import PatchReport, patch, unpatch
+
+# (class logits, mask logits) pairs of Mask2Former-style outputs: (B, Q, K + 1) and (B, Q, H, W)
+MASK_CLASSIFICATION_PAIRS = (("pred_logits", "pred_masks"), ("class_queries_logits", "masks_queries_logits"))
+
+
+@dataclass
+class OutputError:
+    name: str
+    shape: tuple
+    dtype: str
+    max_abs: float
+    mean_abs: float
+    rel: float  # |patched - original| / |original|, Frobenius norms
+
+
+@dataclass
+class Agreement:
+    name: str
+    pixels: int
+    share: float  # of pixels whose argmax class is the same
+
+
+@dataclass
+class VerifyReport:
+    patch: PatchReport
+    errors: list[OutputError] = field(default_factory=list)
+    agreement: list[Agreement] = field(default_factory=list)
+
+    @property
+    def worst_rel(self) -> float:
+        return max((e.rel for e in self.errors), default=0.0)
+
+    @property
+    def min_agreement(self) -> Optional[float]:
+        return min((a.share for a in self.agreement), default=None)
+
+    def __str__(self) -> str:
+        lines = ["| output | shape | dtype | max abs err | mean abs err | rel err |", "|---|---|---|---:|---:|---:|"]
+        lines += [f"| {e.name or '<output>'} | {tuple(e.shape)} | {e.dtype} | {e.max_abs:.3e} | {e.mean_abs:.3e} | "
+                  f"{e.rel:.3e} |" for e in self.errors]
+        lines += [f"argmax agreement {a.name}: {100 * a.share:.3f}% of {a.pixels} pixels" for a in self.agreement]
+        return "\n".join(lines)
+
+
+def _leaves(out: Any, prefix: str = "") -> dict[str, Tensor]:
+    """Every tensor in a model output, by dotted name (dict keys, ModelOutput fields, list indices)."""
+    if isinstance(out, Tensor):
+        return {prefix: out}
+    items = out.items() if isinstance(out, dict) else enumerate(out) if isinstance(out, (tuple, list)) else ()
+    leaves = {}
+    for key, value in items:
+        leaves.update(_leaves(value, f"{prefix}.{key}" if prefix else str(key)))
+    return leaves
+
+
+def _run(model: nn.Module, inputs) -> dict[str, Tensor]:
+    with torch.no_grad():
+        if isinstance(inputs, dict):
+            out = model(**inputs)
+        elif isinstance(inputs, (tuple, list)):
+            out = model(*inputs)
+        else:
+            out = model(inputs)
+    return {k: v.detach().clone() for k, v in _leaves(out).items()}
+
+
+def semantic_map(class_logits: Tensor, mask_logits: Tensor) -> Tensor:
+    """Mask2Former's semantic inference: argmax over classes of
+    sum_q softmax(class_logits)[q, :-1] * sigmoid(mask_logits)[q] (the last class is "no object")."""
+    probs = class_logits.float().softmax(-1)[..., :-1]
+    return torch.einsum("bqc,bqhw->bchw", probs, mask_logits.float().sigmoid()).argmax(1)
+
+
+def _agreements(ref: dict[str, Tensor], out: dict[str, Tensor]) -> list[Agreement]:
+    found = []
+    for cls_name, mask_name in MASK_CLASSIFICATION_PAIRS:
+        for key in ref:
+            if not key.endswith(cls_name):
+                continue
+            mask_key = key[: len(key) - len(cls_name)] + mask_name
+            if mask_key in ref and ref[key].dim() == 3 and ref[mask_key].dim() == 4:
+                a, b = semantic_map(ref[key], ref[mask_key]), semantic_map(out[key], out[mask_key])
+                found.append(Agreement(f"{key} + {mask_name}", a.numel(), (a == b).float().mean().item()))
+    if "" in ref and ref[""].dim() == 4 and ref[""].is_floating_point():  # a (B, classes, H, W) logits map
+        a, b = ref[""].argmax(1), out[""].argmax(1)
+        found.append(Agreement("<output> argmax over dim 1", a.numel(), (a == b).float().mean().item()))
+    return found
+
+
+def verify(model: nn.Module, inputs, backend: Optional[str] = None, precision: Optional[str] = None) -> VerifyReport:
+    """Run `model` unpatched and patched (fastdino.patch with `backend` and `precision`) on `inputs`
+    (a tensor, a tuple of positional arguments or a dict of keyword arguments) and report, per
+    output tensor, the max and mean absolute error and the relative error against the original;
+    for Mask2Former/EoMT outputs (class and mask logits) and (B, classes, H, W) logits maps, the
+    share of pixels whose argmax class agrees. The model is left patched with these options.
+    """
+    unpatch(model)
+    ref = _run(model, inputs)
+    report = VerifyReport(patch=patch(model, backend=backend, precision=precision))
+    out = _run(model, inputs)
+    for name, r in ref.items():
+        o = out[name]
+        if not r.is_floating_point():
+            continue
+        diff = (o.double() - r.double()).abs()
+        norm = r.double().norm().item()
+        report.errors.append(OutputError(name, tuple(r.shape), str(r.dtype).replace("torch.", ""),
+                                         diff.max().item() if diff.numel() else 0.0,
+                                         diff.mean().item() if diff.numel() else 0.0,
+                                         diff.norm().item() / norm if norm else diff.norm().item()))
+    report.agreement = _agreements(ref, out)
+    return report

@@ -1,0 +1,133 @@
+"""The bf16 precision policy (fastdino.patch(model, precision="bf16")) and fastdino.verify: the
+pixel decoders run in bf16 with fp32 locations, weights and statistics, the rest of the model
+keeps its precision, and verify measures what changed (errors per output, argmax agreement)."""
+
+from unittest import mock
+
+import pytest
+import torch
+from dinov3_seg_official import MSDeformAttnPixelDecoder
+from helpers import DEVICE
+from test_patch import rel_err
+from test_patch_deformable import mask2former_config
+
+import fastdino
+from fastdino.modules import _unwrap_autocast
+from fastdino.verify import semantic_map
+
+transformers = pytest.importorskip("transformers")
+
+
+def official_pixel_decoder():
+    torch.manual_seed(0)
+    model = MSDeformAttnPixelDecoder().to(DEVICE).eval()
+    features = {name: torch.randn(2, 64, 128 // s, 96 // s, device=DEVICE)
+                for name, s in (("1", 4), ("2", 8), ("3", 16), ("4", 32))}
+    return model, features
+
+
+def run_decoder(model, features):
+    with torch.no_grad():
+        mask_features, coarse, levels = model.forward_features(features)
+    return torch.cat([t.flatten() for t in (mask_features, coarse, *levels)]), mask_features.dtype
+
+
+def test_default_precision_keeps_the_official_pixel_decoder_in_fp32():
+    model, features = official_pixel_decoder()
+    ref, _ = run_decoder(model, features)
+    report = fastdino.patch(model)
+    assert not any(s.fused == "Bf16MSDeformAttnPixelDecoder" for s in report.swapped)
+    with mock.patch("fastdino.modules.ms_deform_attn", wraps=fastdino.modules.ms_deform_attn) as op:
+        out, dtype = run_decoder(model, features)
+    assert dtype == torch.float32 and {c.args[0].dtype for c in op.call_args_list} == {torch.float32}
+    assert rel_err(out, ref) <= 1e-5
+
+
+def test_bf16_policy_on_the_official_pixel_decoder():
+    model, features = official_pixel_decoder()
+    ref, _ = run_decoder(model, features)
+    keys = {k: (v.data_ptr(), v.dtype) for k, v in model.state_dict().items()}
+    report = fastdino.patch(model, precision="bf16")
+    assert report.swapped[0].fused == "Bf16MSDeformAttnPixelDecoder" and report.swapped[0].backend == "bf16"
+    assert any("precision bf16: <root> run under bf16 autocast" in n for n in report.notes)
+    assert {k: (v.data_ptr(), v.dtype) for k, v in model.state_dict().items()} == keys  # weights stay fp32
+    with mock.patch("fastdino.modules.ms_deform_attn", wraps=fastdino.modules.ms_deform_attn) as op:
+        out, dtype = run_decoder(model, features)
+    # values sampled in bf16, locations and weights in fp32; the outputs return in fp32
+    assert [(c.args[0].dtype, c.args[3].dtype, c.args[4].dtype) for c in op.call_args_list] == [
+        (torch.bfloat16, torch.float32, torch.float32)] * 2
+    assert dtype == torch.float32
+    assert 1e-4 < rel_err(out, ref) <= 3e-2, rel_err(out, ref)  # it did change, by what bf16 allows
+    fastdino.unpatch(model)
+    assert not any(hasattr(m, "_fastdino_precision") for m in model.modules())
+    torch.testing.assert_close(run_decoder(model, features)[0], ref, atol=0, rtol=0)
+
+
+def hf_mask2former(backbone):
+    torch.manual_seed(0)
+    cfg = mask2former_config(backbone, encoder_layers=2, decoder_layers=4)
+    model = transformers.Mask2FormerForUniversalSegmentation(cfg).to(DEVICE).eval()
+    return model, {"pixel_values": torch.randn(2, 3, 128, 128, device=DEVICE)}
+
+
+@pytest.mark.parametrize("backbone", ["swin", "dinov3"])
+def test_verify_hf_mask2former_default_and_bf16(backbone):
+    model, inputs = hf_mask2former(backbone)
+    exact = fastdino.verify(model, inputs)
+    assert exact.worst_rel <= 1e-5, str(exact)
+    assert [a.name for a in exact.agreement] == ["class_queries_logits + masks_queries_logits"]
+    side = 32 if backbone == "swin" else 8  # mask logits at 1/4 (Swin) or 1/16 (ViT taps) of 128
+    assert exact.agreement[0].pixels == 2 * side * side and exact.min_agreement == 1.0
+    bf16 = fastdino.verify(model, inputs, precision="bf16")
+    assert any(s.fused == "Bf16Forward" and s.path == "model.pixel_level_module.decoder" for s in bf16.patch.swapped)
+    assert 1e-4 < bf16.worst_rel <= 0.1, str(bf16)
+    assert bf16.min_agreement >= 0.995, str(bf16)  # the policy's floor on random-init models
+    names = {e.name for e in bf16.errors}
+    assert {"class_queries_logits", "masks_queries_logits", "pixel_decoder_last_hidden_state"} <= names
+
+
+def test_verify_measures_differences():
+    # A model whose second run differs: verify must report the error and the lost agreement.
+    class Flaky(torch.nn.Module):
+        calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            logits = x.clone()
+            if self.calls == 2:
+                logits[:, 0] += 10.0  # class 0 wins everywhere
+            return logits
+
+    x = torch.randn(1, 3, 8, 8)
+    report = fastdino.verify(Flaky(), x)
+    err = report.errors[0]
+    assert err.name == "" and err.max_abs == pytest.approx(10.0) and err.mean_abs == pytest.approx(10 / 3)
+    assert report.agreement[0].pixels == 64
+    assert report.agreement[0].share == pytest.approx((x.argmax(1) == 0).float().mean().item())
+    assert "argmax agreement" in str(report)
+
+
+def test_semantic_map_follows_mask2former_inference():
+    cls = torch.tensor([[[5.0, 0.0, 0.0], [0.0, 5.0, 0.0]]])  # query 0 -> class 0, query 1 -> class 1
+    masks = torch.full((1, 2, 2, 2), -5.0)
+    masks[0, 0, 0] = 5.0  # query 0 covers the top row, query 1 the bottom row
+    masks[0, 1, 1] = 5.0
+    assert semantic_map(cls, masks).tolist() == [[[0, 0], [1, 1]]]
+
+
+def test_precision_arguments_and_regions_left_alone():
+    with pytest.raises(ValueError, match="precision must be one of"):
+        fastdino.patch(torch.nn.Linear(2, 2), precision="fp8")
+    model, _ = official_pixel_decoder()
+    report = fastdino.patch(model.bfloat16(), precision="bf16")
+    assert report.skipped[0].reasons == ["parameters are not all float32 (the policy lowers an fp32 region)"]
+
+
+def test_only_torch_autocast_decorators_are_unwrapped():
+    assert _unwrap_autocast(MSDeformAttnPixelDecoder.forward_features) is not MSDeformAttnPixelDecoder.forward_features
+
+    def plain(x):
+        return x
+
+    decorated = torch.no_grad()(plain)
+    assert _unwrap_autocast(decorated) is decorated
