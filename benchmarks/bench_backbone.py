@@ -85,10 +85,9 @@ def run_variants(model, forward, variants, iters, row, graph=None):
         ref = forward(model).float()
         for variant in variants:
             torch._dynamo.reset()
-            if variant.startswith("fastdino"):
-                fastdino.patch(model)
-            else:
-                fastdino.unpatch(model)
+            fastdino.unpatch(model)
+            if variant.startswith("fastdino"):  # fastdino-bf16: the bf16 precision policy
+                fastdino.patch(model, precision="bf16" if variant.startswith("fastdino-bf16") else None)
             if variant in ("compile", "max-autotune"):
                 compiled = torch.compile(model, mode=None if variant == "compile" else variant)
                 fn = lambda: forward(compiled)  # noqa: E731

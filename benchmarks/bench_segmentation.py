@@ -6,6 +6,10 @@
   m2f-decoder      Mask2Former's transformer decoder (Mask2FormerTransformerModule: 9 masked-attention
                    layers, hidden 256, 8 heads, 100 queries) on the pyramid of a --m2f-resolutions image
                    (levels at 1/32, 1/16, 1/8, mask features at 1/4)
+  m2f-pixel        Mask2Former's pixel decoder (6 deformable encoder layers, 256 wide, 8 heads) on a
+                   Swin-T-wide pyramid (1/4 .. 1/32) of a --m2f-resolutions image, in fp32, with the extra
+                   variant fastdino-bf16 (precision="bf16"); then fastdino.verify of a whole random-init
+                   Mask2Former (Swin backbone) with the bf16 policy: errors and argmax agreement
 
 Variants: eager, compile (torch.compile default), fastdino (fastdino.patch). Reports ms per batch,
 img/s (FPS at batch 1), peak memory and each variant's error against eager. Usage (GPU):
@@ -19,11 +23,14 @@ import sys
 import torch
 from bench_backbone import commit_meta, markdown, run_variants
 
+import fastdino
+
 EOMT = {
     "eomt-s": dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=6),
     "eomt-l": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16),
 }
 VARIANTS = ["eager", "compile", "fastdino"]
+PYRAMID = [96, 192, 384, 768]  # Swin-T's channels at 1/4 .. 1/32
 
 
 def eomt(name, res, masks, dtype):
@@ -47,9 +54,30 @@ def m2f_decoder(dtype):
     return Mask2FormerTransformerModule(in_features=256, config=cfg).to("cuda", dtype).eval()
 
 
+def m2f_pixel_decoder():
+    from transformers import Mask2FormerConfig
+    from transformers.models.mask2former.modeling_mask2former import Mask2FormerPixelDecoder
+
+    torch.manual_seed(0)
+    return Mask2FormerPixelDecoder(Mask2FormerConfig(), feature_channels=PYRAMID).to("cuda").eval()
+
+
+def verify_bf16(res, batch):
+    """fastdino.verify of a whole random-init Mask2Former (default Swin backbone) with the bf16 policy."""
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
+
+    torch.manual_seed(0)
+    model = Mask2FormerForUniversalSegmentation(Mask2FormerConfig()).to("cuda").eval()
+    report = fastdino.verify(model, {"pixel_values": torch.randn(batch, 3, res, res, device="cuda")},
+                             precision="bf16")
+    print(f"fastdino.verify, Mask2Former (Swin) {res}px b{batch}, precision bf16:\n{report}", flush=True)
+    return dict(resolution=res, batch=batch, worst_rel=report.worst_rel, min_agreement=report.min_agreement,
+                errors=[vars(e) for e in report.errors], agreement=[vars(a) for a in report.agreement])
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="eomt-s,eomt-l,m2f-decoder")
+    p.add_argument("--models", default="eomt-s,eomt-l,m2f-decoder,m2f-pixel")
     p.add_argument("--eomt-resolutions", default="640")
     p.add_argument("--eomt-masks", default="on,off")
     p.add_argument("--m2f-resolutions", default="512,896")
@@ -61,9 +89,19 @@ def main(argv=None):
     if not torch.cuda.is_available():
         print("bench_segmentation needs a CUDA device", file=sys.stderr)
         return 1
-    dtype, variants, rows = torch.bfloat16, args.variants.split(","), []
+    dtype, variants, rows, checks = torch.bfloat16, args.variants.split(","), [], []
     for name in args.models.split(","):
         for batch in map(int, args.batches.split(",")):
+            if name == "m2f-pixel":
+                model = m2f_pixel_decoder()
+                for res in map(int, args.m2f_resolutions.split(",")):
+                    feats = [torch.randn(batch, c, res // s, res // s, device="cuda")
+                             for c, s in zip(PYRAMID, (4, 8, 16, 32))]
+                    row = dict(model=name, resolution=res, batch=batch, dtype="torch.float32")
+                    rows += run_variants(model, lambda m: m(feats).mask_features, variants + ["fastdino-bf16"],
+                                         args.iters, row)
+                    checks.append(verify_bf16(res, batch))
+                continue
             if name == "m2f-decoder":
                 model = m2f_decoder(dtype)
                 for res in map(int, args.m2f_resolutions.split(",")):
@@ -85,7 +123,7 @@ def main(argv=None):
                     torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": commit_meta(), "rows": rows}, f, indent=1)
+            json.dump({"machine": commit_meta(), "rows": rows, "verify": checks}, f, indent=1)
     print(markdown(rows))
     return 0
 
