@@ -567,6 +567,42 @@ class FusedMask2FormerPixelDecoderEncoderMultiscaleDeformableAttention(_FusedMSD
                                    level_start_index, attention_mask, False, self._fastdino_bf16(query))
 
 
+class FusedDeformableDetrMultiscaleDeformableAttention(_FusedMSDeformAttn):
+    """transformers' DeformableDetrMultiscaleDeformableAttention (encoder and decoder of Deformable
+    DETR): level shapes as a device tensor, attention_mask True where a pixel is valid; returns
+    (output, weights). Reference points of 2 (points) or 4 (boxes) coordinates."""
+
+    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                position_embeddings=None, reference_points=None, spatial_shapes=None, spatial_shapes_list=None,
+                level_start_index=None, **kwargs):
+        if not self._fastdino_runs(hidden_states):
+            return super().forward(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
+                                   position_embeddings, reference_points, spatial_shapes, spatial_shapes_list,
+                                   level_start_index, **kwargs)
+        query = hidden_states if position_embeddings is None else hidden_states + position_embeddings
+        padding = None if attention_mask is None else ~attention_mask
+        return self._fastdino_core(query, encoder_hidden_states, reference_points, spatial_shapes,
+                                   spatial_shapes.flip(-1), level_start_index, padding, False,
+                                   self._fastdino_bf16(query))
+
+
+class FusedOneFormerPixelDecoderEncoderMultiscaleDeformableAttention(_FusedMSDeformAttn):
+    """transformers' OneFormer pixel-decoder deformable attention: Mask2Former's, with the level
+    shapes also as a device tensor; attention_mask True where a pixel is padding."""
+
+    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                position_embeddings=None, reference_points=None, spatial_shapes=None, level_start_index=None,
+                output_attentions=False, spatial_shapes_list=None):
+        if not self._fastdino_runs(hidden_states):
+            return super().forward(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
+                                   position_embeddings, reference_points, spatial_shapes, level_start_index,
+                                   output_attentions, spatial_shapes_list)
+        query = hidden_states if position_embeddings is None else hidden_states + position_embeddings
+        return self._fastdino_core(query, encoder_hidden_states, reference_points, spatial_shapes,
+                                   spatial_shapes.flip(-1), level_start_index, attention_mask, False,
+                                   self._fastdino_bf16(query))
+
+
 def _level_tensors(shapes_list, device) -> tuple[Tensor, Tensor]:
     shapes = torch.tensor(shapes_list, dtype=torch.int64, device=device)
     return shapes, shapes.flip(-1)

@@ -112,10 +112,16 @@ RULES = (
     Rule("EvaBlock", modules.FusedEvaBlock, modules.eva_block_reasons, _seam_backend("norm2")),
     Rule("EvaAttention", modules.FusedEvaAttention, modules.eva_attention_reasons,
          _attention_backend("qkv", lambda m: m.head_dim)),
-    # multi-scale deformable attention: dinov3's ViT-Adapter / pixel decoder, transformers' Mask2Former
+    # multi-scale deformable attention: dinov3's ViT-Adapter / pixel decoder; transformers' Mask2Former,
+    # Deformable DETR and OneFormer
     Rule("MSDeformAttn", modules.FusedMSDeformAttn, modules.ms_deform_attn_reasons, _msda_backend),
     Rule("Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention",
          modules.FusedMask2FormerPixelDecoderEncoderMultiscaleDeformableAttention, modules.ms_deform_attn_reasons,
+         _msda_backend),
+    Rule("DeformableDetrMultiscaleDeformableAttention", modules.FusedDeformableDetrMultiscaleDeformableAttention,
+         modules.ms_deform_attn_reasons, _msda_backend),
+    Rule("OneFormerPixelDecoderEncoderMultiscaleDeformableAttention",
+         modules.FusedOneFormerPixelDecoderEncoderMultiscaleDeformableAttention, modules.ms_deform_attn_reasons,
          _msda_backend),
     # Mask2Former's masked-attention transformer decoder (transformers)
     Rule("Mask2FormerMaskedAttentionDecoder", modules.FusedMask2FormerMaskedAttentionDecoder,
@@ -153,7 +159,8 @@ PRECISION_RULES = (
     Rule("Mask2FormerPixelDecoder", modules.Bf16Forward, modules.bf16_region_reasons, lambda m: "bf16"),
 )
 PRECISIONS = (None, "bf16")
-_DEFORMABLE = ("MSDeformAttn", "Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention")
+_DEFORMABLE = ("MSDeformAttn", "Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention",
+               "DeformableDetrMultiscaleDeformableAttention", "OneFormerPixelDecoderEncoderMultiscaleDeformableAttention")
 
 _FUSED_CLASSES: dict[tuple[type, type], type] = {}
 

@@ -105,6 +105,52 @@ def hf_mask2former(backbone="swin"):
     return model, run
 
 
+def deformable_detr(boxes=False):
+    """Tiny transformers Deformable DETR with a ResNet backbone, 4 levels, padded pixels; with
+    boxes, two-stage with box refinement: the decoder samples around (x, y, w, h) references."""
+    torch.manual_seed(0)
+    backbone = transformers.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
+                                         out_features=["stage2", "stage3", "stage4"])
+    cfg = transformers.DeformableDetrConfig(
+        use_timm_backbone=False, backbone_config=backbone, use_pretrained_backbone=False, d_model=32,
+        encoder_layers=1, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=10, num_feature_levels=4,
+        with_box_refine=boxes, two_stage=boxes, two_stage_num_proposals=10)
+    detector = transformers.DeformableDetrForObjectDetection if boxes else transformers.DeformableDetrModel
+    model = detector(cfg).to(DEVICE).eval()
+    pixels = torch.randn(2, 3, 64, 96, device=DEVICE)
+    mask = torch.ones(2, 64, 96, dtype=torch.long, device=DEVICE)
+    mask[1, :, 80:] = 0  # the second image is padded on the right
+
+    def run():
+        out = model(pixel_values=pixels, pixel_mask=mask)
+        boxes_out = [out.logits.flatten(), out.pred_boxes.flatten()] if boxes else []
+        return torch.cat([out.last_hidden_state.flatten(), out.encoder_last_hidden_state.flatten(), *boxes_out])
+
+    return model, run
+
+
+def oneformer():
+    torch.manual_seed(0)
+    swin = transformers.SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1],
+                                   num_heads=[1, 1, 2, 2], window_size=4,
+                                   out_features=["stage1", "stage2", "stage3", "stage4"])
+    cfg = transformers.OneFormerConfig(
+        backbone_config=swin, conv_dim=32, mask_dim=32, hidden_dim=32, encoder_feedforward_dim=64,
+        dim_feedforward=64, encoder_layers=2, decoder_layers=3, num_attention_heads=4, num_queries=10, num_labels=5,
+        text_encoder_width=32, text_encoder_num_layers=1, text_encoder_context_length=8, text_encoder_proj_layers=1,
+        text_encoder_n_ctx=2, task_seq_len=8, max_seq_len=8, use_pretrained_backbone=False)
+    model = transformers.OneFormerForUniversalSegmentation(cfg).to(DEVICE).eval()
+    pixels = torch.randn(2, 3, 64, 96, device=DEVICE)
+    task = torch.randint(0, 100, (2, 8), device=DEVICE)
+
+    def run():
+        out = model(pixel_values=pixels, task_inputs=task)
+        return torch.cat([out.class_queries_logits.flatten(), out.masks_queries_logits.flatten()])
+
+    return model, run
+
+
 # name: (build, fused class, swapped modules)
 MODELS = {
     "official-pixel-decoder": (official_decoder, "FusedMSDeformAttn", 2),
@@ -112,6 +158,11 @@ MODELS = {
     "hf-mask2former-swin": (hf_mask2former, "FusedMask2FormerPixelDecoderEncoderMultiscaleDeformableAttention", 2),
     "hf-mask2former-dinov3": (lambda: hf_mask2former("dinov3"),
                               "FusedMask2FormerPixelDecoderEncoderMultiscaleDeformableAttention", 2),
+    # encoder self-attention and the decoders' cross-attention
+    "deformable-detr": (deformable_detr, "FusedDeformableDetrMultiscaleDeformableAttention", 3),
+    "deformable-detr-boxes": (lambda: deformable_detr(boxes=True), "FusedDeformableDetrMultiscaleDeformableAttention",
+                              3),
+    "oneformer": (oneformer, "FusedOneFormerPixelDecoderEncoderMultiscaleDeformableAttention", 2),
 }
 
 
