@@ -4,7 +4,7 @@
 # benchmarks and the demo, and write the results to OUT_DIR:
 #   build.log info.txt tests.log benchmarks.json benchmarks.md backbone.json backbone.md
 #   segmentation.json segmentation.md demo.txt
-# Usage: scripts/gpu_run.sh OUT_DIR   (needs torch with CUDA, nvcc, pytest, pytest-benchmark, transformers)
+# Usage: scripts/gpu_run.sh OUT_DIR   (needs torch with CUDA, nvcc, pytest, pytest-benchmark, transformers, scipy)
 #   STAGES=build,tests,kernels,backbone,segmentation,demo (default: all) runs a subset, e.g. to split
 #   the work; BACKBONE_ARGS and SEGMENTATION_ARGS override the arguments of
 #   benchmarks/bench_backbone.py and benchmarks/bench_segmentation.py.

@@ -14,6 +14,7 @@ import fastdino
 from fastdino.modules import eomt_dense_mask
 
 transformers = pytest.importorskip("transformers")
+pytest.importorskip("scipy")  # the EoMT models build their matcher with it
 
 ROOT = "FusedEomtForUniversalSegmentation"
 
