@@ -43,6 +43,14 @@ def official(qkv, cos, sin, rope=True):
     return out.transpose(1, 2).reshape(B, N, H * D)
 
 
+def inputs(B, N, H, D, hw, device, dtype):
+    """A fused qkv projection output (B, N, 3, H, D) and RoPE tables for the trailing hw tokens."""
+    qkv = torch.randn(B, N, 3, H, D, device=device, dtype=dtype)
+    angles = torch.rand(hw, D // 2, device=device) * 6.283
+    angles = torch.cat((angles, angles), -1)
+    return qkv, angles.cos(), angles.sin()
+
+
 @pytest.mark.benchmark(timer=cuda_timer)
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("B,H,N,D", SHAPES, ids=lambda v: str(v))
@@ -50,9 +58,7 @@ def test_bench_rope_attention(benchmark, B, H, N, D, provider):
     device, dtype = ("cuda", torch.bfloat16) if CUDA else ("cpu", torch.float32)
     if provider in ("cuda", "cpu") and _ext.ext_reasons(device):
         pytest.skip("; ".join(_ext.ext_reasons(device)))
-    qkv = torch.randn(B, N, 3, H, D, device=device, dtype=dtype)
-    angles = torch.rand(N - PREFIX, D // 2, device=device) * 6.283
-    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    qkv, cos, sin = inputs(B, N, H, D, N - PREFIX, device, dtype)
     if provider == "sdpa+rope":
         fn = lambda: official(qkv, cos, sin)  # noqa: E731
     elif provider == "sdpa":
@@ -87,9 +93,7 @@ def test_bench_rope_attention_eomt(benchmark, B, H, Q, HW, provider):
     if provider in ("cuda", "cpu") and _ext.ext_reasons(device):
         pytest.skip("; ".join(_ext.ext_reasons(device)))
     D, N = 64, Q + PREFIX + HW
-    qkv = torch.randn(B, N, 3, H, D, device=device, dtype=dtype)
-    angles = torch.rand(HW, D // 2, device=device) * 6.283
-    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    qkv, cos, sin = inputs(B, N, H, D, HW, device, dtype)
     logits = (torch.randn(B, Q, HW, device=device) * 3 - 1).to(dtype)  # about 60% of the patches blocked
     q, k, v = qkv.unbind(2)
     if provider == "sdpa+dense":

@@ -923,19 +923,20 @@ class FusedEomtForUniversalSegmentation:
         extra = {} if rope is None else {"position_embeddings": rope(pixel_values.to(hidden.dtype))}
         first = self.num_hidden_layers - cfg.num_blocks
         queries = cfg.num_queries
+        probs = self.attn_mask_probs.tolist()  # one host read per forward, not two per masked block
         logits = None
         for idx, layer in enumerate(self.layers):
             if idx == first:
                 query = self.query.weight[None].expand(hidden.shape[0], -1, -1).to(hidden.device)
                 hidden = torch.cat((query, hidden), dim=1)
-            if idx >= first and self.attn_mask_probs[idx - first] > 0:
+            if idx >= first and probs[idx - first] > 0:
                 masks, _ = self.predict(self.layernorm(hidden))
                 logits = nn.functional.interpolate(masks, size=self.grid_size, mode="bilinear").flatten(2)
                 patches = hidden.shape[1] - queries - self.embeddings.num_prefix_tokens
                 if logits.shape[2] != patches:
                     raise ValueError(f"EoMT: the mask grid {tuple(self.grid_size)} has {logits.shape[2]} cells but "
                                      f"the image gives {patches} patches (pixel_values must be config.image_size)")
-                prob = self.attn_mask_probs[idx - first]
+                prob = probs[idx - first]
                 if prob < 1:  # the original's _disable_attention_mask, same draw
                     unmasked = torch.rand(hidden.shape[0], queries, device=hidden.device) > prob
                     logits = logits.masked_fill(unmasked[..., None], 1.0)
