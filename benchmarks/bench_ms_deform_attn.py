@@ -1,15 +1,17 @@
-"""ms_deform_attn against what the DINOv3 segmentor runs today: F.grid_sample per level in fp32
-(``grid_sample``, the dinov3 and transformers code path), torch.compile of it (``compile``), and
-fastdino's ``cuda`` and ``triton`` kernels, in fp32 (the models' default precision) and bf16 values
-with fp32 locations (the bf16 policy).
+"""ms_deform_attn against what the DINOv3 segmentor runs today between its projections and the
+output projection: the softmax of the attention logits, the offset -> location arithmetic and
+F.grid_sample per level, in fp32 (``grid_sample``, the dinov3 and transformers code path),
+torch.compile of the same (``compile``), and fastdino's ``cuda`` and ``triton`` kernels, which
+take the raw offsets and logits (the fused form the patched modules call), in fp32 (the models'
+default precision) and with bf16 values, offsets and logits (the bf16 policy).
 
-GB/s counts the bytes that must move once: value, locations, weights and the output.
+GB/s counts the bytes that must move once: value, offsets, logits, reference points and the output.
 """
 
 import pytest
 import torch
 from helpers import bench_ms, cuda_timer
-from test_ms_deform_attn import make_inputs
+from test_ms_deform_attn import make_offset_inputs
 
 from fastdino import _ext
 from fastdino.ops.ms_deform_attn import ms_deform_attn, ms_deform_attn_ref
@@ -36,21 +38,23 @@ PROVIDERS = (["grid_sample", "compile", "triton", "triton-bf16"] + (["cuda", "cu
 @pytest.mark.parametrize("name,Lq,heads,Dh,shapes", SHAPES, ids=lambda v: str(v) if not isinstance(v, list) else "")
 def test_bench_ms_deform_attn(benchmark, name, Lq, heads, Dh, shapes, provider):
     dtype = torch.bfloat16 if provider.endswith("-bf16") else torch.float32
-    args = make_inputs(1, Lq, heads, Dh, shapes, dtype=dtype, device="cuda" if CUDA else "cpu")
+    # The adapter's extractors pass one set of reference points for the batch.
+    value, spatial_shapes, starts, offsets, logits, ref = make_offset_inputs(
+        1, Lq, heads, Dh, shapes, dtype=dtype, device="cuda" if CUDA else "cpu")
+    args = (value, spatial_shapes, starts, offsets, logits)
     if provider == "grid_sample":
-        fn = lambda: ms_deform_attn_ref(*args)  # noqa: E731
+        fn = lambda: ms_deform_attn_ref(*args, ref)  # noqa: E731
     elif provider == "compile":
         compiled = torch.compile(ms_deform_attn_ref)
-        fn = lambda: compiled(*args)  # noqa: E731
+        fn = lambda: compiled(*args, ref)  # noqa: E731
     else:
         backend = provider.removesuffix("-bf16")
-        fn = lambda: ms_deform_attn(*args, backend=backend)  # noqa: E731
+        fn = lambda: ms_deform_attn(*args, backend=backend, reference_points=ref)  # noqa: E731
     benchmark.group = f"ms_deform_attn {name}"
     benchmark.extra_info.update(op="ms_deform_attn", shape=f"{name} Lq={Lq} heads={heads} Dh={Dh} L={len(shapes)}",
                                 dtype=str(dtype), provider=provider, baselines=["grid_sample", "compile"])
     ms = bench_ms(benchmark, fn)
     if ms:
-        value, _, _, loc, w = args
         out_bytes = Lq * heads * Dh * value.element_size()
-        moved = value.numel() * value.element_size() + loc.numel() * 4 + w.numel() * 4 + out_bytes
+        moved = sum(t.numel() * t.element_size() for t in (value, offsets, logits, ref)) + out_bytes
         benchmark.extra_info.update(ms=ms, metric="GB/s", value=moved / ms / 1e6)

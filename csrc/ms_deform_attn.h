@@ -11,6 +11,7 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <optional>
 
 #include "checks.h"
 
@@ -44,10 +45,22 @@ C10_HOST_DEVICE inline Corners bilinear_corners(float loc_x, float loc_y, int64_
   return c;
 }
 
-// One query-head's output: sum over levels and points of weight * bilinear sample, for channels
-// [c0, c0 + n) of the head, accumulated into acc (fp32). `load(row, c, n)` adds value rows; rows
-// outside [0, S) (shapes that disagree with value's length) are skipped, so a bad spatial_shapes
-// tensor reads nothing out of bounds without a host-side check.
+// One sample of weight `a` at (loc_x, loc_y) in a level of H x W rows starting at `start`: add_row(row, weight)
+// for each valid corner. Rows outside [0, S) (shapes that disagree with value's length) are skipped, so a
+// bad spatial_shapes tensor reads nothing out of bounds without a host-side check.
+template <typename AddRow>
+C10_HOST_DEVICE inline void ms_deform_attn_sample(float loc_x, float loc_y, float a, int64_t H, int64_t W,
+                                                  int64_t start, int64_t S, AddRow& add_row) {
+  const Corners c = bilinear_corners(loc_x, loc_y, H, W);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t row = start + c.off[i];
+    if (c.w[i] != 0.0f && row >= 0 && row < S) add_row(row, a * c.w[i]);
+  }
+}
+
+// One query-head's output: sum over levels and points of weight * bilinear sample, accumulated by
+// `add_row(row, weight)` (fp32) from sampling locations and softmaxed weights.
 template <typename TL, typename AddRow>
 C10_HOST_DEVICE inline void ms_deform_attn_samples(const TL* loc, const TL* attw, const int64_t* shapes,
                                                    const int64_t* starts, int L, int P, int64_t S, AddRow add_row) {
@@ -55,13 +68,35 @@ C10_HOST_DEVICE inline void ms_deform_attn_samples(const TL* loc, const TL* attw
     const int64_t H = shapes[2 * l], W = shapes[2 * l + 1], start = starts[l];
     for (int p = 0; p < P; ++p) {
       const int s = l * P + p;
-      const float a = static_cast<float>(attw[s]);
-      const Corners c = bilinear_corners(static_cast<float>(loc[2 * s]), static_cast<float>(loc[2 * s + 1]), H, W);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int64_t row = start + c.off[i];
-        if (c.w[i] != 0.0f && row >= 0 && row < S) add_row(row, a * c.w[i]);
-      }
+      ms_deform_attn_sample(static_cast<float>(loc[2 * s]), static_cast<float>(loc[2 * s + 1]),
+                            static_cast<float>(attw[s]), H, W, start, S, add_row);
+    }
+  }
+}
+
+// The same from what the module's projections give, with the two steps around the sampling fused:
+// the softmax of the L * P logits (fp32), and the locations from reference points `ref` (per level:
+// R = 2, (x, y) + offset / (W, H); R = 4, a box (x, y, w, h): (x, y) + offset / P * (w, h) * 0.5),
+// in the order Deformable DETR computes them.
+template <typename TL, typename AddRow>
+C10_HOST_DEVICE inline void ms_deform_attn_offset_samples(const float* ref, int R, const TL* off, const TL* logits,
+                                                          const int64_t* shapes, const int64_t* starts, int L, int P,
+                                                          int64_t S, AddRow add_row) {
+  const int n = L * P;
+  float m = -INFINITY;
+  for (int s = 0; s < n; ++s) m = fmaxf(m, static_cast<float>(logits[s]));
+  float sum = 0.0f;
+  for (int s = 0; s < n; ++s) sum += expf(static_cast<float>(logits[s]) - m);
+  const float inv = 1.0f / sum;
+  for (int l = 0; l < L; ++l) {
+    const int64_t H = shapes[2 * l], W = shapes[2 * l + 1], start = starts[l];
+    const float* r = ref + l * R;
+    for (int p = 0; p < P; ++p) {
+      const int s = l * P + p;
+      const float ox = static_cast<float>(off[2 * s]), oy = static_cast<float>(off[2 * s + 1]);
+      const float lx = R == 2 ? r[0] + ox / static_cast<float>(W) : r[0] + ox / static_cast<float>(P) * r[2] * 0.5f;
+      const float ly = R == 2 ? r[1] + oy / static_cast<float>(H) : r[1] + oy / static_cast<float>(P) * r[3] * 0.5f;
+      ms_deform_attn_sample(lx, ly, expf(static_cast<float>(logits[s]) - m) * inv, H, W, start, S, add_row);
     }
   }
 }
@@ -69,7 +104,8 @@ C10_HOST_DEVICE inline void ms_deform_attn_samples(const TL* loc, const TL* attw
 // Argument checks shared by every backend of the C++ op; messages name the argument.
 inline void check_ms_deform_attn_args(const at::Tensor& value, const at::Tensor& spatial_shapes,
                                       const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
-                                      const at::Tensor& attention_weights) {
+                                      const at::Tensor& attention_weights,
+                                      const std::optional<at::Tensor>& reference_points) {
   const auto dtype = value.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
               "ms_deform_attn: value must be float32, float16 or bfloat16, got ", dtype);
@@ -106,6 +142,17 @@ inline void check_ms_deform_attn_args(const at::Tensor& value, const at::Tensor&
     TORCH_CHECK(t->device() == value.device(), "ms_deform_attn: every tensor must be on value's device ",
                 device_str(value), ", got one on ", device_str(*t));
   }
+  if (!reference_points) return;
+  const auto& ref = *reference_points;
+  TORCH_CHECK(ref.dim() == 4 && (ref.size(0) == 1 || ref.size(0) == B) && ref.size(1) == Lq && ref.size(2) == L &&
+                  (ref.size(3) == 2 || ref.size(3) == 4),
+              "ms_deform_attn: reference_points must be (B=", num(B), " or 1, Lq=", num(Lq), ", L=", num(L),
+              ", 2 or 4), got ", shape_str(ref));
+  TORCH_CHECK(ref.scalar_type() == at::kFloat, "ms_deform_attn: reference_points must be float32, got ",
+              ref.scalar_type());
+  TORCH_CHECK(ref.is_contiguous(), "ms_deform_attn: reference_points must be contiguous");
+  TORCH_CHECK(ref.device() == value.device(), "ms_deform_attn: reference_points is on ", device_str(ref),
+              " but value is on ", device_str(value));
 }
 
 }  // namespace fastdino

@@ -38,7 +38,7 @@ TORCH_LIBRARY(fastdino, m) {
         "Tensor? residual, Tensor? gamma) -> Tensor");
   m.def("masked_attention(Tensor q, Tensor k, Tensor v, Tensor? mask_logits, float scale) -> Tensor");
   m.def("ms_deform_attn(Tensor value, Tensor spatial_shapes, Tensor level_start_index, Tensor sampling_locations, "
-        "Tensor attention_weights) -> Tensor");
+        "Tensor attention_weights, Tensor? reference_points=None) -> Tensor");
   m.def("rope_attention(Tensor q, Tensor k, Tensor v, Tensor? cos, Tensor? sin, Tensor? mask_logits, float scale) "
         "-> Tensor");
 }

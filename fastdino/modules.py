@@ -483,21 +483,11 @@ def ms_deform_attn_reasons(module: nn.Module) -> list[str]:
     return reasons
 
 
-def _sampling_locations(reference_points: Tensor, offsets: Tensor, normalizer: Tensor, n_points: int) -> Tensor:
-    """Deformable DETR's sampling locations (B, Lq, heads, L, P, 2) from reference points
-    (B, Lq, L, 2) plus offsets scaled by each level's (W, H), or from boxes (B, Lq, L, 4)."""
-    if reference_points.shape[-1] == 2:
-        return reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
-    if reference_points.shape[-1] == 4:
-        return (reference_points[:, :, None, :, None, :2]
-                + offsets / n_points * reference_points[:, :, None, :, None, 2:] * 0.5)
-    raise ValueError(f"Last dim of reference_points must be 2 or 4, but got {reference_points.shape[-1]}")
-
-
 class _FusedMSDeformAttn(_ForwardCache):
-    """The deformable-attention modules' projections and location arithmetic as they are, with the
-    grid_sample core replaced by ms_deform_attn. The original forward runs where ms_deform_attn
-    would pick its reference (inputs that require grad, or no kernel for the device)."""
+    """The deformable-attention modules' projections as they are; the softmax of the attention
+    logits, the offset -> location arithmetic and the grid_sample core run in one ms_deform_attn
+    kernel. The original forward runs where ms_deform_attn would pick its reference (inputs that
+    require grad, or no kernel for the device)."""
 
     def _fastdino_runs(self, x: Tensor) -> bool:
         if self._fastdino_backend is not None:
@@ -510,10 +500,13 @@ class _FusedMSDeformAttn(_ForwardCache):
         """The bf16 precision policy (patch(..., precision="bf16")) under an enabled autocast."""
         return getattr(self, "_fastdino_precision", None) == "bf16" and torch.is_autocast_enabled(x.device.type)
 
-    def _fastdino_core(self, query, value_input, reference_points, shapes, normalizer, level_start_index,
-                       padding_mask, fp32, bf16=False):
-        """(output, softmaxed attention weights) as the module computes them; `fp32`: the original's
-        fp32 cast under CUDA autocast; `bf16`: the bf16 policy (values bf16, locations and weights fp32)."""
+    def _fastdino_core(self, query, value_input, reference_points, shapes, level_start_index, padding_mask,
+                       fp32, bf16=False, need_weights=False):
+        """(output, softmaxed attention weights if `need_weights` else None) as the module computes
+        them. The projections run here; ms_deform_attn takes their raw offsets and logits and does
+        the softmax and the location arithmetic in its kernel. `fp32`: the original's fp32 cast
+        under CUDA autocast; `bf16`: the bf16 policy (values sampled in bf16; softmax and locations
+        in fp32 inside the kernel either way)."""
         B, Lq, _ = query.shape
         S = value_input.shape[1]
         H, L, P = self.n_heads, self.n_levels, self.n_points
@@ -522,15 +515,17 @@ class _FusedMSDeformAttn(_ForwardCache):
             value = value.masked_fill(padding_mask[..., None], float(0))
         value = value.view(B, S, H, -1)
         offsets = self.sampling_offsets(query).view(B, Lq, H, L, P, 2)
-        logits = self.attention_weights(query).view(B, Lq, H, L * P)
-        if bf16:  # the bf16 policy: offsets -> locations and the softmax in fp32, values sampled in bf16
-            offsets, logits, value = offsets.float(), logits.float(), value.bfloat16()
-        weights = logits.softmax(-1).view(B, Lq, H, L, P)
-        loc = _sampling_locations(reference_points, offsets, normalizer, P)
+        logits = self.attention_weights(query).view(B, Lq, H, L, P)
+        if bf16:
+            value = value.bfloat16()
         if fp32:  # what the original's custom_fwd(cast_inputs=torch.float32) does under autocast
-            value, loc, weights = value.float(), loc.float(), weights.float()
+            value = value.float()
+        if offsets.dtype not in (torch.float32, value.dtype) or logits.dtype != offsets.dtype:
+            offsets, logits = offsets.float(), logits.float()  # the kernels read them in fp32 or value's dtype
         # A pinned backend must run (or raise); otherwise dispatch may still take the reference.
-        out = ms_deform_attn(value, shapes, level_start_index, loc.contiguous(), weights, backend=self._fastdino_backend)
+        out = ms_deform_attn(value, shapes, level_start_index, offsets, logits, backend=self._fastdino_backend,
+                             reference_points=reference_points.float().contiguous())
+        weights = logits.float().flatten(-2).softmax(-1).view(B, Lq, H, L, P) if need_weights else None
         return self.output_proj(out), weights
 
 
@@ -544,8 +539,7 @@ class FusedMSDeformAttn(_FusedMSDeformAttn):
                                    input_level_start_index, input_padding_mask)
         bf16 = self._fastdino_bf16(query)
         fp32 = not bf16 and torch.is_autocast_enabled("cuda") and query.is_cuda
-        normalizer = input_spatial_shapes.flip(-1)  # (W, H) per level
-        return self._fastdino_core(query, input_flatten, reference_points, input_spatial_shapes, normalizer,
+        return self._fastdino_core(query, input_flatten, reference_points, input_spatial_shapes,
                                    input_level_start_index, input_padding_mask, fp32, bf16)[0]
 
 
@@ -560,11 +554,11 @@ class FusedMask2FormerPixelDecoderEncoderMultiscaleDeformableAttention(_FusedMSD
                                    position_embeddings, reference_points, spatial_shapes_list, level_start_index,
                                    output_attentions)
         query = hidden_states if position_embeddings is None else hidden_states + position_embeddings
-        # The (L, 2) shapes and (W, H) normaliser on the device, copied there once per pyramid.
+        # The (L, 2) shapes on the device, copied there once per pyramid.
         key = (tuple(tuple(int(v) for v in s) for s in spatial_shapes_list), query.device)
-        shapes, normalizer = self._cached(key, lambda: _level_tensors(key[0], query.device))
-        return self._fastdino_core(query, encoder_hidden_states, reference_points, shapes, normalizer,
-                                   level_start_index, attention_mask, False, self._fastdino_bf16(query))
+        shapes = self._cached(key, lambda: torch.tensor(key[0], dtype=torch.int64, device=query.device))
+        return self._fastdino_core(query, encoder_hidden_states, reference_points, shapes, level_start_index,
+                                   attention_mask, False, self._fastdino_bf16(query), output_attentions)
 
 
 class FusedDeformableDetrMultiscaleDeformableAttention(_FusedMSDeformAttn):
@@ -581,9 +575,9 @@ class FusedDeformableDetrMultiscaleDeformableAttention(_FusedMSDeformAttn):
                                    level_start_index, **kwargs)
         query = hidden_states if position_embeddings is None else hidden_states + position_embeddings
         padding = None if attention_mask is None else ~attention_mask
+        # Its callers drop the weights (transformers computes them for no output).
         return self._fastdino_core(query, encoder_hidden_states, reference_points, spatial_shapes,
-                                   spatial_shapes.flip(-1), level_start_index, padding, False,
-                                   self._fastdino_bf16(query))
+                                   level_start_index, padding, False, self._fastdino_bf16(query))
 
 
 class FusedOneFormerPixelDecoderEncoderMultiscaleDeformableAttention(_FusedMSDeformAttn):
@@ -599,13 +593,8 @@ class FusedOneFormerPixelDecoderEncoderMultiscaleDeformableAttention(_FusedMSDef
                                    output_attentions, spatial_shapes_list)
         query = hidden_states if position_embeddings is None else hidden_states + position_embeddings
         return self._fastdino_core(query, encoder_hidden_states, reference_points, spatial_shapes,
-                                   spatial_shapes.flip(-1), level_start_index, attention_mask, False,
-                                   self._fastdino_bf16(query))
-
-
-def _level_tensors(shapes_list, device) -> tuple[Tensor, Tensor]:
-    shapes = torch.tensor(shapes_list, dtype=torch.int64, device=device)
-    return shapes, shapes.flip(-1)
+                                   level_start_index, attention_mask, False, self._fastdino_bf16(query),
+                                   output_attentions)
 
 
 def _multihead_attention_reasons(attn: nn.Module, name: str) -> list[str]:

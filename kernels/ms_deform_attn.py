@@ -7,6 +7,11 @@ value rows as (BLOCK_Q, BLOCK_D) tiles and accumulates weight * corner weight * 
 output is written once, so there are no atomics. The level shapes and start offsets are read from
 the device tensors (no host synchronisation); rows outside [0, S) are never read, so shapes that
 disagree with value's length cannot read out of bounds.
+
+Given reference points (R = 2 or 4 coordinates per level), LOC and ATTW hold the module's raw
+sampling offsets and attention logits: a first pass over the L * P logits of each query gives the
+softmax's max and sum (fp32, two values per query, so no (BLOCK_Q, L * P) tile in registers), and
+each sample's location and weight are formed where they are used.
 """
 
 import triton
@@ -20,9 +25,11 @@ def _ms_deform_attn_fwd_kernel(
     STARTS,  # (L,) int64: first row of each level
     LOC,  # (B, Lq, Hh, L, P, 2) sampling locations in [0, 1] (x, y), contiguous
     ATTW,  # (B, Lq, Hh, L, P) attention weights, contiguous
+    REF,  # R > 0: (B or 1, Lq, L, R) fp32 reference points; LOC then holds offsets and ATTW logits
     OUT,  # (B, Lq, Hh * Dh)
-    Lq, S, Hh,
-    Dh: tl.constexpr, L: tl.constexpr, P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
+    Lq, S, Hh, stride_ref_b,  # stride_ref_b: 0 when one set of reference points serves the batch
+    Dh: tl.constexpr, L: tl.constexpr, P: tl.constexpr, R: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
     bh = tl.program_id(1)
@@ -34,6 +41,17 @@ def _ms_deform_attn_fwd_kernel(
     d_ok = d < Dh
     qh = ((b * Lq + q) * Hh + h).to(tl.int64)  # (BLOCK_Q,) flattened (b, q, h)
     v_head = V + (b.to(tl.int64) * S * Hh + h) * Dh  # offsets within one batch fit int32
+
+    if R > 0:  # softmax statistics over the L * P logits, online
+        m = tl.full((BLOCK_Q,), float("-inf"), tl.float32)
+        total = tl.zeros((BLOCK_Q,), tl.float32)
+        for s in tl.range(L * P, num_stages=1):
+            x = tl.load(ATTW + qh * (L * P) + s, mask=q_ok, other=0.0).to(tl.float32)
+            m_new = tl.maximum(m, x)
+            total = total * tl.exp(m - m_new) + tl.exp(x - m_new)
+            m = m_new
+        inv_total = 1.0 / total
+        ref_q = REF + b.to(tl.int64) * stride_ref_b + q * (L * R)
 
     acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
     # A runtime loop over the L * P samples, not pipelined: unrolled or multi-stage, the compiler
@@ -47,6 +65,18 @@ def _ms_deform_attn_fwd_kernel(
         lx = tl.load(LOC + (qh * (L * P) + s) * 2, mask=q_ok, other=0.0).to(tl.float32)
         ly = tl.load(LOC + (qh * (L * P) + s) * 2 + 1, mask=q_ok, other=0.0).to(tl.float32)
         a = tl.load(ATTW + qh * (L * P) + s, mask=q_ok, other=0.0).to(tl.float32)
+        if R > 0:  # offsets and logits -> locations and weights, as Deformable DETR computes them
+            a = tl.exp(a - m) * inv_total
+            rx = tl.load(ref_q + l * R, mask=q_ok, other=0.0)
+            ry = tl.load(ref_q + l * R + 1, mask=q_ok, other=0.0)
+            if R == 2:
+                lx = rx + lx / Wl
+                ly = ry + ly / Hl
+            else:
+                rw = tl.load(ref_q + l * R + 2, mask=q_ok, other=0.0)
+                rh = tl.load(ref_q + l * R + 3, mask=q_ok, other=0.0)
+                lx = rx + lx / P * rw * 0.5
+                ly = ry + ly / P * rh * 0.5
         x = lx * Wl - 0.5
         y = ly * Hl - 0.5
         x0 = tl.floor(x)
@@ -79,17 +109,22 @@ def ms_deform_attn_config(Dh: int) -> tuple[int, int, int]:
     return block_q, block_d, 4
 
 
-def ms_deform_attn_fwd(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, out):
+def ms_deform_attn_fwd(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, out,
+                       reference_points=None):
     """Launch on validated, contiguous arguments (see fastdino/ops/ms_deform_attn.py)."""
     B, S, Hh, Dh = value.shape
     Lq, L, P = sampling_locations.shape[1], sampling_locations.shape[3], sampling_locations.shape[4]
     if out.numel() == 0:
         return
+    ref = reference_points
+    R = 0 if ref is None else ref.shape[3]
+    stride_ref_b = 0 if ref is None or ref.shape[0] == 1 else Lq * L * R
     block_q, block_d, num_warps = ms_deform_attn_config(Dh)
     grid = (triton.cdiv(Lq, block_q), B * Hh)
     _ms_deform_attn_fwd_kernel[grid](
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, out,
-        Lq, S, Hh, Dh=Dh, L=L, P=P, BLOCK_Q=block_q, BLOCK_D=block_d, num_warps=num_warps,
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+        sampling_locations if ref is None else ref, out, Lq, S, Hh, stride_ref_b,
+        Dh=Dh, L=L, P=P, R=R, BLOCK_Q=block_q, BLOCK_D=block_d, num_warps=num_warps,
     )
 
 
@@ -99,17 +134,23 @@ COMPILE_SHAPES = [(12, 1), (128, 1), (2, 3), (24, 3), (128, 3), (32, 4)]
 
 
 def compile_configs():
-    """(kernel, signature, constexprs, options) for the sm_90 compile check."""
+    """(kernel, signature, constexprs, options) for the sm_90 compile check: both input forms
+    (locations, R = 0; offsets from points, R = 2) for every shape, boxes (R = 4) at L = 4; fp32
+    locations, and bf16 offsets with bf16 values as autocast gives them."""
     configs = []
     for dtype in ("fp32", "fp16", "bf16"):
         for Dh, L in COMPILE_SHAPES:
-            block_q, block_d, num_warps = ms_deform_attn_config(Dh)
-            signature = {"V": f"*{dtype}", "SHAPES": "*i64", "STARTS": "*i64", "LOC": "*fp32", "ATTW": "*fp32",
-                         "OUT": f"*{dtype}", "Lq": "i32", "S": "i32", "Hh": "i32"}
-            constexprs = dict(Dh=Dh, L=L, P=4, BLOCK_Q=block_q, BLOCK_D=block_d)
-            signature.update({name: "constexpr" for name in constexprs})
-            # Fresh allocations are 16-byte aligned, and launch specialises on it: compile the same.
-            order = list(_ms_deform_attn_fwd_kernel.arg_names)
-            attrs = {(order.index(n),): [["tt.divisibility", 16]] for n in ("V", "SHAPES", "STARTS", "LOC", "ATTW", "OUT")}
-            configs.append((_ms_deform_attn_fwd_kernel, signature, constexprs, dict(num_warps=num_warps), attrs))
+            for R in (0, 2, 4) if L == 4 else (0, 2):
+                block_q, block_d, num_warps = ms_deform_attn_config(Dh)
+                ldtype = dtype if (R == 2 and dtype == "bf16") else "fp32"
+                signature = {"V": f"*{dtype}", "SHAPES": "*i64", "STARTS": "*i64", "LOC": f"*{ldtype}",
+                             "ATTW": f"*{ldtype}", "REF": "*fp32", "OUT": f"*{dtype}", "Lq": "i32", "S": "i32",
+                             "Hh": "i32", "stride_ref_b": "i32"}
+                constexprs = dict(Dh=Dh, L=L, P=4, R=R, BLOCK_Q=block_q, BLOCK_D=block_d)
+                signature.update({name: "constexpr" for name in constexprs})
+                # Fresh allocations are 16-byte aligned, and launch specialises on it: compile the same.
+                order = list(_ms_deform_attn_fwd_kernel.arg_names)
+                attrs = {(order.index(n),): [["tt.divisibility", 16]]
+                         for n in ("V", "SHAPES", "STARTS", "LOC", "ATTW", "REF", "OUT")}
+                configs.append((_ms_deform_attn_fwd_kernel, signature, constexprs, dict(num_warps=num_warps), attrs))
     return configs

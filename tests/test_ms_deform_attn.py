@@ -1,13 +1,14 @@
 """ms_deform_attn: the C++ (CPU/CUDA) and Triton kernels against grid_sample in float64, with the
 tolerance rule of helpers; locations partly outside [0, 1] and exactly on borders and pixel
-centres; the (Dh, L) combinations of the real models; odd query counts."""
+centres; the (Dh, L) combinations of the real models; odd query counts. Both input forms:
+locations and softmaxed weights, and the fused form (reference points, raw offsets and logits)."""
 
 import pytest
 import torch
 from helpers import ATOL, DEVICE, DTYPES, assert_close_to_ref, requires_cuda_ext, requires_ext
 
 from fastdino import _ext
-from fastdino.ops.ms_deform_attn import ms_deform_attn, ms_deform_attn_ref, select_backend
+from fastdino.ops.ms_deform_attn import ms_deform_attn, ms_deform_attn_ref, offset_locations, select_backend
 
 KERNEL_BACKENDS = (["cuda" if DEVICE.type == "cuda" else "cpu"] if _ext.HAS_EXT else []) + ["triton"]
 # (Dh, level shapes): adapter extractor (one level, Dh 12 / 128), pixel decoder (3 levels, Dh 2 / 24 /
@@ -50,10 +51,41 @@ def make_inputs(B, Lq, heads, Dh, shapes, P=4, dtype=torch.float32, loc_dtype=to
     return value, spatial_shapes, starts, loc.to(loc_dtype), weights.to(loc_dtype)
 
 
+def make_offset_inputs(B, Lq, heads, Dh, shapes, R=2, P=4, dtype=torch.float32, off_dtype=None, ref_batch=None,
+                       device=DEVICE):
+    """The fused form: (value, shapes, starts, offsets, logits, reference_points) as the modules'
+    projections give them. About a fifth of the offsets are exactly 0 on references at exact
+    borders and pixel centres; the others move a sample by up to a few pixels (or, for boxes, up to
+    the box's size), some off the map."""
+    off_dtype = off_dtype or dtype
+    S = sum(h * w for h, w in shapes)
+    L = len(shapes)
+    value = torch.randn(B, S, heads, Dh, device=device).to(dtype)
+    ref = torch.rand(ref_batch or B, Lq, L, R, device=device)
+    wh = torch.tensor([[w, h] for h, w in shapes], device=device, dtype=torch.float32)  # (L, 2) as (x, y)
+    k = torch.randint(0, 4, ref[..., :2].shape, device=device).float()
+    special = torch.stack([torch.zeros_like(k), torch.ones_like(k), (k + 0.5) / wh, k / wh])
+    pick = torch.randint(0, 6, ref[..., :2].shape, device=device)
+    ref[..., :2] = torch.where(pick < 4, special.gather(0, pick.clamp(max=3)[None]).squeeze(0), ref[..., :2])
+    if R == 4:
+        ref[..., 2:] = ref[..., 2:] * 0.5 + 0.05  # box sizes
+    offsets = torch.randn(B, Lq, heads, L, P, 2, device=device) * (2.0 if R == 2 else 1.5)
+    offsets = torch.where(torch.rand(B, Lq, heads, L, P, 1, device=device) < 0.2, 0.0, offsets)
+    logits = torch.randn(B, Lq, heads, L, P, device=device) * 2
+    spatial_shapes, starts = level_tensors(shapes, device)
+    return value, spatial_shapes, starts, offsets.to(off_dtype), logits.to(off_dtype), ref
+
+
 def exact_and_lowp(args):
-    value, shapes, starts, loc, w = args
-    exact = ms_deform_attn_ref(value.double(), shapes, starts, loc.double(), w.double())
+    value, shapes, starts, loc, w, *ref = args
+    ref = [r.double() for r in ref]
+    exact = ms_deform_attn_ref(value.double(), shapes, starts, loc.double(), w.double(), *ref)
     return exact, ms_deform_attn_ref(*args)
+
+
+def run(args, backend):
+    """ms_deform_attn on either form of arguments (the fused form's reference points by keyword)."""
+    return ms_deform_attn(*args[:5], backend=backend, reference_points=args[5] if len(args) > 5 else None)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -68,6 +100,63 @@ def test_ms_deform_attn_matches_grid_sample(backend, dtype, case, Lq):
     assert out.shape == (2, Lq, heads * Dh) and out.dtype == dtype
     exact, lowp = exact_and_lowp(args)
     assert_close_to_ref(f"{backend} {case} Lq={Lq}", out, exact, lowp, ATOL[dtype])
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("case", CASES)
+def test_fused_softmax_and_locations_match_the_modules_steps(backend, dtype, case):
+    # The adapter's one set of reference points serves the whole batch (batch 1 broadcast).
+    Dh, shapes = CASES[case]
+    heads = 3 if Dh >= 128 else 4
+    args = make_offset_inputs(2, 37, heads, Dh, shapes, dtype=dtype, ref_batch=1 if case.startswith("adapter") else None)
+    out = run(args, backend)
+    assert out.shape == (2, 37, heads * Dh) and out.dtype == dtype
+    exact, lowp = exact_and_lowp(args)
+    assert_close_to_ref(f"{backend} fused {case}", out, exact, lowp, ATOL[dtype])
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("Lq", [1, 29])
+def test_fused_box_references(backend, dtype, Lq):
+    # Deformable DETR's decoder with box refinement: 4-coordinate references (x, y, w, h).
+    args = make_offset_inputs(2, Lq, 4, 32, CASES["detr-dh32"][1], R=4, dtype=dtype)
+    exact, lowp = exact_and_lowp(args)
+    assert_close_to_ref(f"{backend} boxes Lq={Lq}", run(args, backend), exact, lowp, ATOL[dtype])
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_fused_fp32_offsets_with_bf16_values(backend):
+    # The original's fp32 cast under autocast hands fp32 projections next to values in any dtype.
+    args = make_offset_inputs(2, 37, 4, 24, CASES["decoder-dh24"][1], dtype=torch.bfloat16, off_dtype=torch.float32)
+    exact, lowp = exact_and_lowp(args)
+    assert_close_to_ref(f"{backend} fp32 offsets", run(args, backend), exact, lowp, ATOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_fused_softmax_is_stable_for_large_logits(backend):
+    # exp(90) overflows fp32: the kernels must subtract the maximum as softmax does.
+    value, shapes, starts, offsets, logits, ref = make_offset_inputs(1, 17, 2, 12, [(5, 4), (2, 3)])
+    logits = logits * 45
+    out = ms_deform_attn(value, shapes, starts, offsets, logits, backend=backend, reference_points=ref)
+    exact = ms_deform_attn_ref(value.double(), shapes, starts, offsets.double(), logits.double(), ref.double())
+    assert torch.isfinite(out).all()
+    assert_close_to_ref(f"{backend} large logits", out, exact, exact, ATOL[torch.float32])
+
+
+def test_offset_locations_is_deformable_detrs_arithmetic():
+    # The reference's pre-sampling steps, written out once more from Deformable DETR's formulas.
+    value, shapes, starts, offsets, logits, ref = make_offset_inputs(2, 5, 3, 8, [(4, 6), (2, 3)], device="cpu")
+    loc, w = offset_locations(ref, offsets, logits, shapes)
+    W, H = shapes[:, 1].float(), shapes[:, 0].float()
+    expect_x = ref[:, :, None, :, None, 0] + offsets[..., 0] / W[:, None]
+    torch.testing.assert_close(loc[..., 0], expect_x, atol=0, rtol=0)
+    torch.testing.assert_close(w.sum((-2, -1)), torch.ones(2, 5, 3))
+    box = torch.rand(2, 5, 2, 4)
+    loc, _ = offset_locations(box, offsets, logits, shapes)
+    torch.testing.assert_close(loc[..., 1], box[:, :, None, :, None, 1] + offsets[..., 1] / 4 * box[:, :, None, :, None, 3] * 0.5,
+                               atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -129,6 +218,21 @@ def test_bad_arguments_are_named(mutate, match):
         ms_deform_attn(*args)
 
 
+def test_bad_reference_points_are_named():
+    value, shapes, starts, offsets, logits, ref = make_offset_inputs(2, 7, 2, 12, [(4, 4)], device="cpu")
+    with pytest.raises(ValueError, match=r"reference_points must be \(B=2 or 1, Lq=7, L=1, 2 or 4\), got \(2, 7, 1, 3\)"):
+        ms_deform_attn(value, shapes, starts, offsets, logits, reference_points=torch.rand(2, 7, 1, 3))
+    with pytest.raises(ValueError, match="reference_points is torch.float64, not torch.float32"):
+        ms_deform_attn(value, shapes, starts, offsets, logits, backend="triton", reference_points=ref.double())
+    with pytest.raises(ValueError, match="reference_points is not contiguous"):
+        ms_deform_attn(value, shapes, starts, offsets, logits, backend="triton",
+                       reference_points=ref.transpose(0, 1).contiguous().transpose(0, 1))
+    # dispatch takes the reference for what no kernel reads, and gives the same numbers
+    assert select_backend(value, shapes, starts, offsets, logits, ref.double())[0] == "ref"
+    torch.testing.assert_close(ms_deform_attn(value, shapes, starts, offsets, logits, reference_points=ref.double()),
+                               ms_deform_attn_ref(value, shapes, starts, offsets, logits, ref))
+
+
 def test_kernels_refuse_bad_layouts_by_name():
     value, shapes, starts, loc, w = make_inputs(1, 7, 2, 12, [(4, 4)], device="cpu")
     with pytest.raises(ValueError, match="spatial_shapes is torch.int32, not torch.int64"):
@@ -147,26 +251,38 @@ def test_cpp_op_names_bad_arguments():
         torch.ops.fastdino.ms_deform_attn(value, shapes.int(), starts, loc, w)
     with pytest.raises(RuntimeError, match="attention_weights has dtype Half but sampling_locations has Float"):
         torch.ops.fastdino.ms_deform_attn(value, shapes, starts, loc, w.half())
+    with pytest.raises(RuntimeError, match="reference_points must be float32, got Double"):
+        torch.ops.fastdino.ms_deform_attn(value, shapes, starts, loc, w, torch.rand(1, 7, 1, 2, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match=r"reference_points must be \(B=1 or 1, Lq=7, L=1, 2 or 4\)"):
+        torch.ops.fastdino.ms_deform_attn(value, shapes, starts, loc, w, torch.rand(1, 7, 2, 2))
 
 
-def test_opcheck_triton():
+OPCHECK_INPUTS = {"locations": lambda: make_inputs(1, 5, 2, 12, [(4, 3), (2, 2)]),
+                  "offsets": lambda: make_offset_inputs(2, 5, 2, 12, [(4, 3), (2, 2)], ref_batch=1)}
+
+
+@pytest.mark.parametrize("form", OPCHECK_INPUTS)
+def test_opcheck_triton(form):
     from fastdino.ops.ms_deform_attn import ms_deform_attn_triton
 
-    torch.library.opcheck(ms_deform_attn_triton, make_inputs(1, 5, 2, 12, [(4, 3), (2, 2)]))
+    torch.library.opcheck(ms_deform_attn_triton, OPCHECK_INPUTS[form]())
 
 
 @requires_ext
-def test_opcheck_cpp():
-    torch.library.opcheck(torch.ops.fastdino.ms_deform_attn.default, make_inputs(1, 5, 2, 12, [(4, 3), (2, 2)]))
+@pytest.mark.parametrize("form", OPCHECK_INPUTS)
+def test_opcheck_cpp(form):
+    torch.library.opcheck(torch.ops.fastdino.ms_deform_attn.default, OPCHECK_INPUTS[form]())
 
 
 @requires_cuda_ext
 def test_cuda_path_does_not_synchronise():
     args = make_inputs(2, 97, 4, 24, CASES["decoder-dh24"][1], dtype=torch.bfloat16)
+    fused = make_offset_inputs(2, 97, 4, 24, CASES["decoder-dh24"][1], dtype=torch.bfloat16)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for backend in ("cuda", "triton"):
-            ms_deform_attn(*args, backend=backend)
+            run(args, backend)
+            run(fused, backend)
     finally:
         torch.cuda.set_sync_debug_mode("default")

@@ -13,15 +13,24 @@ or value's dtype (fp32 keeps sub-pixel positions on large maps), accumulate in f
 (B, Lq, heads * Dh) in value's dtype. Level shapes stay on the device: no host synchronisation,
 so a patched decoder can be captured in a CUDA graph.
 
+With ``reference_points`` (B or 1, Lq, L, 2 or 4) the two steps the modules run around the
+sampling are fused into the kernels: ``sampling_locations`` then holds the raw output of the
+module's ``sampling_offsets`` projection and ``attention_weights`` the raw output of its
+``attention_weights`` projection (logits). The kernels compute the softmax over the L * P samples
+of each query-head and the locations ``ref + offset / (W_l, H_l)`` (points) or
+``ref[:2] + offset / P * ref[2:] * 0.5`` (boxes) in fp32, so neither the softmaxed weights nor
+the (B, Lq, heads, L, P, 2) locations are written to memory.
+
 Backends: ``cuda`` and ``cpu`` (fastdino._C, csrc/ms_deform_attn.*: one thread per query, head
 and channel pack, vector loads, no atomics), ``triton`` (kernels/ms_deform_attn.py: one program
-per block of queries of one head), ``ref`` (grid_sample per level, in fp32). On CPU tensors the
-C++ kernel runs first: it measured 1.5-4.7x faster than the grid_sample reference at the real
-ViT-S shapes, fp32, 2 threads (pixel decoder at 512^2, Dh 24: 66 vs 175 ms; Dh 128: 188 vs
-894 ms; adapter extractor, Dh 12: 14 vs 22 ms). Neither GPU kernel has been timed yet, so on
-CUDA tensors the priority (cuda, triton, ref) follows the design: the C++ kernel's packed loads
-against the Triton kernel's masked head-wide tiles. benchmarks/bench_ms_deform_attn.py measures
-both. Forward only: with grad the reference runs.
+per block of queries of one head), ``ref`` (softmax and locations in PyTorch, grid_sample per
+level, in fp32). On CPU tensors the C++ kernel runs first: in the fused form it measured 2.2-5.2x
+faster than the models' steps (softmax, locations, grid_sample) at the real ViT-S shapes, fp32,
+batch 1, 2 threads (pixel decoder at 512^2, 16 heads, Dh 24: 87 vs 192 ms; Dh 128: 207 vs
+1067 ms; adapter extractor, Dh 12: 16 vs 34 ms). Neither GPU kernel
+has been timed yet, so on CUDA tensors the priority (cuda, triton, ref) follows the design: the
+C++ kernel's packed loads against the Triton kernel's masked head-wide tiles.
+benchmarks/bench_ms_deform_attn.py measures both. Forward only: with grad the reference runs.
 """
 
 from typing import Optional, Sequence, Union
@@ -40,9 +49,11 @@ Shapes = Union[Tensor, Sequence[Sequence[int]]]
 
 
 def ms_deform_attn_ref(value: Tensor, spatial_shapes: Shapes, level_start_index: Optional[Tensor],
-                       sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
+                       sampling_locations: Tensor, attention_weights: Tensor,
+                       reference_points: Optional[Tensor] = None) -> Tensor:
     """Reference (and fallback): one F.grid_sample per level, in fp32 (float64 for float64
-    inputs), as the models compute it.
+    inputs), as the models compute it; with `reference_points`, the models' softmax and location
+    arithmetic first (`offset_locations`).
 
     `spatial_shapes` may be a list of (H, W) (no host synchronisation) or the (L, 2) tensor.
     """
@@ -50,6 +61,10 @@ def ms_deform_attn_ref(value: Tensor, spatial_shapes: Shapes, level_start_index:
     B, S, Hh, Dh = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
     shapes = spatial_shapes.tolist() if isinstance(spatial_shapes, Tensor) else spatial_shapes
+    if reference_points is not None:
+        sampling_locations, attention_weights = offset_locations(
+            reference_points.to(acc), sampling_locations.to(acc), attention_weights.to(acc),
+            spatial_shapes.to(acc) if isinstance(spatial_shapes, Tensor) else value.new_tensor(shapes, dtype=acc))
     starts = [0]
     for h, w in shapes[:-1]:
         starts.append(starts[-1] + h * w)
@@ -66,21 +81,39 @@ def ms_deform_attn_ref(value: Tensor, spatial_shapes: Shapes, level_start_index:
     return out.to(value.dtype).contiguous()
 
 
+def offset_locations(reference_points: Tensor, sampling_offsets: Tensor, attention_logits: Tensor,
+                     spatial_shapes: Tensor) -> tuple[Tensor, Tensor]:
+    """What the deformable-attention modules compute before the sampling, in PyTorch: locations
+    (B, Lq, heads, L, P, 2) from reference points (B or 1, Lq, L, 2) plus offsets scaled by each
+    level's (W, H), or from boxes (B or 1, Lq, L, 4); the softmax of the logits over L * P."""
+    B, Lq, Hh, L, P, _ = sampling_offsets.shape
+    weights = attention_logits.flatten(-2).softmax(-1).view(B, Lq, Hh, L, P)
+    if reference_points.shape[-1] == 2:
+        normalizer = spatial_shapes.flip(-1)  # (W, H)
+        return reference_points[:, :, None, :, None, :] + sampling_offsets / normalizer[None, None, None, :, None, :], weights
+    if reference_points.shape[-1] == 4:
+        return (reference_points[:, :, None, :, None, :2]
+                + sampling_offsets / P * reference_points[:, :, None, :, None, 2:] * 0.5), weights
+    raise ValueError(f"Last dim of reference_points must be 2 or 4, but got {reference_points.shape[-1]}")
+
+
 @torch.library.custom_op("fastdino::ms_deform_attn_triton", mutates_args=())
 def ms_deform_attn_triton(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
-                          sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
-    _check_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    errors = _layout_reasons(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    errors += _ext.dtype_reasons(value.dtype)
+                          sampling_locations: Tensor, attention_weights: Tensor,
+                          reference_points: Optional[Tensor] = None) -> Tensor:
+    args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights, reference_points)
+    _check_args(*args)
+    errors = _layout_reasons(*args) + _ext.dtype_reasons(value.dtype)
     if errors:
         raise ValueError(f"ms_deform_attn (Triton kernel): {'; '.join(errors)}")
     B, S, Hh, Dh = value.shape
     out = torch.empty((B, sampling_locations.shape[1], Hh * Dh), dtype=value.dtype, device=value.device)
-    ms_deform_attn_fwd(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, out)
+    ms_deform_attn_fwd(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, out,
+                       reference_points)
     return out
 
 
-def _fake(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+def _fake(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, reference_points=None):
     B, S, Hh, Dh = value.shape
     return value.new_empty((B, sampling_locations.shape[1], Hh * Dh))
 
@@ -95,7 +128,8 @@ def backend_reasons(backend: str, device: torch.device, dtype: torch.dtype) -> l
     return kernel_reasons("ms_deform_attn", backend, device, dtype)
 
 
-def _check_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+def _check_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                reference_points=None):
     """Shape and device errors every backend shares (ValueError naming the argument)."""
     if value.dim() != 4:
         raise ValueError(f"ms_deform_attn: value must be (B, S, heads, Dh), got {tuple(value.shape)}")
@@ -116,14 +150,21 @@ def _check_args(value, spatial_shapes, level_start_index, sampling_locations, at
             raise ValueError(f"ms_deform_attn: spatial_shapes cover {covered} rows but value has S={S}")
     if level_start_index is not None and tuple(level_start_index.shape) != (L,):
         raise ValueError(f"ms_deform_attn: level_start_index must be (L={L},), got {tuple(level_start_index.shape)}")
+    ref = reference_points
+    if ref is not None and (ref.dim() != 4 or ref.shape[0] not in (1, B) or tuple(ref.shape[1:3]) != (loc.shape[1], L)
+                            or ref.shape[3] not in (2, 4)):
+        raise ValueError(f"ms_deform_attn: reference_points must be (B={B} or 1, Lq={loc.shape[1]}, L={L}, 2 or 4), "
+                         f"got {tuple(ref.shape)}")
     for name, t in (("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index),
-                    ("sampling_locations", loc), ("attention_weights", attention_weights)):
+                    ("sampling_locations", loc), ("attention_weights", attention_weights), ("reference_points", ref)):
         if isinstance(t, Tensor) and t.device != value.device:
             raise ValueError(f"ms_deform_attn: {name} is on {t.device} but value is on {value.device}")
 
 
-def _layout_reasons(value, spatial_shapes, level_start_index, sampling_locations, attention_weights) -> list[str]:
-    """What the kernels need: contiguous tensors, int64 level tensors, fp32 or value-dtype locations."""
+def _layout_reasons(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                    reference_points=None) -> list[str]:
+    """What the kernels need: contiguous tensors, int64 level tensors, fp32 or value-dtype locations
+    (or offsets and logits), fp32 reference points."""
     reasons = []
     if not isinstance(spatial_shapes, Tensor) or level_start_index is None:
         reasons.append("spatial_shapes and level_start_index must be tensors")
@@ -135,14 +176,17 @@ def _layout_reasons(value, spatial_shapes, level_start_index, sampling_locations
         reasons.append(f"sampling_locations is {ldt}, not float32 or value's {value.dtype}")
     if attention_weights.dtype != ldt:
         reasons.append(f"attention_weights is {attention_weights.dtype} but sampling_locations is {ldt}")
+    if reference_points is not None and reference_points.dtype != torch.float32:
+        reasons.append(f"reference_points is {reference_points.dtype}, not torch.float32")
     named = {"value": value, "spatial_shapes": spatial_shapes, "level_start_index": level_start_index,
-             "sampling_locations": sampling_locations, "attention_weights": attention_weights}
+             "sampling_locations": sampling_locations, "attention_weights": attention_weights,
+             "reference_points": reference_points}
     reasons += [f"{n} is not contiguous" for n, t in named.items() if isinstance(t, Tensor) and not t.is_contiguous()]
     return reasons
 
 
 def _input_reasons(*args) -> list[str]:
-    return _layout_reasons(*args) + requires_grad(args[0], args[3], args[4])
+    return _layout_reasons(*args) + requires_grad(args[0], *args[3:])
 
 
 def preferred_backend(device, dtype, input_reasons=()) -> tuple[str, dict[str, list[str]]]:
@@ -150,18 +194,22 @@ def preferred_backend(device, dtype, input_reasons=()) -> tuple[str, dict[str, l
     return first_backend(PRIORITY, device, lambda b: backend_reasons(b, device, dtype), input_reasons)
 
 
-def select_backend(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-    args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+def select_backend(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                   reference_points=None):
+    args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights, reference_points)
     return preferred_backend(value.device, value.dtype, _input_reasons(*args))
 
 
 def ms_deform_attn(value: Tensor, spatial_shapes: Shapes, level_start_index: Optional[Tensor],
-                   sampling_locations: Tensor, attention_weights: Tensor, backend: Optional[str] = None) -> Tensor:
+                   sampling_locations: Tensor, attention_weights: Tensor, backend: Optional[str] = None,
+                   reference_points: Optional[Tensor] = None) -> Tensor:
     """Multi-scale deformable attention; equivalent to `ms_deform_attn_ref`. Returns (B, Lq, heads * Dh).
 
-    `backend` pins one backend (ValueError with the reasons if it cannot run).
+    With `reference_points`, `sampling_locations` and `attention_weights` are the raw sampling
+    offsets and attention logits (see the module docstring). `backend` pins one backend
+    (ValueError with the reasons if it cannot run).
     """
-    args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights, reference_points)
     _check_args(*args)
     backend = resolve_backend(
         "ms_deform_attn", backend, lambda: select_backend(*args),
@@ -174,4 +222,4 @@ def ms_deform_attn(value: Tensor, spatial_shapes: Shapes, level_start_index: Opt
     return ms_deform_attn_triton(*args)
 
 
-__all__ = ["BACKENDS", "ms_deform_attn", "ms_deform_attn_ref"]
+__all__ = ["BACKENDS", "ms_deform_attn", "ms_deform_attn_ref", "offset_locations"]
