@@ -168,7 +168,7 @@ class DinoVisionTransformer(nn.Module):
         tokens = torch.cat([cls.expand(B, -1, -1), self.storage_tokens.expand(B, -1, -1), x.flatten(1, 2)], dim=1)
         return tokens, (H, W)
 
-    def get_intermediate_layers(self, x, *, n=1, norm=True):
+    def get_intermediate_layers(self, x, *, n=1, norm=True, return_class_token=False):
         x, (H, W) = self.prepare_tokens_with_masks(x)
         take = range(len(self.blocks) - n, len(self.blocks)) if isinstance(n, int) else n
         outputs = []
@@ -176,7 +176,8 @@ class DinoVisionTransformer(nn.Module):
             x = blk(x, self.rope_embed(H=H, W=W))
             if i in take:
                 outputs.append(self.norm(x) if norm else x)
-        return tuple(o[:, self.n_storage_tokens + 1 :] for o in outputs)
+        patches = tuple(o[:, self.n_storage_tokens + 1 :] for o in outputs)
+        return tuple(zip(patches, (o[:, 0] for o in outputs))) if return_class_token else patches
 
     def forward_features(self, x):
         x, (H, W) = self.prepare_tokens_with_masks(x)

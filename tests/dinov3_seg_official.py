@@ -1,7 +1,9 @@
 """Modules that follow dinov3's segmentation code (dinov3/eval/segmentation/models): MSDeformAttn
 (keys sampling_offsets, attention_weights, value_proj, output_proj; grid_sample core, forced to
-fp32 under CUDA autocast) and the pixel decoder's post-norm encoder layer, written from their
-documented structure so that fastdino can be tested on them without the dinov3 package."""
+fp32 under CUDA autocast), the ViT-Adapter (DINOv3_Adapter: spatial prior module, extractors with
+ConvFFN/DWConv, no injector), the pixel decoder and the masked-attention transformer decoder,
+written from their documented structure (dinov3-stack.md §3) so that fastdino can be tested on
+them without the dinov3 package."""
 
 import torch
 import torch.nn.functional as F
@@ -73,15 +75,157 @@ class MSDeformAttnTransformerEncoderLayer(nn.Module):
         return self.norm2(src + self.dropout3(src2))
 
 
-def reference_points(shapes, batch, device=None):
-    """Pixel-centre reference points of every level, normalised to [0, 1]: (B, S, L, 2)."""
+def reference_points(shapes, batch, device=None, n_levels=None):
+    """Pixel-centre reference points of every level, normalised to [0, 1]: (B, S, L, 2), the same
+    point for each of the L (default len(shapes)) levels it samples."""
     points = []
     for h, w in shapes:
         y, x = torch.meshgrid(torch.linspace(0.5, h - 0.5, h, device=device),
                               torch.linspace(0.5, w - 0.5, w, device=device), indexing="ij")
         points.append(torch.stack((x.reshape(-1) / w, y.reshape(-1) / h), -1))
-    ref = torch.cat(points)[None, :, None].expand(batch, -1, len(shapes), -1)
+    ref = torch.cat(points)[None, :, None].expand(batch, -1, n_levels or len(shapes), -1)
     return ref.contiguous()
+
+
+# The ViT-Adapter (dinov3-stack.md §3.2): a spatial prior module gives tokens at 1/8, 1/16, 1/32
+# (21n tokens for a 1/16 grid of n = H_c * W_c), extractors pull the frozen ViT's taps into them
+# with single-level deformable attention, and the four maps come out batch-normalised.
+
+
+def deform_inputs(x, patch_size):
+    """The extractors' inputs: the SPM tokens' reference points (one set for the batch: (1, 21n,
+    1, 2)) over the ViT's one 1/patch level."""
+    h, w = x.shape[-2:]
+    shapes = torch.tensor([(h // patch_size, w // patch_size)], dtype=torch.long, device=x.device)
+    starts = torch.zeros(1, dtype=torch.long, device=x.device)
+    ref = reference_points([(h // 8, w // 8), (h // 16, w // 16), (h // 32, w // 32)], 1, x.device, n_levels=1)
+    return ref, shapes, starts
+
+
+class DWConv(nn.Module):
+    """3x3 depthwise conv applied to each of the three levels of the 21n tokens (16n / 4n / n)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
+
+    def forward(self, x, H, W):
+        B, N, C = x.shape
+        n = N // 21
+        levels = [(x[:, :16 * n], 2 * H, 2 * W), (x[:, 16 * n:20 * n], H, W), (x[:, 20 * n:], H // 2, W // 2)]
+        return torch.cat([self.dwconv(t.transpose(1, 2).reshape(B, C, h, w)).flatten(2).transpose(1, 2)
+                          for t, h, w in levels], 1)
+
+
+class ConvFFN(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.dwconv, self.act, self.fc2 = nn.Linear(dim, hidden), DWConv(hidden), nn.GELU(), nn.Linear(hidden, dim)
+
+    def forward(self, x, H, W):
+        return self.fc2(self.act(self.dwconv(self.fc1(x), H, W)))
+
+
+class Extractor(nn.Module):
+    """c = c + MSDeformAttn(query_norm(c), ref, feat_norm(x)); c = c + ConvFFN(ffn_norm(c))."""
+
+    def __init__(self, dim, n_heads, n_points=4, ratio=0.5, cffn_ratio=0.25):
+        super().__init__()
+        self.query_norm, self.feat_norm = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.attn = MSDeformAttn(d_model=dim, n_levels=1, n_heads=n_heads, n_points=n_points, ratio=ratio)
+        self.ffn, self.ffn_norm = ConvFFN(dim, int(dim * cffn_ratio)), nn.LayerNorm(dim, eps=1e-6)
+
+    def forward(self, query, reference_points, feat, spatial_shapes, level_start_index, H, W):
+        query = query + self.attn(self.query_norm(query), reference_points, self.feat_norm(feat), spatial_shapes,
+                                  level_start_index, None)
+        return query + self.ffn(self.ffn_norm(query), H, W)
+
+
+class InteractionBlockWithCls(nn.Module):
+    """dinov3's interaction block: an extractor (two more on the last block), no injector."""
+
+    def __init__(self, dim, n_heads, extra_extractor=False):
+        super().__init__()
+        self.extractor = Extractor(dim, n_heads)
+        self.extra_extractors = nn.Sequential(*(Extractor(dim, n_heads) for _ in range(2))) if extra_extractor else None
+
+    def forward(self, x, c, deform_inputs2, H_c, W_c):
+        c = self.extractor(c, deform_inputs2[0], x, deform_inputs2[1], deform_inputs2[2], H_c, W_c)
+        for extractor in self.extra_extractors or ():
+            c = extractor(c, deform_inputs2[0], x, deform_inputs2[1], deform_inputs2[2], H_c, W_c)
+        return c
+
+
+def conv_bn_relu(cin, cout, stride):
+    return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+
+class SpatialPriorModule(nn.Module):
+    """stem (3 x conv3x3 + BN + ReLU, the first strided, then max-pool: 1/4), conv2..4 (stride 2:
+    1/8, 1/16, 1/32), fc1..4 (1x1 to the ViT width); c1 stays a map, c2..c4 become tokens."""
+
+    def __init__(self, inplanes, dim):
+        super().__init__()
+        self.stem = nn.Sequential(*conv_bn_relu(3, inplanes, 2), *conv_bn_relu(inplanes, inplanes, 1),
+                                  *conv_bn_relu(inplanes, inplanes, 1), nn.MaxPool2d(3, 2, 1))
+        widths = [inplanes, 2 * inplanes, 4 * inplanes, 4 * inplanes]
+        for i in (2, 3, 4):
+            setattr(self, f"conv{i}", nn.Sequential(*conv_bn_relu(widths[i - 2], widths[i - 1], 2)))
+        for i in (1, 2, 3, 4):
+            setattr(self, f"fc{i}", nn.Conv2d(widths[i - 1], dim, 1))
+
+    def forward(self, x):
+        c1 = self.stem(x)
+        c2 = self.conv2(c1)
+        c3 = self.conv3(c2)
+        c4 = self.conv4(c3)
+        c1 = self.fc1(c1)
+        return c1, *(fc(c).flatten(2).transpose(1, 2) for fc, c in ((self.fc2, c2), (self.fc3, c3), (self.fc4, c4)))
+
+
+class DINOv3_Adapter(nn.Module):  # noqa: N801 (dinov3's class name, which fastdino.patch matches)
+    """The frozen ViT runs once under no_grad and a hard-coded CUDA bf16 autocast; its taps feed
+    the extractors, then are resized onto the four maps (x1 -> 1/4, x2 -> 1/8, x3 -> 1/16,
+    x4 -> 1/32). Returns {"1": 1/4, "2": 1/8, "3": 1/16, "4": 1/32} maps of the ViT width."""
+
+    def __init__(self, backbone, interaction_indexes, n_heads=4, inplanes=16):
+        super().__init__()
+        dim = backbone.cls_token.shape[-1]
+        self.backbone, self.interaction_indexes = backbone, interaction_indexes
+        self.patch_size = backbone.patch_size
+        self.level_embed = nn.Parameter(torch.randn(3, dim))
+        self.spm = SpatialPriorModule(inplanes, dim)
+        self.interactions = nn.Sequential(*(InteractionBlockWithCls(dim, n_heads, i == len(interaction_indexes) - 1)
+                                            for i in range(len(interaction_indexes))))
+        self.up = nn.ConvTranspose2d(dim, dim, 2, 2)
+        for i in (1, 2, 3, 4):
+            setattr(self, f"norm{i}", nn.BatchNorm2d(dim))
+
+    def forward(self, x):
+        deform_inputs2 = deform_inputs(x, self.patch_size)
+        c1, c2, c3, c4 = self.spm(x)
+        c2, c3, c4 = (c + self.level_embed[i] for i, c in enumerate((c2, c3, c4)))
+        c = torch.cat([c2, c3, c4], 1)
+        with torch.autocast("cuda", torch.bfloat16, enabled=x.is_cuda), torch.no_grad():
+            taps = self.backbone.get_intermediate_layers(x, n=self.interaction_indexes, return_class_token=True)
+        B, dim = x.shape[0], c.shape[-1]
+        H_c, W_c = x.shape[-2] // 16, x.shape[-1] // 16
+        outs = []
+        for layer, (tokens, _cls) in zip(self.interactions, taps):
+            tokens = tokens.to(c.dtype)  # the taps come out of the autocast region in bf16 on a GPU
+            c = layer(tokens, c, deform_inputs2, H_c, W_c)
+            outs.append(tokens.transpose(1, 2).reshape(B, dim, H_c, W_c))
+        n2, n3 = c2.shape[1], c3.shape[1]
+        c2 = c[:, :n2].transpose(1, 2).reshape(B, dim, 2 * H_c, 2 * W_c)
+        c3 = c[:, n2:n2 + n3].transpose(1, 2).reshape(B, dim, H_c, W_c)
+        c4 = c[:, n2 + n3:].transpose(1, 2).reshape(B, dim, H_c // 2, W_c // 2)
+        c1 = self.up(c2) + c1
+        maps = [c1, c2, c3, c4]
+        for i, (m, scale) in enumerate(zip(maps, (4, 2, 1, 0.5))):
+            tap = outs[i] if scale == 1 else F.interpolate(outs[i], scale_factor=scale, mode="bilinear",
+                                                           align_corners=False)
+            maps[i] = m + tap
+        return {str(i + 1): getattr(self, f"norm{i + 1}")(m) for i, m in enumerate(maps)}
 
 
 class PixelDecoderEncoder(nn.Module):

@@ -1,12 +1,14 @@
 """fastdino.patch on multi-scale deformable attention: modules following dinov3's MSDeformAttn
-(pixel-decoder encoder layers and an adapter extractor's single-level form) and tiny random-init
-transformers Mask2Former models. Patched outputs match, state_dict is untouched, unpatch restores."""
+(pixel-decoder encoder layers, an adapter extractor's single-level form, a whole ViT-Adapter on a
+ViT that follows dinov3's) and tiny random-init transformers Mask2Former, Deformable DETR and
+OneFormer models. Patched outputs match, state_dict is untouched, unpatch restores."""
 
 from unittest import mock
 
 import pytest
 import torch
-from dinov3_seg_official import MSDeformAttn, MSDeformAttnTransformerEncoderLayer, reference_points
+from dinov3_official import DinoVisionTransformer
+from dinov3_seg_official import DINOv3_Adapter, MSDeformAttn, MSDeformAttnTransformerEncoderLayer, reference_points
 from helpers import DEVICE
 from test_patch import BACKENDS, rel_err
 
@@ -69,6 +71,27 @@ def official_extractor():
     feat = torch.randn(2, 12, 384, device=DEVICE)
     ref = torch.rand(2, 21 * 3, 1, 2, device=DEVICE)
     return attn, lambda: attn(query, ref, feat, shapes, starts)
+
+
+def official_adapter():
+    """dinov3's ViT-Adapter (4 interactions, two extra extractors on the last) on a 4-block ViT
+    at 64x96: 126 SPM tokens (1/8, 1/16, 1/32) sample the ViT's 4x6 grid; one set of reference
+    points serves the batch."""
+    torch.manual_seed(0)
+    vit = DinoVisionTransformer(embed_dim=64, depth=4, num_heads=4)
+    model = DINOv3_Adapter(vit, interaction_indexes=[0, 1, 2, 3]).to(DEVICE).eval()
+    for m in model.modules():
+        if isinstance(m, MSDeformAttn):
+            random_offsets(m, scale=1.0)
+        if isinstance(m, torch.nn.BatchNorm2d):  # statistics other than the identity
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    pixels = torch.randn(2, 3, 64, 96, device=DEVICE)
+
+    def run():
+        return torch.cat([t.flatten() for t in model(pixels).values()])
+
+    return model, run
 
 
 def mask2former_config(backbone="swin", **overrides):
@@ -155,6 +178,7 @@ def oneformer():
 MODELS = {
     "official-pixel-decoder": (official_decoder, "FusedMSDeformAttn", 2),
     "official-extractor": (official_extractor, "FusedMSDeformAttn", 1),
+    "official-adapter": (official_adapter, "FusedMSDeformAttn", 6),
     "hf-mask2former-swin": (hf_mask2former, "FusedMask2FormerPixelDecoderEncoderMultiscaleDeformableAttention", 2),
     "hf-mask2former-dinov3": (lambda: hf_mask2former("dinov3"),
                               "FusedMask2FormerPixelDecoderEncoderMultiscaleDeformableAttention", 2),
@@ -190,6 +214,18 @@ def test_patched_deformable_attention_matches_original(name, backend):
     assert not any("_fastdino_cache" in m.__dict__ for m in model.modules())
     with torch.no_grad():
         torch.testing.assert_close(run(), ref, atol=0, rtol=0)
+
+
+def test_adapter_extractors_share_one_set_of_reference_points():
+    # The extractors hand the kernel (1, 21n, 1, 2) points for a batch of 2: read with a batch
+    # stride of 0, not expanded. The ViT under the adapter is patched in the same call.
+    model, run = official_adapter()
+    report = fastdino.patch(model)
+    assert {"FusedSelfAttentionBlock", "FusedMSDeformAttn"} <= {s.fused for s in report.swapped}
+    with torch.no_grad(), mock.patch("fastdino.modules.ms_deform_attn", wraps=fastdino.modules.ms_deform_attn) as op:
+        run()
+    shapes = {(c.args[0].shape[0], tuple(c.kwargs["reference_points"].shape)) for c in op.call_args_list}
+    assert shapes == {(2, (1, 126, 1, 2))}
 
 
 def test_default_dispatch_on_cpu_runs_the_cpp_kernel_where_built():

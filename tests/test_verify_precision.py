@@ -9,7 +9,7 @@ import torch
 from dinov3_seg_official import MSDeformAttnPixelDecoder
 from helpers import DEVICE
 from test_patch import rel_err
-from test_patch_deformable import mask2former_config
+from test_patch_deformable import mask2former_config, official_adapter
 
 import fastdino
 from fastdino.modules import _unwrap_autocast
@@ -53,14 +53,36 @@ def test_bf16_policy_on_the_official_pixel_decoder():
     assert {k: (v.data_ptr(), v.dtype) for k, v in model.state_dict().items()} == keys  # weights stay fp32
     with mock.patch("fastdino.modules.ms_deform_attn", wraps=fastdino.modules.ms_deform_attn) as op:
         out, dtype = run_decoder(model, features)
-    # values sampled in bf16, locations and weights in fp32; the outputs return in fp32
-    assert [(c.args[0].dtype, c.args[3].dtype, c.args[4].dtype) for c in op.call_args_list] == [
-        (torch.bfloat16, torch.float32, torch.float32)] * 2
+    # values sampled in bf16; offsets and logits as the bf16 projections give them, turned into
+    # locations and weights in fp32 inside the kernel from fp32 reference points; outputs in fp32
+    assert [(c.args[0].dtype, c.args[3].dtype, c.args[4].dtype, c.kwargs["reference_points"].dtype)
+            for c in op.call_args_list] == [(torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.float32)] * 2
     assert dtype == torch.float32
     assert 1e-4 < rel_err(out, ref) <= 3e-2, rel_err(out, ref)  # it did change, by what bf16 allows
     fastdino.unpatch(model)
     assert not any(hasattr(m, "_fastdino_precision") for m in model.modules())
     torch.testing.assert_close(run_decoder(model, features)[0], ref, atol=0, rtol=0)
+
+
+def test_bf16_policy_on_the_official_adapter():
+    # dinov3's DINOv3_Adapter as one bf16 region: the SPM convs, the extractors (deformable
+    # attention on bf16 values, its ConvFFN) and the output norms; the maps come back in fp32.
+    model, run = official_adapter()
+    with torch.no_grad():
+        ref = run()
+    keys = {k: (v.data_ptr(), v.dtype) for k, v in model.state_dict().items()}
+    report = fastdino.patch(model, precision="bf16")
+    root = [s for s in report.swapped if s.path == ""]
+    assert [(s.original, s.fused, s.backend) for s in root] == [("DINOv3_Adapter", "Bf16Forward", "bf16")]
+    assert {k: (v.data_ptr(), v.dtype) for k, v in model.state_dict().items()} == keys
+    with torch.no_grad(), mock.patch("fastdino.modules.ms_deform_attn", wraps=fastdino.modules.ms_deform_attn) as op:
+        out = run()
+    assert [c.args[0].dtype for c in op.call_args_list] == [torch.bfloat16] * 6
+    assert out.dtype == torch.float32
+    assert 1e-4 < rel_err(out, ref) <= 3e-2, rel_err(out, ref)
+    fastdino.unpatch(model)
+    with torch.no_grad():
+        torch.testing.assert_close(run(), ref, atol=0, rtol=0)
 
 
 def hf_mask2former(backbone):
