@@ -67,7 +67,7 @@ def verify_bf16(res, batch):
     from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
 
     torch.manual_seed(0)
-    model = Mask2FormerForUniversalSegmentation(Mask2FormerConfig()).to("cuda").eval()
+    model = Mask2FormerForUniversalSegmentation(Mask2FormerConfig(num_labels=150)).to("cuda").eval()  # ADE20K
     report = fastdino.verify(model, {"pixel_values": torch.randn(batch, 3, res, res, device="cuda")},
                              precision="bf16")
     print(f"fastdino.verify, Mask2Former (Swin) {res}px b{batch}, precision bf16:\n{report}", flush=True)

@@ -29,6 +29,8 @@ class Agreement:
     name: str
     pixels: int
     share: float  # of pixels whose argmax class is the same
+    classes: int  # distinct classes in the original's map
+    majority: float  # share of the original's most frequent class: agreement is informative only well below 1
 
 
 @dataclass
@@ -49,7 +51,8 @@ class VerifyReport:
         lines = ["| output | shape | dtype | max abs err | mean abs err | rel err |", "|---|---|---|---:|---:|---:|"]
         lines += [f"| {e.name or '<output>'} | {tuple(e.shape)} | {e.dtype} | {e.max_abs:.3e} | {e.mean_abs:.3e} | "
                   f"{e.rel:.3e} |" for e in self.errors]
-        lines += [f"argmax agreement {a.name}: {100 * a.share:.3f}% of {a.pixels} pixels" for a in self.agreement]
+        lines += [f"argmax agreement {a.name}: {100 * a.share:.3f}% of {a.pixels} pixels (original map: {a.classes} "
+                  f"classes, the largest on {100 * a.majority:.1f}%)" for a in self.agreement]
         return "\n".join(lines)
 
 
@@ -82,6 +85,12 @@ def semantic_map(class_logits: Tensor, mask_logits: Tensor) -> Tensor:
     return torch.einsum("bqc,bqhw->bchw", probs, mask_logits.float().sigmoid()).argmax(1)
 
 
+def _agreement(name: str, ref_map: Tensor, out_map: Tensor) -> Agreement:
+    counts = ref_map.flatten().unique(return_counts=True)[1]
+    return Agreement(name, ref_map.numel(), (ref_map == out_map).float().mean().item(), counts.numel(),
+                     (counts.max() / ref_map.numel()).item() if ref_map.numel() else 0.0)
+
+
 def _agreements(ref: dict[str, Tensor], out: dict[str, Tensor]) -> list[Agreement]:
     found = []
     for cls_name, mask_name in MASK_CLASSIFICATION_PAIRS:
@@ -90,11 +99,10 @@ def _agreements(ref: dict[str, Tensor], out: dict[str, Tensor]) -> list[Agreemen
                 continue
             mask_key = key[: len(key) - len(cls_name)] + mask_name
             if mask_key in ref and ref[key].dim() == 3 and ref[mask_key].dim() == 4:
-                a, b = semantic_map(ref[key], ref[mask_key]), semantic_map(out[key], out[mask_key])
-                found.append(Agreement(f"{key} + {mask_name}", a.numel(), (a == b).float().mean().item()))
+                found.append(_agreement(f"{key} + {mask_name}", semantic_map(ref[key], ref[mask_key]),
+                                        semantic_map(out[key], out[mask_key])))
     if "" in ref and ref[""].dim() == 4 and ref[""].is_floating_point():  # a (B, classes, H, W) logits map
-        a, b = ref[""].argmax(1), out[""].argmax(1)
-        found.append(Agreement("<output> argmax over dim 1", a.numel(), (a == b).float().mean().item()))
+        found.append(_agreement("<output> argmax over dim 1", ref[""].argmax(1), out[""].argmax(1)))
     return found
 
 

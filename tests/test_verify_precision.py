@@ -126,7 +126,10 @@ def test_verify_measures_differences():
     assert err.name == "" and err.max_abs == pytest.approx(10.0) and err.mean_abs == pytest.approx(10 / 3)
     assert report.agreement[0].pixels == 64
     assert report.agreement[0].share == pytest.approx((x.argmax(1) == 0).float().mean().item())
-    assert "argmax agreement" in str(report)
+    counts = x.argmax(1).flatten().bincount()
+    assert report.agreement[0].classes == int((counts > 0).sum())
+    assert report.agreement[0].majority == pytest.approx(counts.max().item() / 64)
+    assert "argmax agreement" in str(report) and "the largest on" in str(report)
 
 
 def test_semantic_map_follows_mask2former_inference():
