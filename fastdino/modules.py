@@ -505,8 +505,8 @@ class _FusedMSDeformAttn(_ForwardCache):
         """(output, softmaxed attention weights if `need_weights` else None) as the module computes
         them. The projections run here; ms_deform_attn takes their raw offsets and logits and does
         the softmax and the location arithmetic in its kernel. `fp32`: the original's fp32 cast
-        under CUDA autocast; `bf16`: the bf16 policy (values sampled in bf16; softmax and locations
-        in fp32 inside the kernel either way)."""
+        under CUDA autocast; `bf16`: the bf16 policy (values sampled in bf16; the offset and logit
+        projections in fp32; softmax and locations in fp32 inside the kernel either way)."""
         B, Lq, _ = query.shape
         S = value_input.shape[1]
         H, L, P = self.n_heads, self.n_levels, self.n_points
@@ -514,10 +514,14 @@ class _FusedMSDeformAttn(_ForwardCache):
         if padding_mask is not None:
             value = value.masked_fill(padding_mask[..., None], float(0))
         value = value.view(B, S, H, -1)
-        offsets = self.sampling_offsets(query).view(B, Lq, H, L, P, 2)
-        logits = self.attention_weights(query).view(B, Lq, H, L, P)
-        if bf16:
+        if bf16:  # the two small projections in fp32: bf16 offsets of a few pixels lose sub-pixel steps
+            with torch.autocast(query.device.type, enabled=False):
+                q32 = query.float()
+                offsets, logits = self.sampling_offsets(q32), self.attention_weights(q32)
             value = value.bfloat16()
+        else:
+            offsets, logits = self.sampling_offsets(query), self.attention_weights(query)
+        offsets, logits = offsets.view(B, Lq, H, L, P, 2), logits.view(B, Lq, H, L, P)
         if fp32:  # what the original's custom_fwd(cast_inputs=torch.float32) does under autocast
             value = value.float()
         if offsets.dtype not in (torch.float32, value.dtype) or logits.dtype != offsets.dtype:
