@@ -246,8 +246,8 @@ def patch(model: nn.Module, backend: Optional[str] = None, precision: Optional[s
     if precision == "bf16":
         report.notes.append(
             f"precision bf16: {', '.join(regions) or 'no region found'} run under bf16 autocast (matmuls and "
-            "convolutions in bf16; softmax, normalisation statistics, deformable sampling locations and weights "
-            "in fp32; outputs returned in fp32); everything else keeps its precision")
+            "convolutions in bf16; softmax, normalisation statistics, deformable sampling offsets, locations and "
+            "weights in fp32; outputs returned in fp32); everything else keeps its precision")
     return report
 
 
