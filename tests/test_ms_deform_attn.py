@@ -109,7 +109,8 @@ def test_fused_softmax_and_locations_match_the_modules_steps(backend, dtype, cas
     # The adapter's one set of reference points serves the whole batch (batch 1 broadcast).
     Dh, shapes = CASES[case]
     heads = 3 if Dh >= 128 else 4
-    args = make_offset_inputs(2, 37, heads, Dh, shapes, dtype=dtype, ref_batch=1 if case.startswith("adapter") else None)
+    ref_batch = 1 if case.startswith("adapter") else None
+    args = make_offset_inputs(2, 37, heads, Dh, shapes, dtype=dtype, ref_batch=ref_batch)
     out = run(args, backend)
     assert out.shape == (2, 37, heads * Dh) and out.dtype == dtype
     exact, lowp = exact_and_lowp(args)
@@ -155,8 +156,8 @@ def test_offset_locations_is_deformable_detrs_arithmetic():
     torch.testing.assert_close(w.sum((-2, -1)), torch.ones(2, 5, 3))
     box = torch.rand(2, 5, 2, 4)
     loc, _ = offset_locations(box, offsets, logits, shapes)
-    torch.testing.assert_close(loc[..., 1], box[:, :, None, :, None, 1] + offsets[..., 1] / 4 * box[:, :, None, :, None, 3] * 0.5,
-                               atol=0, rtol=0)
+    y, h = box[:, :, None, :, None, 1], box[:, :, None, :, None, 3]
+    torch.testing.assert_close(loc[..., 1], y + offsets[..., 1] / 4 * h * 0.5, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -220,7 +221,8 @@ def test_bad_arguments_are_named(mutate, match):
 
 def test_bad_reference_points_are_named():
     value, shapes, starts, offsets, logits, ref = make_offset_inputs(2, 7, 2, 12, [(4, 4)], device="cpu")
-    with pytest.raises(ValueError, match=r"reference_points must be \(B=2 or 1, Lq=7, L=1, 2 or 4\), got \(2, 7, 1, 3\)"):
+    expected = r"reference_points must be \(B=2 or 1, Lq=7, L=1, 2 or 4\), got \(2, 7, 1, 3\)"
+    with pytest.raises(ValueError, match=expected):
         ms_deform_attn(value, shapes, starts, offsets, logits, reference_points=torch.rand(2, 7, 1, 3))
     with pytest.raises(ValueError, match="reference_points is torch.float64, not torch.float32"):
         ms_deform_attn(value, shapes, starts, offsets, logits, backend="triton", reference_points=ref.double())

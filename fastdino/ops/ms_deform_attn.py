@@ -27,10 +27,10 @@ per block of queries of one head), ``ref`` (softmax and locations in PyTorch, gr
 level, in fp32). On CPU tensors the C++ kernel runs first: in the fused form it measured 2.2-5.2x
 faster than the models' steps (softmax, locations, grid_sample) at the real ViT-S shapes, fp32,
 batch 1, 2 threads (pixel decoder at 512^2, 16 heads, Dh 24: 87 vs 192 ms; Dh 128: 207 vs
-1067 ms; adapter extractor, Dh 12: 16 vs 34 ms). Neither GPU kernel
-has been timed yet, so on CUDA tensors the priority (cuda, triton, ref) follows the design: the
-C++ kernel's packed loads against the Triton kernel's masked head-wide tiles.
-benchmarks/bench_ms_deform_attn.py measures both. Forward only: with grad the reference runs.
+1067 ms; adapter extractor, Dh 12: 16 vs 34 ms). Neither GPU kernel has been timed yet, so on
+CUDA tensors the priority (cuda, triton, ref) follows the design: the C++ kernel's packed loads
+against the Triton kernel's masked head-wide tiles. benchmarks/bench_ms_deform_attn.py measures
+both. Forward only: with grad the reference runs.
 """
 
 from typing import Optional, Sequence, Union
@@ -90,7 +90,7 @@ def offset_locations(reference_points: Tensor, sampling_offsets: Tensor, attenti
     weights = attention_logits.flatten(-2).softmax(-1).view(B, Lq, Hh, L, P)
     if reference_points.shape[-1] == 2:
         normalizer = spatial_shapes.flip(-1)  # (W, H)
-        return reference_points[:, :, None, :, None, :] + sampling_offsets / normalizer[None, None, None, :, None, :], weights
+        return reference_points[:, :, None, :, None] + sampling_offsets / normalizer[:, None], weights
     if reference_points.shape[-1] == 4:
         return (reference_points[:, :, None, :, None, :2]
                 + sampling_offsets / P * reference_points[:, :, None, :, None, 2:] * 0.5), weights
