@@ -96,7 +96,11 @@ MODELS = {
 @pytest.mark.parametrize("name", MODELS)
 def test_patched_model_matches_original(name, backend):
     build, run, swaps, calls = MODELS[name]
-    model = build().to(DEVICE)
+    check_patched_matches(build().to(DEVICE), run, swaps, calls, backend, layerscale="no-layerscale" not in name)
+
+
+def check_patched_matches(model, run, swaps, calls, backend, layerscale=True):
+    """Patch `model` on `backend`: the swaps, untouched state_dict, op calls, outputs and unpatch."""
     pixels = torch.randn(2, 3, 64, 48, device=DEVICE)  # 4x3 patches: H != W exercises the RoPE layout
     ref = run(model, pixels)
     keys = list(model.state_dict().keys())
@@ -119,7 +123,7 @@ def test_patched_model_matches_original(name, backend):
     # MLP: input side + output side with LayerScale and residual; "ref" runs the original modules
     assert linear.call_count == (0 if backend == "ref" else 2 * calls)
     assert all(c.kwargs["backend"] == backend for c in linear.call_args_list)
-    if backend != "ref" and "no-layerscale" not in name:
+    if backend != "ref" and layerscale:
         assert sum(c.kwargs.get("gamma") is not None for c in linear.call_args_list) == calls
     assert rel_err(out, ref) <= REL_TOL[torch.float32]
 
@@ -299,24 +303,25 @@ def test_timm_attention_whose_prefix_disagrees_with_the_tables_runs_the_original
     assert op.call_count == 0 and str(patched.value) == str(unpatched.value)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_real_timm_dinov3_matches(backend):
+# timm's DINOv3 ports, shrunk: GELU MLP, SwiGLU (S+/H+/7B) and separate q/v biases (the _qkvb weights)
+REAL_TIMM = {"vit_small_patch16_dinov3": MLP["timm"], "vit_small_plus_patch16_dinov3": MLP["timm-swiglu"],
+             "vit_small_patch16_dinov3_qkvb": MLP["timm"]}
+
+
+def real_timm(name):
     timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
     try:
-        model = timm.create_model("vit_small_patch16_dinov3", pretrained=False, depth=2, embed_dim=64, num_heads=4,
-                                  img_size=64)
+        model = timm.create_model(name, pretrained=False, depth=2, embed_dim=64, num_heads=4, img_size=64)
     except Exception as e:  # noqa: BLE001 - a timm without the DINOv3 port
-        pytest.skip(f"timm {timm.__version__} cannot build vit_small_patch16_dinov3: {e}")
-    model = model.eval().to(DEVICE)
-    for name, p in model.named_parameters():  # LayerScale 1e-5 and zero biases would hide the branches
-        if "gamma" in name or name.endswith(("q_bias", "v_bias")):
+        pytest.skip(f"timm {timm.__version__} cannot build {name}: {e}")
+    for pname, p in model.named_parameters():  # LayerScale 1e-5 and zero biases would hide the branches
+        if "gamma" in pname or pname.endswith(("q_bias", "v_bias")):
             p.data.uniform_(0.2, 1.0)
-    pixels = torch.randn(2, 3, 64, 48, device=DEVICE)
-    with torch.no_grad():
-        ref = model.forward_features(pixels)
-        keys = list(model.state_dict().keys())
-        report = fastdino.patch(model, backend=backend)
-        out = model.forward_features(pixels)
-    assert {s.original for s in report.swapped} == {"EvaBlock", "EvaAttention"}, str(report)
-    assert list(model.state_dict().keys()) == keys
-    assert rel_err(out, ref) <= REL_TOL[torch.float32]
+    return model.eval()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", REAL_TIMM)
+def test_real_timm_dinov3_matches(name, backend):
+    check_patched_matches(real_timm(name).to(DEVICE), run_timm, TIMM_SWAPS | REAL_TIMM[name], 2, backend)
