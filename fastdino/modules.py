@@ -10,11 +10,11 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .ops.add_layer_norm import add_layer_norm
+from .ops.add_layer_norm import add_layer_norm, preferred_backend as add_layer_norm_preferred
 from .ops.fused_linear import fused_linear, select_backend as fused_linear_backend
 from .ops.masked_attention import masked_attention, preferred_backend as masked_attention_preferred
 from .ops.ms_deform_attn import ms_deform_attn, preferred_backend as ms_deform_attn_preferred
-from .ops.rope_attention import rope_attention
+from .ops.rope_attention import preferred_backend as rope_attention_preferred, rope_attention
 
 # LayerScale classes and the name of their (C,) scale parameter.
 LAYER_SCALE_PARAM = {"LayerScale": "gamma", "DINOv3ViTLayerScale": "lambda1", "EomtDinov3LayerScale": "lambda1",
@@ -61,6 +61,24 @@ def _layer_scale_gamma(layer_scale) -> Optional[Tensor]:
     return getattr(layer_scale, LAYER_SCALE_PARAM[type(layer_scale).__name__])
 
 
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def picks_kernel(picked, *tensors) -> bool:
+    """Whether an unpinned fused path runs: no input needs grad and `picked()`, the op's dispatch
+    for this device and dtype, is a kernel. Where dispatch would pick the op's PyTorch reference,
+    the original modules run instead, so an unpinned patch computes what the model did, at the
+    model's own cost. (A pinned backend always runs; see each module for what pinned "ref" runs.)"""
+    return not _needs_grad(*tensors) and picked() != "ref"
+
+
+def _activation_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the projections of x produce: autocast's where it is on."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
 def _keeps_dtype(x: Tensor, branch: Tensor, gamma: Optional[Tensor], norm: nn.LayerNorm) -> bool:
     """True when the unfused `y = x + ls(branch); z = norm(y)` gives y and z in x.dtype.
 
@@ -84,7 +102,9 @@ def residual_layer_norm(x, branch, layer_scale, norm, backend=None):
     `layer_scale` is a LayerScale module, nn.Identity, a (C,) gamma tensor or None.
     """
     gamma = _layer_scale_gamma(layer_scale)
-    if not _keeps_dtype(x, branch, gamma, norm):
+    fused = backend is not None or picks_kernel(
+        lambda: add_layer_norm_preferred(x.device, x.dtype, x.shape[-1])[0], x, branch, gamma, norm.weight)
+    if not (fused and _keeps_dtype(x, branch, gamma, norm)):
         if isinstance(layer_scale, nn.Module):
             y = x + layer_scale(branch)
         else:
@@ -295,15 +315,22 @@ def _attention_fallback(training: bool, dropout: float, **why) -> bool:
     return (training and dropout > 0) or any(v for v in why.values())
 
 
+def _attention_runs(module: nn.Module, x: Tensor, head_dim: int, weight: Tensor) -> bool:
+    """Whether rope_attention runs on the projections of x: pinned (its reference too), or picks_kernel."""
+    return module._fastdino_backend is not None or picks_kernel(
+        lambda: rope_attention_preferred(x.device, _activation_dtype(x), head_dim)[0], x, weight)
+
+
 class FusedSelfAttention:
     """dinov3's SelfAttention: qkv GEMM, then rope_attention on strided views of its output."""
 
     def forward(self, x, attn_bias=None, rope=None):
         drop = getattr(self.attn_drop, "p", 0.0) if hasattr(self, "attn_drop") else 0.0
-        if _attention_fallback(self.training, drop, attn_bias=attn_bias is not None):
-            return super().forward(x, attn_bias=attn_bias, rope=rope)
         B, N, C = x.shape
         H = self.num_heads
+        if _attention_fallback(self.training, drop, attn_bias=attn_bias is not None,
+                               reference=not _attention_runs(self, x, C // H, self.qkv.weight)):
+            return super().forward(x, attn_bias=attn_bias, rope=rope)
         q, k, v = self.qkv(x).view(B, N, 3, H, C // H).unbind(2)
         sin, cos = rope if rope is not None else (None, None)  # dinov3 passes (sin, cos)
         out = rope_attention(q, k, v, cos, sin, backend=self._fastdino_backend)
@@ -340,7 +367,9 @@ class FusedDINOv3ViTAttention:
                 **kwargs):
         if _attention_fallback(self.training, self.dropout, mask=attention_mask is not None,
                                no_rope=self._fastdino_rope and position_embeddings is None,
-                               weights=kwargs.get("output_attentions")):
+                               weights=kwargs.get("output_attentions"),
+                               reference=not _attention_runs(self, hidden_states, self.head_dim,
+                                                             self.q_proj.weight)):
             if fastdino_mask_logits is not None and attention_mask is None:
                 attention_mask = eomt_dense_mask(fastdino_mask_logits, hidden_states.shape[1], self.num_heads,
                                                  hidden_states.dtype)
@@ -449,7 +478,8 @@ class FusedEvaAttention:
         B, N, C = x.shape
         misplaced = rope is not None and (rope.dim() != 2 or N - rope.shape[0] != self.num_prefix_tokens)
         if _attention_fallback(self.training, self.attn_drop.p, mask=attn_mask is not None, causal=is_causal,
-                               rope_layout=misplaced):
+                               rope_layout=misplaced,
+                               reference=not _attention_runs(self, x, C // self.num_heads, self.qkv.weight)):
             return super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
         bias = None if self.q_bias is None else torch.cat((self.q_bias, self.k_bias, self.v_bias))
         H = self.num_heads
@@ -492,9 +522,7 @@ class _FusedMSDeformAttn(_ForwardCache):
     def _fastdino_runs(self, x: Tensor) -> bool:
         if self._fastdino_backend is not None:
             return self._fastdino_backend != "ref"
-        if torch.is_grad_enabled() and (x.requires_grad or self.value_proj.weight.requires_grad):
-            return False
-        return ms_deform_attn_preferred(x.device, x.dtype)[0] != "ref"
+        return picks_kernel(lambda: ms_deform_attn_preferred(x.device, x.dtype)[0], x, self.value_proj.weight)
 
     def _fastdino_bf16(self, x: Tensor) -> bool:
         """The bf16 precision policy (patch(..., precision="bf16")) under an enabled autocast."""
@@ -694,9 +722,8 @@ def _masked_decoder_runs(decoder: nn.Module, x: Tensor, norm_weight: Tensor, hea
         return decoder._fastdino_backend != "ref"
     if _dropout_active(decoder):  # transformers' cross_attn carries config.dropout, as its layer drop
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or norm_weight.requires_grad):
-        return False
-    return masked_decoder_backend(x.device, x.dtype, norm_weight.shape[0], heads) != "ref"
+    return picks_kernel(lambda: masked_decoder_backend(x.device, x.dtype, norm_weight.shape[0], heads), x,
+                        norm_weight)
 
 
 class FusedMask2FormerMaskedAttentionDecoder:

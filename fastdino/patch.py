@@ -242,6 +242,11 @@ def patch(model: nn.Module, backend: Optional[str] = None, precision: Optional[s
             module._fastdino_precision = precision  # values in bf16 where a bf16 region's autocast is on
         expected = rule.backend(module) if backend is None or rule.backend(module) in ("cache", "bf16") else backend
         report.swapped.append(Swapped(path, original.__name__, type(module).__name__, expected))
+    if backend is None and any(s.backend == "ref" for s in report.swapped):
+        report.notes.append(
+            "[ref]: dispatch prefers no kernel for these modules on the model's current device and dtype "
+            "(`fastdino info` says why), so they run the model's own code until it moves to one that has a "
+            "kernel; backend= pins one")
     regions = [s.path or "<root>" for s in report.swapped if s.backend == "bf16"]
     if precision == "bf16":
         report.notes.append(

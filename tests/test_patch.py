@@ -1,6 +1,7 @@
 """fastdino.patch on tiny random-init models: transformers' DINOv3ViT and a module tree following
 the official dinov3 code. Patched outputs match, state_dict is untouched, unpatch restores."""
 
+import contextlib
 from unittest import mock
 
 import pytest
@@ -132,6 +133,56 @@ def check_patched_matches(model, run, swaps, calls, backend, layerscale=True):
     torch.testing.assert_close(run(model, pixels), ref, atol=0, rtol=0)
 
 
+OPS = ("add_layer_norm", "rope_attention", "fused_linear")  # the backbone blocks' ops
+
+
+@contextlib.contextmanager
+def priority(table):
+    """Every backbone op's dispatch priority set to `table` ({device type: backends})."""
+    with contextlib.ExitStack() as stack:
+        for op in OPS:
+            stack.enter_context(mock.patch.dict(f"fastdino.ops.{op}.PRIORITY", table))
+        yield
+
+
+def wrap_ops(stack):
+    """The backbone ops as fastdino.modules calls them, wrapped to count calls."""
+    return {op: stack.enter_context(mock.patch(f"fastdino.modules.{op}", wraps=getattr(fastdino.modules, op)))
+            for op in OPS}
+
+
+@pytest.mark.parametrize("name", ["hf", "official-swiglu", "timm-tree"])
+def test_unpinned_patch_runs_the_original_where_dispatch_picks_the_reference(name):
+    # Where no kernel is preferred on the device (CPU today), the patched blocks must not run the
+    # ops' fp32 references (slower, other rounding) but the model's own modules: bit for bit.
+    build, run, swaps, calls = MODELS[name]
+    model = build().to(DEVICE, torch.bfloat16)
+    pixels = torch.randn(2, 3, 64, 48, device=DEVICE, dtype=torch.bfloat16)
+    ref = run(model, pixels)
+    fastdino.patch(model)
+    with contextlib.ExitStack() as stack, priority({"cpu": ("ref",), "cuda": ("ref",)}):
+        ops = wrap_ops(stack)
+        out = run(model, pixels)
+    assert {op: m.call_count for op, m in ops.items()} == {op: 0 for op in OPS}
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+
+
+@requires_ext
+@pytest.mark.parametrize("name", ["hf", "official-swiglu", "timm-tree"])
+def test_unpinned_patch_runs_the_kernels_dispatch_picks(name):
+    build, run, swaps, calls = MODELS[name]
+    model = build().to(DEVICE)
+    pixels = torch.randn(2, 3, 64, 48, device=DEVICE)
+    ref = run(model, pixels)
+    fastdino.patch(model)
+    with contextlib.ExitStack() as stack, priority({DEVICE.type: (BACKENDS[0], "ref")}):
+        ops = wrap_ops(stack)
+        out = run(model, pixels)
+    assert {op: m.call_count for op, m in ops.items()} == {"add_layer_norm": calls, "rope_attention": calls,
+                                                           "fused_linear": 2 * calls}
+    assert rel_err(out, ref) <= REL_TOL[torch.float32]
+
+
 def test_rope_tables_are_computed_once_per_size_and_follow_the_periods_buffer():
     model = official_vit()
     pixels = torch.randn(1, 3, 64, 48)
@@ -174,6 +225,8 @@ def test_report_paths_follow_the_model_and_patch_twice_is_a_noop():
     paths = ["rope_embeddings"] + [f"{prefix}.{i}{part}" for i in range(2) for part in ("", ".attention", ".mlp")]
     assert [s.path for s in first.swapped] == paths
     assert "swapped" in str(first) and "FusedDINOv3ViTLayer" in str(first)
+    assert any(n.startswith("[ref]: dispatch prefers no kernel") for n in first.notes)
+    assert not any(n.startswith("[ref]") for n in fastdino.patch(hf_vit(), backend="ref").notes)  # pinned
     second = fastdino.patch(model)
     assert second.swapped == [] and second.already_patched == paths
     assert fastdino.unpatch(model) == 7 and fastdino.unpatch(model) == 0
@@ -234,7 +287,7 @@ def test_seam_keeps_the_original_dtypes_and_values(ls_dtype, norm_dtype):
     norm = torch.nn.LayerNorm(32).to(norm_dtype)
     x, branch = torch.randn(2, 5, 32, dtype=torch.bfloat16), torch.randn(2, 5, 32, dtype=torch.bfloat16)
     with torch.no_grad(), mock.patch("fastdino.modules.add_layer_norm") as op:
-        y, z = residual_layer_norm(x, branch, ls, norm)
+        y, z = residual_layer_norm(x, branch, ls, norm, backend=BACKENDS[0])  # pinned: the dtype rule decides
         y_ref = x + ls(branch)
         z_ref = norm(y_ref)
     assert op.call_count == 0
@@ -253,7 +306,7 @@ def test_training_with_drop_path_runs_the_original_and_gradients_flow():
     model = hf_vit().train()
     fastdino.patch(model)
     out = model(pixel_values=torch.randn(1, 3, 32, 32)).last_hidden_state
-    out.sum().backward()  # requires grad: the seam takes the reference path, autograd works
+    out.sum().backward()  # requires grad: the original modules run, autograd works
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad and p.dim() == 1 and p.numel() == 64)
 
 
@@ -263,7 +316,7 @@ def test_patched_model_compiles_fullgraph_with_inductor():
     model = hf_vit()
     pixels = torch.randn(1, 3, 64, 64)
     ref = run_hf(model, pixels)
-    fastdino.patch(model)
+    fastdino.patch(model, backend=BACKENDS[0])
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True)
     with torch.no_grad():
