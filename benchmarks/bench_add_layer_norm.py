@@ -8,9 +8,8 @@ GB/s over the copy's GB/s is the fraction of achievable bandwidth.
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import bench_ms, cuda_timer
+from helpers import bench_device, bench_ms, cuda_timer
 
-from fastdino import _ext
 from fastdino.ops import add_layer_norm
 
 CUDA = torch.cuda.is_available()
@@ -28,9 +27,7 @@ def eager(x, branch, gamma, weight, bias):
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("rows,C", SHAPES, ids=lambda v: str(v))
 def test_bench_add_layer_norm(benchmark, rows, C, provider):
-    device, dtype = ("cuda", torch.bfloat16) if CUDA else ("cpu", torch.float32)
-    if provider in ("cuda", "cpu") and _ext.ext_reasons(device):
-        pytest.skip("; ".join(_ext.ext_reasons(device)))
+    device, dtype = bench_device(provider)
     x = torch.randn(rows, C, device=device, dtype=dtype)
     args = (x, torch.randn_like(x), torch.randn(C, device=device, dtype=dtype), torch.randn(C, device=device, dtype=dtype),
             torch.randn(C, device=device, dtype=dtype))

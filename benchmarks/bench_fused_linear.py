@@ -7,7 +7,7 @@ TFLOP/s counts the GEMMs: 2 * M * N * K (twice for SwiGLU's two projections).
 
 import pytest
 import torch
-from helpers import bench_ms, cuda_timer
+from helpers import bench_device, bench_ms, cuda_timer
 from test_fused_linear import make_inputs, unfused
 
 from fastdino import _ext
@@ -26,7 +26,7 @@ PROVIDERS = (["eager", "compile", "triton"] + (["cuda"] if _ext.BUILD["cuda"] el
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("name,M,K,N,act,residual", SHAPES, ids=lambda v: str(v))
 def test_bench_fused_linear(benchmark, name, M, K, N, act, residual, provider):
-    device, dtype = ("cuda", torch.bfloat16) if CUDA else ("cpu", torch.float32)
+    device, dtype = bench_device(provider)
     args = make_inputs(M, K, N, act, residual, dtype, device)
     if provider == "eager":
         fn = lambda: unfused(*args)  # noqa: E731

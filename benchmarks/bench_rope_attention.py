@@ -21,9 +21,8 @@ EoMT's masked blocks (test_bench_rope_attention_eomt: 200 queries prepended to c
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import bench_ms, cuda_timer
+from helpers import bench_device, bench_ms, cuda_timer
 
-from fastdino import _ext
 from fastdino.modules import eomt_dense_mask
 from fastdino.ops.rope_attention import rope_attention, rope_ref
 
@@ -55,9 +54,7 @@ def inputs(B, N, H, D, hw, device, dtype):
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("B,H,N,D", SHAPES, ids=lambda v: str(v))
 def test_bench_rope_attention(benchmark, B, H, N, D, provider):
-    device, dtype = ("cuda", torch.bfloat16) if CUDA else ("cpu", torch.float32)
-    if provider in ("cuda", "cpu") and _ext.ext_reasons(device):
-        pytest.skip("; ".join(_ext.ext_reasons(device)))
+    device, dtype = bench_device(provider)
     qkv, cos, sin = inputs(B, N, H, D, N - PREFIX, device, dtype)
     if provider == "sdpa+rope":
         fn = lambda: official(qkv, cos, sin)  # noqa: E731
@@ -89,9 +86,7 @@ EOMT_PROVIDERS = ["sdpa+dense", "flex", "triton", "cuda"] if CUDA else ["sdpa+de
 @pytest.mark.parametrize("provider", EOMT_PROVIDERS)
 @pytest.mark.parametrize("B,H,Q,HW", EOMT_SHAPES, ids=lambda v: str(v))
 def test_bench_rope_attention_eomt(benchmark, B, H, Q, HW, provider):
-    device, dtype = ("cuda", torch.bfloat16) if CUDA else ("cpu", torch.float32)
-    if provider in ("cuda", "cpu") and _ext.ext_reasons(device):
-        pytest.skip("; ".join(_ext.ext_reasons(device)))
+    device, dtype = bench_device(provider)
     D, N = 64, Q + PREFIX + HW
     qkv, cos, sin = inputs(B, N, H, D, HW, device, dtype)
     logits = (torch.randn(B, Q, HW, device=device) * 3 - 1).to(dtype)  # about 60% of the patches blocked

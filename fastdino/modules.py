@@ -14,6 +14,7 @@ from .ops.add_layer_norm import add_layer_norm, preferred_backend as add_layer_n
 from .ops.fused_linear import fused_linear, select_backend as fused_linear_backend
 from .ops.masked_attention import masked_attention, preferred_backend as masked_attention_preferred
 from .ops.ms_deform_attn import ms_deform_attn, preferred_backend as ms_deform_attn_preferred
+from .ops._dispatch import requires_grad
 from .ops.rope_attention import preferred_backend as rope_attention_preferred, rope_attention
 
 # LayerScale classes and the name of their (C,) scale parameter.
@@ -61,16 +62,12 @@ def _layer_scale_gamma(layer_scale) -> Optional[Tensor]:
     return getattr(layer_scale, LAYER_SCALE_PARAM[type(layer_scale).__name__])
 
 
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def picks_kernel(picked, *tensors) -> bool:
     """Whether an unpinned fused path runs: no input needs grad and `picked()`, the op's dispatch
     for this device and dtype, is a kernel. Where dispatch would pick the op's PyTorch reference,
     the original modules run instead, so an unpinned patch computes what the model did, at the
     model's own cost. (A pinned backend always runs; see each module for what pinned "ref" runs.)"""
-    return not _needs_grad(*tensors) and picked() != "ref"
+    return not requires_grad(*tensors) and picked() != "ref"
 
 
 def _activation_dtype(x: Tensor) -> torch.dtype:

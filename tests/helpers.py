@@ -45,6 +45,15 @@ def bench_ms(benchmark, fn, rounds=10, iterations=3):
     return benchmark.stats.stats.median * 1e3 if benchmark.stats else None
 
 
+def bench_device(provider):
+    """The benchmarks' (device, dtype): bf16 on a GPU, fp32 on the CPU. A C++ provider ("cuda",
+    "cpu") without the extension's kernels for that device is skipped with the reason."""
+    device, dtype = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
+    if provider in ("cuda", "cpu") and _ext.ext_reasons(device):
+        pytest.skip("; ".join(_ext.ext_reasons(device)))
+    return device, dtype
+
+
 def assert_close_to_ref(name, out, exact, lowp, atol):
     """The tolerance rule, per element: |out - exact| <= 2 * max|lowp - exact| + atol + ulp(exact).
 
