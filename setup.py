@@ -94,7 +94,7 @@ def _extensions():
 
 ext_modules, cmdclass = _extensions()
 setup(
-    packages=["fastdino", "fastdino.ops", "fastdino.kernels"],
+    packages=["fastdino", "fastdino.ops", "fastdino.fused", "fastdino.kernels"],
     package_dir={"fastdino.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -8,13 +8,14 @@ GB/s over the copy's GB/s is the fraction of achievable bandwidth.
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import bench_device, bench_ms, cuda_timer
+from timing import bench_device, bench_ms, cuda_timer
 
 from fastdino.ops import add_layer_norm
 
 CUDA = torch.cuda.is_available()
 # (rows, C): ViT-S/16 and ViT-L/16 at 512^2 (1029 tokens) batch 32 and 1, ViT-7B at 1024^2 batch 1.
-SHAPES = [(32 * 1029, 384), (32 * 1029, 1024), (1029, 384), (1029, 1024), (4101, 4096)] if CUDA else [(1029, 384)]
+SHAPES = [(32 * 1029, 384), (32 * 1029, 1024), (1029, 384), (1029, 1024), (4101, 4096)] if CUDA else [(1029,
+                                                                                                       384)]
 PROVIDERS = ["eager", "compile", "triton", "cuda", "copy"] if CUDA else ["eager", "cpu"]
 
 
@@ -29,7 +30,8 @@ def eager(x, branch, gamma, weight, bias):
 def test_bench_add_layer_norm(benchmark, rows, C, provider):
     device, dtype = bench_device(provider)
     x = torch.randn(rows, C, device=device, dtype=dtype)
-    args = (x, torch.randn_like(x), torch.randn(C, device=device, dtype=dtype), torch.randn(C, device=device, dtype=dtype),
+    args = (x, torch.randn_like(x), torch.randn(C, device=device, dtype=dtype), torch.randn(C, device=device,
+                                                                                            dtype=dtype),
             torch.randn(C, device=device, dtype=dtype))
     if provider == "eager":
         fn = lambda: eager(*args)  # noqa: E731
@@ -43,7 +45,8 @@ def test_bench_add_layer_norm(benchmark, rows, C, provider):
     else:
         fn = lambda: add_layer_norm(*args, eps=1e-5, backend=provider)  # noqa: E731
     benchmark.group = f"add_layer_norm rows={rows} C={C} {dtype}"
-    benchmark.extra_info.update(op="add_layer_norm", shape=f"rows={rows} C={C}", dtype=str(dtype), provider=provider,
+    benchmark.extra_info.update(op="add_layer_norm", shape=f"rows={rows} C={C}", dtype=str(dtype),
+                                provider=provider,
                                 baselines=["copy"])
     ms = bench_ms(benchmark, fn, rounds=20, iterations=5)
     nbytes = 4 * rows * C * x.element_size()

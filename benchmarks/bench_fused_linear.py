@@ -7,8 +7,8 @@ TFLOP/s counts the GEMMs: 2 * M * N * K (twice for SwiGLU's two projections).
 
 import pytest
 import torch
-from helpers import bench_device, bench_ms, cuda_timer
 from test_fused_linear import make_inputs, unfused
+from timing import bench_device, bench_ms, cuda_timer
 
 from fastdino import _ext
 from fastdino.ops.fused_linear import fused_linear
@@ -18,7 +18,8 @@ CUDA = torch.cuda.is_available()
 # ViT-S+ SwiGLU (hidden 1024), ViT-L at batch 1.
 SHAPES = [("vits-fc1", 32928, 384, 1536, "gelu", False), ("vitl-fc1", 32928, 1024, 4096, "gelu", False),
           ("vitl-fc2", 32928, 4096, 1024, None, True), ("vits+-swiglu", 32928, 384, 1024, "swiglu", False),
-          ("vitl-fc1-b1", 1029, 1024, 4096, "gelu", False)] if CUDA else [("vits-fc1", 197, 384, 1536, "gelu", False)]
+          ("vitl-fc1-b1", 1029, 1024, 4096, "gelu", False)] if CUDA else [("vits-fc1", 197, 384, 1536, "gelu",
+                                                                           False)]
 PROVIDERS = (["eager", "compile", "triton"] + (["cuda"] if _ext.BUILD["cuda"] else [])) if CUDA else ["eager"]
 
 

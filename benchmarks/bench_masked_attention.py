@@ -12,13 +12,14 @@ C = 256/384/2048. TFLOP/s counts the dense attention products (4 * B * heads * Q
 
 import pytest
 import torch
-from helpers import bench_ms, cuda_timer
+from timing import bench_ms, cuda_timer
 
 from fastdino import _ext
 from fastdino.ops.masked_attention import blocked_keys, masked_attention
 
 CUDA = torch.cuda.is_available()
-SHAPES = [(1, 100, hw, c) for hw in (1024, 4096, 16384) for c in (256, 384, 2048)] if CUDA else [(1, 100, 256, 256)]
+SHAPES = [(1, 100, hw, c) for hw in (1024, 4096, 16384) for c in (256, 384, 2048)] if CUDA else [(1, 100, 256,
+                                                                                                  256)]
 PROVIDERS = (["mha", "flex", "triton"] + (["cuda"] if _ext.BUILD["cuda"] else [])) if CUDA else (
     ["mha"] + (["cpu"] if _ext.HAS_EXT else []))
 HEADS = 16
@@ -65,7 +66,8 @@ def flex_layer():
         q, k, v = (t.transpose(1, 2) for t in projections(attn, query, qpos, memory, pos))
         open_keys = ~blocked_keys(logits)
         B, Q, HW = open_keys.shape
-        block_mask = create_block_mask(lambda b, h, i, j: open_keys[b, i, j], B, None, Q, HW, device=query.device)
+        block_mask = create_block_mask(lambda b, h, i, j: open_keys[b, i, j], B, None, Q, HW,
+                                       device=query.device)
         out = flex(q, k, v, block_mask=block_mask)
         return attn.out_proj(out.permute(2, 0, 1, 3).flatten(2))
 
@@ -85,4 +87,5 @@ def test_bench_masked_attention(benchmark, B, Q, HW, C, provider):
     with torch.no_grad():
         ms = bench_ms(benchmark, lambda: fn(*args))
     if ms:
-        benchmark.extra_info.update(ms=ms, metric="TFLOP/s", value=4 * B * HEADS * Q * HW * (C // HEADS) / ms / 1e9)
+        benchmark.extra_info.update(ms=ms, metric="TFLOP/s",
+                                    value=4 * B * HEADS * Q * HW * (C // HEADS) / ms / 1e9)

@@ -10,8 +10,8 @@ GB/s counts the bytes that must move once: value, offsets, logits, reference poi
 
 import pytest
 import torch
-from helpers import bench_ms, cuda_timer
 from test_ms_deform_attn import make_offset_inputs
+from timing import bench_ms, cuda_timer
 
 from fastdino import _ext
 from fastdino.ops.ms_deform_attn import ms_deform_attn, ms_deform_attn_ref
@@ -29,13 +29,15 @@ SHAPES = [
     ("adapter-512-dh12", 5376, 16, 12, [(32, 32)]),
     ("adapter-512-dh128", 5376, 16, 128, [(32, 32)]),
 ] if CUDA else [("decoder-tiny-dh24", 336, 4, 24, [(16, 16), (8, 8), (4, 4)])]
-PROVIDERS = (["grid_sample", "compile", "triton", "triton-bf16"] + (["cuda", "cuda-bf16"] if _ext.BUILD["cuda"] else [])
-             if CUDA else ["grid_sample"] + (["cpu"] if _ext.HAS_EXT else []))
+CUDA_PROVIDERS = ["grid_sample", "compile", "triton", "triton-bf16"] + (
+    ["cuda", "cuda-bf16"] if _ext.BUILD["cuda"] else [])
+PROVIDERS = CUDA_PROVIDERS if CUDA else ["grid_sample"] + (["cpu"] if _ext.HAS_EXT else [])
 
 
 @pytest.mark.benchmark(timer=cuda_timer)
 @pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("name,Lq,heads,Dh,shapes", SHAPES, ids=lambda v: str(v) if not isinstance(v, list) else "")
+@pytest.mark.parametrize("name,Lq,heads,Dh,shapes", SHAPES,
+                         ids=lambda v: str(v) if not isinstance(v, list) else "")
 def test_bench_ms_deform_attn(benchmark, name, Lq, heads, Dh, shapes, provider):
     dtype = torch.bfloat16 if provider.endswith("-bf16") else torch.float32
     # The adapter's extractors pass one set of reference points for the batch.
@@ -51,7 +53,8 @@ def test_bench_ms_deform_attn(benchmark, name, Lq, heads, Dh, shapes, provider):
         backend = provider.removesuffix("-bf16")
         fn = lambda: ms_deform_attn(*args, backend=backend, reference_points=ref)  # noqa: E731
     benchmark.group = f"ms_deform_attn {name}"
-    benchmark.extra_info.update(op="ms_deform_attn", shape=f"{name} Lq={Lq} heads={heads} Dh={Dh} L={len(shapes)}",
+    benchmark.extra_info.update(op="ms_deform_attn",
+                                shape=f"{name} Lq={Lq} heads={heads} Dh={Dh} L={len(shapes)}",
                                 dtype=str(dtype), provider=provider, baselines=["grid_sample", "compile"])
     ms = bench_ms(benchmark, fn)
     if ms:

@@ -21,14 +21,15 @@ EoMT's masked blocks (test_bench_rope_attention_eomt: 200 queries prepended to c
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import bench_device, bench_ms, cuda_timer
+from timing import bench_device, bench_ms, cuda_timer
 
-from fastdino.modules import eomt_dense_mask
+from fastdino.fused.vit import eomt_dense_mask
 from fastdino.ops.rope_attention import rope_attention, rope_ref
 
 CUDA = torch.cuda.is_available()
 # (B, H, N, D): ViT-S/16 (6 heads) and ViT-L/16 (16 heads) at 512^2 (N = 1029) and 1024^2 (N = 4101).
-SHAPES = [(b, h, n, 64) for h in (6, 16) for n in (1029, 4101) for b in (1, 32)] if CUDA else [(1, 6, 197, 64)]
+SHAPES = [(b, h, n, 64) for h in (6, 16) for n in (1029, 4101) for b in (1, 32)] if CUDA else [(1, 6, 197,
+                                                                                                64)]
 PROVIDERS = ["sdpa+rope", "sdpa", "flex", "triton", "cuda"] if CUDA else ["sdpa+rope", "cpu"]
 PREFIX = 5  # cls + 4 registers
 
@@ -95,7 +96,8 @@ def test_bench_rope_attention_eomt(benchmark, B, H, Q, HW, provider):
         def fn():
             qr, kr = rope_ref(q, cos, sin), rope_ref(k, cos, sin)
             mask = eomt_dense_mask(logits, N, H, dtype)
-            out = F.scaled_dot_product_attention(qr.transpose(1, 2), kr.transpose(1, 2), v.transpose(1, 2), mask)
+            out = F.scaled_dot_product_attention(qr.transpose(1, 2), kr.transpose(1, 2), v.transpose(1, 2),
+                                                 mask)
             return out.transpose(1, 2).reshape(B, N, H * D)
     elif provider == "flex":
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -105,9 +107,11 @@ def test_bench_rope_attention_eomt(benchmark, B, H, Q, HW, provider):
 
         def fn():
             open_ = logits > 0
-            block = create_block_mask(lambda b, h, i, j: (i >= Q) | (j < N - HW) | open_[b, i.clamp(max=Q - 1),
-                                                                                          (j - (N - HW)).clamp(min=0)],
-                                      B, None, N, N, device=device)
+
+            def open_key(b, h, i, j):
+                return (i >= Q) | (j < N - HW) | open_[b, i.clamp(max=Q - 1), (j - (N - HW)).clamp(min=0)]
+
+            block = create_block_mask(open_key, B, None, N, N, device=device)
             return flex(qt, kt, vt, block_mask=block).transpose(1, 2).reshape(B, N, H * D)
     else:
         fn = lambda: rope_attention(q, k, v, cos, sin, backend=provider,  # noqa: E731

@@ -11,7 +11,8 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     commit = os.environ.get("FASTDINO_COMMIT")
     if not commit:
         try:
-            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                    check=True).stdout.strip()
         except (OSError, subprocess.CalledProcessError):
             commit = "unknown"
     machine_info["fastdino"] = {**info, "commit": commit}

@@ -50,11 +50,3 @@ def triton_reasons(device_type: str) -> list[str]:
     if device_type not in ("cuda", "cpu"):
         return [f"device type {device_type}"]
     return []
-
-
-def device_reasons(device: torch.device, want: str) -> list[str]:
-    return [] if device.type == want else [f"device={device.type} (needs {want})"]
-
-
-def dtype_reasons(dtype: torch.dtype) -> list[str]:
-    return [] if dtype in KERNEL_DTYPES else [f"dtype={dtype} (kernels take float32, float16, bfloat16)"]

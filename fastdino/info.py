@@ -1,27 +1,12 @@
 """`python -m fastdino info`: the build (versions, compiled kernels, archs) and the backend table."""
 
-import importlib
 import platform
 
 import torch
 
 from . import _ext
-from .ops._dispatch import BACKENDS, first_backend
-
-# The op modules (fastdino.ops exports functionals of the same names).
-_aln, _ra, _fl, _msda, _ma = (importlib.import_module(f"fastdino.ops.{op}") for op in
-                              ("add_layer_norm", "rope_attention", "fused_linear", "ms_deform_attn", "masked_attention"))
-
-# Per op, on a representative problem (C = 1024 rows, head dim 64, 32 for the decoders' masked
-# attention): the priority per device, why a
-# backend cannot run, and which one runs.
-_TABLE = [
-    ("add_layer_norm", _aln.PRIORITY, lambda b, dev, dt: _aln.backend_reasons(b, dev, dt, 1024)),
-    ("rope_attention", _ra.PRIORITY, lambda b, dev, dt: _ra.backend_reasons(b, dev, dt, 64)),
-    ("fused_linear", _fl.PRIORITY, lambda b, dev, dt: _fl.backend_reasons(b, dev, dt)),
-    ("ms_deform_attn", _msda.PRIORITY, lambda b, dev, dt: _msda.backend_reasons(b, dev, dt)),
-    ("masked_attention", _ma.PRIORITY, lambda b, dev, dt: _ma.backend_reasons(b, dev, dt, 32)),
-]
+from .ops import OPS
+from .ops._dispatch import BACKENDS
 
 
 def build_info() -> dict:
@@ -44,18 +29,20 @@ def build_info() -> dict:
 
 
 def backend_table(device=None, dtype=torch.bfloat16) -> list[tuple[str, str, str]]:
-    """(op, backend, 'runs' or the reasons it does not) for each op on `device` (default: best available)."""
+    """(op, backend, 'selected', 'available' or the reasons it cannot run) for each op on its
+    representative DINOv3 problem (`Op.example`) on `device` (default: best available)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rows = []
-    for op, priority, reasons in _TABLE:
-        order = priority.get(device.type, ("ref",))
-        chosen = first_backend(priority, device, lambda b: reasons(b, device, dtype))[0]
+    for name, op in OPS.items():
+        args = op.example(device, dtype)
+        order = op.priority.get(device.type, ("ref",))
+        chosen = op.pick(*args)[0]
         for b in BACKENDS:
-            why = reasons(b, device, dtype)
+            why = op.reasons(b, *args)
             status = "selected" if b == chosen else "; ".join(why) if why else "available"
             if b not in order and not why:
                 status += " when pinned (not the measured fastest here, or not yet measured)"
-            rows.append((op, b, status))
+            rows.append((name, b, status))
     return rows
 
 

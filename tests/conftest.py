@@ -9,7 +9,8 @@ from fastdino import _ext
 
 
 def pytest_report_header(config):
-    return f"fastdino {fastdino.__version__}: extension {'loaded ' + str(_ext.BUILD) if _ext.HAS_EXT else _ext.EXT_ERROR}"
+    ext = f"loaded {_ext.BUILD}" if _ext.HAS_EXT else _ext.EXT_ERROR
+    return f"fastdino {fastdino.__version__}: extension {ext}"
 
 
 def pytest_sessionstart(session):

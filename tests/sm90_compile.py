@@ -5,6 +5,7 @@ Run as a script with TRITON_INTERPRET unset (kernels must be JITFunctions). Spil
 the cubin with the cuobjdump that Triton ships: non-zero STACK or LOCAL means spilled registers.
 """
 
+import importlib
 import os
 import re
 import subprocess
@@ -15,9 +16,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fastdino.kernels import add_layer_norm, fused_linear, masked_attention, ms_deform_attn, rope_attention
+from fastdino.ops import OPS
 
-MODULES = [add_layer_norm, rope_attention, fused_linear, ms_deform_attn, masked_attention]
+MODULES = [importlib.import_module(f"fastdino.kernels.{name}") for name in OPS]  # every op's Triton kernels
 SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (checked only at launch)
 
 
@@ -34,7 +35,8 @@ def main() -> int:
         for kernel, signature, constexprs, options, *attrs in module.compile_configs():
             name = f"{module.__name__.split('.')[-1]} {constexprs} {next(iter(signature.values()))} {options}"
             try:
-                source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs[0] if attrs else None)
+                source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs,
+                                   attrs=attrs[0] if attrs else None)
                 compiled = triton.compile(source, target=target, options=options)
             except Exception as e:  # noqa: BLE001 - report every failing configuration
                 failures.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0]}")

@@ -7,7 +7,8 @@ from helpers import ATOL, DEVICE, DTYPES, assert_close_to_ref, requires_cuda, re
 
 from fastdino import _ext
 from fastdino.ops import add_layer_norm, add_layer_norm_ref
-from fastdino.ops.add_layer_norm import add_layer_norm_triton, backend_reasons, select_backend
+from fastdino.ops._dispatch import Like
+from fastdino.ops.add_layer_norm import OP, add_layer_norm_triton, reasons
 
 # (shape of x, has gamma). Real DINOv3 rows (384 = ViT-S, 1024 = ViT-L, 4096 = 7B; 1029 tokens at
 # 512^2) and odd ones that exercise masking and the scalar (non-vectorised) CUDA path.
@@ -61,7 +62,8 @@ def test_add_layer_norm_cpu_matches_ref(shape, has_gamma, dtype):
 
 @requires_cuda_ext
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-@pytest.mark.parametrize("shape,has_gamma", SHAPES_FULL + [((32, 1029, 768), True), ((1, 4101, 1280), True)], ids=str)
+@pytest.mark.parametrize("shape,has_gamma", SHAPES_FULL + [((32, 1029, 768), True), ((1, 4101, 1280), True)],
+                         ids=str)
 def test_add_layer_norm_cuda_matches_ref(shape, has_gamma, dtype):
     check_backend("cuda", shape, has_gamma, dtype, "cuda")
 
@@ -97,22 +99,28 @@ def test_ref_equals_unfused_modules_fp32():
 # -- dispatch and bad input ------------------------------------------------------------------------
 
 
+def rows(device, dtype, C):
+    """add_layer_norm's arguments for rows of C elements, as `Like`."""
+    x, vec = Like(torch.device(device), dtype, (1, C)), Like(torch.device(device), dtype, (C,))
+    return x, x, vec, vec, vec
+
+
 def test_dispatch_explains_each_skipped_backend():
     # CPU tensors: the reference is the fastest measured path, nothing is tried before it.
-    assert select_backend(*make_inputs((2, 5, 64), torch.float32, "cpu")) == ("ref", {})
-    assert backend_reasons("cpu", torch.device("cpu"), torch.float32, 64) == ([] if _ext.HAS_EXT else [
+    assert OP.pick(*make_inputs((2, 5, 64), torch.float32, "cpu")) == ("ref", {})
+    assert reasons("cpu", *rows("cpu", torch.float32, 64)) == ([] if _ext.HAS_EXT else [
         f"fastdino._C not built ({_ext.EXT_ERROR})"])
-    reasons = backend_reasons("cuda", torch.device("cpu"), torch.float64, 64)
-    assert "device=cpu (needs cuda)" in reasons and any("float64" in r for r in reasons)
-    assert "C=16384 > 8192" in backend_reasons("triton", torch.device("cuda"), torch.float32, 16384)
+    why = reasons("cuda", *rows("cpu", torch.float64, 64))
+    assert "device=cpu (needs cuda)" in why and any("float64" in r for r in why)
+    assert "C=16384 > 8192" in reasons("triton", *rows("cuda", torch.float32, 16384))
 
 
 @requires_cuda
 def test_dispatch_on_cuda_prefers_the_extension_then_triton():
     x, branch, gamma, weight, bias = make_inputs((2, 5, 64), torch.float32, "cuda")
-    backend, skipped = select_backend(x, branch, gamma, weight, bias)
+    backend, skipped = OP.pick(x, branch, gamma, weight, bias)
     assert backend == ("cuda" if _ext.BUILD["cuda"] else "triton")
-    backend, skipped = select_backend(x.transpose(0, 1), branch.transpose(0, 1), gamma, weight, bias)
+    backend, skipped = OP.pick(x.transpose(0, 1), branch.transpose(0, 1), gamma, weight, bias)
     assert backend == "ref" and "x is not contiguous" in skipped["triton"]
 
 
@@ -156,7 +164,8 @@ def test_pinned_backend_that_cannot_run_says_why(backend):
     "mutate,match",
     [
         (lambda a: a.__setitem__(1, a[1].half()), "branch has dtype Half but x has dtype Float"),
-        (lambda a: a.__setitem__(1, a[1].transpose(0, 1).contiguous().transpose(0, 1)), "branch must be contiguous"),
+        (lambda a: a.__setitem__(1, a[1].transpose(0, 1).contiguous().transpose(0, 1)),
+         "branch must be contiguous"),
         (lambda a: a.__setitem__(4, a[4][:5]), r"bias must have shape \(32,\)"),
         (lambda a: a.__setitem__(0, a[0].double()), "x must be float32, float16 or bfloat16"),
     ],

@@ -6,11 +6,13 @@ import torch
 import torch.nn.functional as F
 from helpers import ATOL, DEVICE, DTYPES, assert_close_to_ref, requires_ext
 
-from fastdino.ops.fused_linear import backend_reasons, fused_linear, fused_linear_ref, select_backend
+from fastdino.ops.fused_linear import OP, fused_linear, fused_linear_ref, reasons
 
 # (M, K, N): DINOv3 MLPs (ViT-S fc1 384 -> 1536, ViT-L fc2 4096 -> 1024, S+ SwiGLU 384 -> 1024 hidden)
 # at a few tokens, and odd sizes that exercise every mask.
-SHAPES_FULL = [(2 * 1029, 384, 1536), (1029, 4096, 1024), (197, 384, 1024), (97, 48, 33), (1, 16, 1), (130, 96, 200)]
+SHAPES_FULL = [(2 * 1029, 384, 1536), (1029, 4096, 1024), (197, 384, 1024), (97, 48, 33), (1, 16, 1), (130,
+                                                                                                       96,
+                                                                                                       200)]
 SHAPES_INTERP = [(37, 64, 97), (5, 48, 33), (1, 16, 1), (130, 96, 64)]
 VARIANTS = {  # name: (act, residual + gamma)
     "gelu": ("gelu", False), "swiglu": ("swiglu", False), "linear": (None, False), "residual": (None, True),
@@ -44,7 +46,8 @@ def test_fused_linear_triton_matches_ref(shape, variant, dtype):
     assert out.shape == (shape[0], shape[2]) and out.dtype == dtype
     exact = fused_linear_ref(*(a.double() if isinstance(a, torch.Tensor) else a for a in args))
     # atol scales with sqrt(K): a K-term dot rounds its inputs once each
-    assert_close_to_ref(f"triton {variant} {shape}", out, exact, unfused(*args), ATOL[dtype] * shape[1] ** 0.5)
+    assert_close_to_ref(f"triton {variant} {shape}", out, exact, unfused(*args),
+                        ATOL[dtype] * shape[1] ** 0.5)
 
 
 @requires_ext
@@ -56,7 +59,8 @@ def test_fused_linear_cpp_matches_ref(shape, variant, dtype):
     out = fused_linear(*args, backend=DEVICE.type)
     assert out.shape == (shape[0], shape[2]) and out.dtype == dtype
     exact = fused_linear_ref(*(a.double() if isinstance(a, torch.Tensor) else a for a in args))
-    assert_close_to_ref(f"{DEVICE.type} {variant} {shape}", out, exact, unfused(*args), ATOL[dtype] * shape[1] ** 0.5)
+    assert_close_to_ref(f"{DEVICE.type} {variant} {shape}", out, exact, unfused(*args),
+                        ATOL[dtype] * shape[1] ** 0.5)
 
 
 @requires_ext
@@ -101,8 +105,8 @@ def test_tolerance_rule_rejects_tanh_gelu():
 
 def test_dispatch_runs_the_reference_until_measured():
     args = make_inputs(4, 16, 8, "gelu", False, torch.float32, "cpu")
-    assert select_backend(*args)[0] == "ref"
-    assert backend_reasons("cuda", torch.device("cpu"), torch.float32)[0] == "device=cpu (needs cuda)"
+    assert OP.pick(*args)[0] == "ref"
+    assert reasons("cuda", *args)[0] == "device=cpu (needs cuda)"
 
 
 @pytest.mark.parametrize(

@@ -7,23 +7,24 @@ from helpers import ATOL, DEVICE, DTYPES, assert_close_to_ref, requires_cuda_ext
 
 from fastdino import _ext
 from fastdino.kernels.masked_attention import MASK_THRESHOLDS
+from fastdino.ops._dispatch import Like
 from fastdino.ops.masked_attention import (
-    backend_reasons,
+    OP,
     blocked_keys,
     masked_attention,
     masked_attention_ref,
-    _input_reasons,
     masked_attention_triton,
-    preferred_backend,
-    select_backend,
+    reasons,
 )
 
 # (B, Lq, Lk, H, D). Mask2Former's decoder: 100 queries over one level, 8 or 16 heads, head dim =
 # hidden / heads (256/16 = 16, 384/16 = 24, 256/8 = 32, 2048/16 = 128, 32/16 = 2); odd sizes.
 SHAPES_FULL = [(1, 100, 1024, 16, 16), (2, 100, 4096, 8, 32), (1, 100, 1024, 16, 24), (1, 100, 256, 16, 128),
-               (2, 100, 256, 16, 2), (1, 100, 16384, 16, 24), (3, 7, 97, 3, 5), (1, 1, 1, 1, 2), (2, 37, 1029, 4, 64)]
+               (2, 100, 256, 16, 2), (1, 100, 16384, 16, 24), (3, 7, 97, 3, 5), (1, 1, 1, 1, 2), (2, 37, 1029,
+                                                                                                  4, 64)]
 # Under the Triton interpreter every program runs serially on the CPU: fewer keys and queries.
-SHAPES_INTERP = [(1, 10, 64, 4, 16), (2, 13, 97, 2, 24), (1, 9, 33, 3, 2), (1, 5, 70, 2, 128), (1, 1, 1, 1, 5),
+SHAPES_INTERP = [(1, 10, 64, 4, 16), (2, 13, 97, 2, 24), (1, 9, 33, 3, 2), (1, 5, 70, 2, 128), (1, 1, 1, 1,
+                                                                                                5),
                  (2, 17, 40, 2, 32)]
 
 
@@ -39,7 +40,8 @@ def make_inputs(B, Lq, Lk, H, D, dtype, mask_dtype=None, device=DEVICE):
     logits[:, ::4] = -torch.rand(B, (Lq + 3) // 4, Lk, device=device) - 0.1  # every 4th row fully blocked
     flat = logits.view(-1)
     flat[torch.randperm(flat.numel(), device=device)[: flat.numel() // 20]] = 0.0
-    flat[torch.randperm(flat.numel(), device=device)[: flat.numel() // 20]] = -1e-4  # sigmoid rounds to 0.5 in bf16
+    # sigmoid rounds to 0.5 in bf16
+    flat[torch.randperm(flat.numel(), device=device)[: flat.numel() // 20]] = -1e-4
     return q, k, v, logits.to(mask_dtype or dtype)
 
 
@@ -149,13 +151,18 @@ def test_masked_attention_kernels_apply_the_rule_exactly(logit_dtype):
 
 def test_masked_attention_dispatch():
     q, k, v, logits = make_inputs(1, 4, 8, 2, 16, torch.float32, device="cpu")
-    assert select_backend(q, k, v, logits)[0] == "ref"  # measured faster than the C++ CPU kernel
+    assert OP.pick(q, k, v, logits)[0] == "ref"  # measured faster than the C++ CPU kernel
     q.requires_grad_(True)
     with torch.enable_grad():  # forward-only kernels: grad rules out every kernel, on any device
-        reasons = _input_reasons(q, k, v, logits)
-        assert reasons == ["inputs require grad (kernels are forward-only)"]
-        assert preferred_backend(torch.device("cuda"), q.dtype, 16, reasons)[0] == "ref"
-    assert backend_reasons("triton", torch.device("cpu"), torch.float32, 160) == ["head dim 160 is not in 1..128"]
+        with pytest.raises(ValueError,
+                           match=r"'triton' cannot run: inputs require grad \(kernels are forward-only\)$"):
+            masked_attention(q, k, v, logits, backend="triton")
+        on_cuda = [Like(torch.device("cuda"), t.dtype, t.shape, t.requires_grad) for t in (q, k, v, logits)]
+        backend, skipped = OP.pick(*on_cuda)
+        grad = "inputs require grad (kernels are forward-only)"
+        assert backend == "ref" and all(grad in r for r in skipped.values())
+    qkv = Like(torch.device("cpu"), torch.float32, (1, 1, 1, 160))
+    assert reasons("triton", qkv, qkv, qkv) == ["head dim 160 is not in 1..128"]
 
 
 @pytest.mark.parametrize("backend", ["triton", "cpu", "ref"])

@@ -8,7 +8,7 @@ import torch
 from helpers import ATOL, DEVICE, DTYPES, assert_close_to_ref, requires_cuda_ext, requires_ext
 
 from fastdino import _ext
-from fastdino.ops.ms_deform_attn import ms_deform_attn, ms_deform_attn_ref, offset_locations, select_backend
+from fastdino.ops.ms_deform_attn import OP, ms_deform_attn, ms_deform_attn_ref, offset_locations
 
 KERNEL_BACKENDS = (["cuda" if DEVICE.type == "cuda" else "cpu"] if _ext.HAS_EXT else []) + ["triton"]
 # (Dh, level shapes): adapter extractor (one level, Dh 12 / 128), pixel decoder (3 levels, Dh 2 / 24 /
@@ -51,7 +51,8 @@ def make_inputs(B, Lq, heads, Dh, shapes, P=4, dtype=torch.float32, loc_dtype=to
     return value, spatial_shapes, starts, loc.to(loc_dtype), weights.to(loc_dtype)
 
 
-def make_offset_inputs(B, Lq, heads, Dh, shapes, R=2, P=4, dtype=torch.float32, off_dtype=None, ref_batch=None,
+def make_offset_inputs(B, Lq, heads, Dh, shapes, R=2, P=4, dtype=torch.float32, off_dtype=None,
+                       ref_batch=None,
                        device=DEVICE):
     """The fused form: (value, shapes, starts, offsets, logits, reference_points) as the modules'
     projections give them. About a fifth of the offsets are exactly 0 on references at exact
@@ -130,7 +131,8 @@ def test_fused_box_references(backend, dtype, Lq):
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_fused_fp32_offsets_with_bf16_values(backend):
     # The original's fp32 cast under autocast hands fp32 projections next to values in any dtype.
-    args = make_offset_inputs(2, 37, 4, 24, CASES["decoder-dh24"][1], dtype=torch.bfloat16, off_dtype=torch.float32)
+    args = make_offset_inputs(2, 37, 4, 24, CASES["decoder-dh24"][1], dtype=torch.bfloat16,
+                              off_dtype=torch.float32)
     exact, lowp = exact_and_lowp(args)
     assert_close_to_ref(f"{backend} fp32 offsets", run(args, backend), exact, lowp, ATOL[torch.bfloat16])
 
@@ -141,16 +143,18 @@ def test_fused_softmax_is_stable_for_large_logits(backend):
     value, shapes, starts, offsets, logits, ref = make_offset_inputs(1, 17, 2, 12, [(5, 4), (2, 3)])
     logits = logits * 45
     out = ms_deform_attn(value, shapes, starts, offsets, logits, backend=backend, reference_points=ref)
-    exact = ms_deform_attn_ref(value.double(), shapes, starts, offsets.double(), logits.double(), ref.double())
+    exact = ms_deform_attn_ref(value.double(), shapes, starts, offsets.double(), logits.double(),
+                               ref.double())
     assert torch.isfinite(out).all()
     assert_close_to_ref(f"{backend} large logits", out, exact, exact, ATOL[torch.float32])
 
 
 def test_offset_locations_is_deformable_detrs_arithmetic():
     # The reference's pre-sampling steps, written out once more from Deformable DETR's formulas.
-    value, shapes, starts, offsets, logits, ref = make_offset_inputs(2, 5, 3, 8, [(4, 6), (2, 3)], device="cpu")
+    value, shapes, starts, offsets, logits, ref = make_offset_inputs(2, 5, 3, 8, [(4, 6), (2, 3)],
+                                                                     device="cpu")
     loc, w = offset_locations(ref, offsets, logits, shapes)
-    W, H = shapes[:, 1].float(), shapes[:, 0].float()
+    W = shapes[:, 1].float()
     expect_x = ref[:, :, None, :, None, 0] + offsets[..., 0] / W[:, None]
     torch.testing.assert_close(loc[..., 0], expect_x, atol=0, rtol=0)
     torch.testing.assert_close(w.sum((-2, -1)), torch.ones(2, 5, 3))
@@ -166,7 +170,8 @@ def test_ms_deform_attn_full_level_shapes(backend, case):
     if backend == "triton" and DEVICE.type == "cpu":
         pytest.skip("the interpreter takes minutes at full size; the GPU run covers it")
     Dh, shapes = CASES_FULL[case]
-    args = make_inputs(2, 1029, 16, Dh, shapes, dtype=torch.bfloat16 if DEVICE.type == "cuda" else torch.float32)
+    args = make_inputs(2, 1029, 16, Dh, shapes,
+                       dtype=torch.bfloat16 if DEVICE.type == "cuda" else torch.float32)
     exact, lowp = exact_and_lowp(args)
     assert_close_to_ref(case, ms_deform_attn(*args, backend=backend), exact, lowp, ATOL[args[0].dtype])
 
@@ -177,7 +182,8 @@ def test_locations_in_the_value_dtype(backend, dtype):
     # Locations and weights may come in value's dtype; the kernel reads them as they are.
     args = make_inputs(1, 29, 2, 24, CASES["decoder-dh24"][1], dtype=dtype, loc_dtype=dtype)
     exact, lowp = exact_and_lowp(args)
-    assert_close_to_ref(f"{backend} loc {dtype}", ms_deform_attn(*args, backend=backend), exact, lowp, ATOL[dtype])
+    assert_close_to_ref(f"{backend} loc {dtype}", ms_deform_attn(*args, backend=backend), exact, lowp,
+                        ATOL[dtype])
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -204,11 +210,14 @@ def test_shapes_that_disagree_with_value_read_nothing_out_of_bounds():
 @pytest.mark.parametrize(
     "mutate,match",
     [
-        (lambda a: a.__setitem__(0, a[0].flatten(2)), r"value must be \(B, S, heads, Dh\), got \(1, 16, 24\)"),
+        (lambda a: a.__setitem__(0, a[0].flatten(2)),
+         r"value must be \(B, S, heads, Dh\), got \(1, 16, 24\)"),
         (lambda a: a.__setitem__(3, a[3][:, :, :1]), r"sampling_locations must be \(B=1, Lq, heads=2"),
         (lambda a: a.__setitem__(4, a[4][..., :3]), r"attention_weights must be \(1, 7, 2, 1, 4\)"),
-        (lambda a: a.__setitem__(1, torch.tensor([[4, 5]])), "spatial_shapes cover 20 rows but value has S=16"),
-        (lambda a: a.__setitem__(2, torch.zeros(2, dtype=torch.int64)), r"level_start_index must be \(L=1,\)"),
+        (lambda a: a.__setitem__(1, torch.tensor([[4, 5]])),
+         "spatial_shapes cover 20 rows but value has S=16"),
+        (lambda a: a.__setitem__(2, torch.zeros(2, dtype=torch.int64)),
+         r"level_start_index must be \(L=1,\)"),
     ],
     ids=["value", "locations", "weights", "shapes", "starts"],
 )
@@ -225,13 +234,15 @@ def test_bad_reference_points_are_named():
     with pytest.raises(ValueError, match=expected):
         ms_deform_attn(value, shapes, starts, offsets, logits, reference_points=torch.rand(2, 7, 1, 3))
     with pytest.raises(ValueError, match="reference_points is torch.float64, not torch.float32"):
-        ms_deform_attn(value, shapes, starts, offsets, logits, backend="triton", reference_points=ref.double())
+        ms_deform_attn(value, shapes, starts, offsets, logits, backend="triton",
+                       reference_points=ref.double())
     with pytest.raises(ValueError, match="reference_points is not contiguous"):
         ms_deform_attn(value, shapes, starts, offsets, logits, backend="triton",
                        reference_points=ref.transpose(0, 1).contiguous().transpose(0, 1))
     # dispatch takes the reference for what no kernel reads, and gives the same numbers
-    assert select_backend(value, shapes, starts, offsets, logits, ref.double())[0] == "ref"
-    torch.testing.assert_close(ms_deform_attn(value, shapes, starts, offsets, logits, reference_points=ref.double()),
+    assert OP.pick(value, shapes, starts, offsets, logits, ref.double())[0] == "ref"
+    torch.testing.assert_close(ms_deform_attn(value, shapes, starts, offsets, logits,
+                                              reference_points=ref.double()),
                                ms_deform_attn_ref(value, shapes, starts, offsets, logits, ref))
 
 
@@ -240,10 +251,11 @@ def test_kernels_refuse_bad_layouts_by_name():
     with pytest.raises(ValueError, match="spatial_shapes is torch.int32, not torch.int64"):
         ms_deform_attn(value, shapes.int(), starts, loc, w, backend="triton")
     with pytest.raises(ValueError, match="value is not contiguous"):
-        ms_deform_attn(value.transpose(1, 2).contiguous().transpose(1, 2), shapes, starts, loc, w, backend="triton")
+        ms_deform_attn(value.transpose(1, 2).contiguous().transpose(1, 2), shapes, starts, loc, w,
+                       backend="triton")
     with pytest.raises(ValueError, match="sampling_locations is torch.float64, not float32"):
         ms_deform_attn(value, shapes, starts, loc.double(), w.double(), backend="triton")
-    assert select_backend(value, shapes, starts, loc, w)[0] == ("cpu" if _ext.HAS_EXT else "ref")
+    assert OP.pick(value, shapes, starts, loc, w)[0] == ("cpu" if _ext.HAS_EXT else "ref")
 
 
 @requires_ext
@@ -251,10 +263,12 @@ def test_cpp_op_names_bad_arguments():
     value, shapes, starts, loc, w = make_inputs(1, 7, 2, 12, [(4, 4)], device="cpu")
     with pytest.raises(RuntimeError, match="spatial_shapes must be int64"):
         torch.ops.fastdino.ms_deform_attn(value, shapes.int(), starts, loc, w)
-    with pytest.raises(RuntimeError, match="attention_weights has dtype Half but sampling_locations has Float"):
+    with pytest.raises(RuntimeError,
+                       match="attention_weights has dtype Half but sampling_locations has Float"):
         torch.ops.fastdino.ms_deform_attn(value, shapes, starts, loc, w.half())
     with pytest.raises(RuntimeError, match="reference_points must be float32, got Double"):
-        torch.ops.fastdino.ms_deform_attn(value, shapes, starts, loc, w, torch.rand(1, 7, 1, 2, dtype=torch.float64))
+        torch.ops.fastdino.ms_deform_attn(value, shapes, starts, loc, w, torch.rand(1, 7, 1, 2,
+                                                                                    dtype=torch.float64))
     with pytest.raises(RuntimeError, match=r"reference_points must be \(B=1 or 1, Lq=7, L=1, 2 or 4\)"):
         torch.ops.fastdino.ms_deform_attn(value, shapes, starts, loc, w, torch.rand(1, 7, 2, 2))
 

@@ -6,20 +6,22 @@ from unittest import mock
 
 import pytest
 import torch
-from helpers import DEVICE, requires_ext
-from dinov3_official import DinoVisionTransformer, RopePositionEmbedding
-from timm_eva import Eva
+from helpers import DEVICE, op_args, op_runs, requires_ext
+from models.dinov3_official import DinoVisionTransformer, RopePositionEmbedding
+from models.timm_eva import Eva
 
 import fastdino
 from fastdino import _ext
-from fastdino.modules import residual_layer_norm
+from fastdino.fused.common import residual_layer_norm
 
 transformers = pytest.importorskip("transformers")
 
 # Relative error ||patched - original|| / ||original|| allowed, per dtype.
 REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 # Backends pinned in the model tests, on the device the suite runs on.
-BACKENDS = ["cuda" if DEVICE.type == "cuda" else "cpu", "triton", "ref"] if _ext.HAS_EXT else ["triton", "ref"]
+BACKENDS = (["cuda" if DEVICE.type == "cuda" else "cpu", "triton", "ref"] if _ext.HAS_EXT
+            else ["triton", "ref"])
+OPS = ("add_layer_norm", "rope_attention", "fused_linear")  # the backbone blocks' ops
 
 
 def hf_vit(gated=False, layers=2, **kw):
@@ -54,7 +56,8 @@ def run_official(model, pixels):
     with torch.no_grad():
         feats = model.forward_features(pixels)
         taps = model.get_intermediate_layers(pixels, n=2)
-    return torch.cat([feats["x_prenorm"].flatten(), feats["x_norm_patchtokens"].flatten()] + [t.flatten() for t in taps])
+    outs = [feats["x_prenorm"], feats["x_norm_patchtokens"], *taps]
+    return torch.cat([t.flatten() for t in outs])
 
 
 HF_SWAPS = {"DINOv3ViTLayer": "FusedDINOv3ViTLayer", "DINOv3ViTAttention": "FusedDINOv3ViTAttention",
@@ -63,7 +66,8 @@ OFFICIAL_SWAPS = {"SelfAttentionBlock": "FusedSelfAttentionBlock", "SelfAttentio
                   "RopePositionEmbedding": "CachedRopePositionEmbedding"}
 TIMM_SWAPS = {"EvaBlock": "FusedEvaBlock", "EvaAttention": "FusedEvaAttention"}
 # The MLP of each family, GELU and SwiGLU: {original class: fused class}
-MLP = {"hf": {"DINOv3ViTMLP": "FusedDINOv3ViTMLP"}, "hf-gated": {"DINOv3ViTGatedMLP": "FusedDINOv3ViTGatedMLP"},
+MLP = {"hf": {"DINOv3ViTMLP": "FusedDINOv3ViTMLP"},
+       "hf-gated": {"DINOv3ViTGatedMLP": "FusedDINOv3ViTGatedMLP"},
        "official": {"Mlp": "FusedMlp"}, "official-swiglu": {"SwiGLUFFN": "FusedSwiGLUFFN"},
        "timm": {"Mlp": "FusedMlp"}, "timm-swiglu": {"SwiGLU": "FusedSwiGLU"}}
 
@@ -83,7 +87,8 @@ MODELS = {
     "hf": (hf_vit, run_hf, HF_SWAPS | MLP["hf"], 2),
     "hf-gated": (lambda: hf_vit(gated=True), run_hf, HF_SWAPS | MLP["hf-gated"], 2),
     "official": (official_vit, run_official, OFFICIAL_SWAPS | MLP["official"], 4),
-    "official-swiglu": (lambda: official_vit(ffn="swiglu"), run_official, OFFICIAL_SWAPS | MLP["official-swiglu"], 4),
+    "official-swiglu": (lambda: official_vit(ffn="swiglu"), run_official,
+                        OFFICIAL_SWAPS | MLP["official-swiglu"], 4),
     "official-no-layerscale": (lambda: official_vit(layerscale_init=None), run_official,
                                OFFICIAL_SWAPS | MLP["official"], 4),
     "timm-tree": (timm_tree, run_timm, TIMM_SWAPS | MLP["timm"], 2),
@@ -97,7 +102,8 @@ MODELS = {
 @pytest.mark.parametrize("name", MODELS)
 def test_patched_model_matches_original(name, backend):
     build, run, swaps, calls = MODELS[name]
-    check_patched_matches(build().to(DEVICE), run, swaps, calls, backend, layerscale="no-layerscale" not in name)
+    check_patched_matches(build().to(DEVICE), run, swaps, calls, backend,
+                          layerscale="no-layerscale" not in name)
 
 
 def check_patched_matches(model, run, swaps, calls, backend, layerscale=True):
@@ -115,17 +121,16 @@ def check_patched_matches(model, run, swaps, calls, backend, layerscale=True):
     assert list(model.state_dict().keys()) == keys
     assert {k: v.data_ptr() for k, v in model.state_dict().items()} == tensors  # shared, not copied
 
-    with mock.patch("fastdino.modules.add_layer_norm", wraps=fastdino.modules.add_layer_norm) as seam, \
-            mock.patch("fastdino.modules.rope_attention", wraps=fastdino.modules.rope_attention) as attn, \
-            mock.patch("fastdino.modules.fused_linear", wraps=fastdino.modules.fused_linear) as linear:
+    with op_runs(*OPS) as runs:
         out = run(model, pixels)
-    assert seam.call_count == calls and all(c.args[-1] == backend for c in seam.call_args_list)
-    assert attn.call_count == calls and all(c.kwargs["backend"] == backend for c in attn.call_args_list)
+    seam, attn, linear = (runs[op] for op in OPS)
+    assert seam.call_count == calls and all(c.args[0] == backend for c in seam.call_args_list)
+    assert attn.call_count == calls and all(c.args[0] == backend for c in attn.call_args_list)
     # MLP: input side + output side with LayerScale and residual; "ref" runs the original modules
     assert linear.call_count == (0 if backend == "ref" else 2 * calls)
-    assert all(c.kwargs["backend"] == backend for c in linear.call_args_list)
+    assert all(c.args[0] == backend for c in linear.call_args_list)
     if backend != "ref" and layerscale:
-        assert sum(c.kwargs.get("gamma") is not None for c in linear.call_args_list) == calls
+        assert sum(op_args("fused_linear", c)["gamma"] is not None for c in linear.call_args_list) == calls
     assert rel_err(out, ref) <= REL_TOL[torch.float32]
 
     assert fastdino.unpatch(model) == len(report.swapped)
@@ -133,22 +138,13 @@ def check_patched_matches(model, run, swaps, calls, backend, layerscale=True):
     torch.testing.assert_close(run(model, pixels), ref, atol=0, rtol=0)
 
 
-OPS = ("add_layer_norm", "rope_attention", "fused_linear")  # the backbone blocks' ops
-
-
 @contextlib.contextmanager
 def priority(table):
     """Every backbone op's dispatch priority set to `table` ({device type: backends})."""
     with contextlib.ExitStack() as stack:
         for op in OPS:
-            stack.enter_context(mock.patch.dict(f"fastdino.ops.{op}.PRIORITY", table))
+            stack.enter_context(mock.patch.dict(fastdino.ops.OPS[op].priority, table))
         yield
-
-
-def wrap_ops(stack):
-    """The backbone ops as fastdino.modules calls them, wrapped to count calls."""
-    return {op: stack.enter_context(mock.patch(f"fastdino.modules.{op}", wraps=getattr(fastdino.modules, op)))
-            for op in OPS}
 
 
 @pytest.mark.parametrize("name", ["hf", "official-swiglu", "timm-tree"])
@@ -160,8 +156,7 @@ def test_unpinned_patch_runs_the_original_where_dispatch_picks_the_reference(nam
     pixels = torch.randn(2, 3, 64, 48, device=DEVICE, dtype=torch.bfloat16)
     ref = run(model, pixels)
     fastdino.patch(model)
-    with contextlib.ExitStack() as stack, priority({"cpu": ("ref",), "cuda": ("ref",)}):
-        ops = wrap_ops(stack)
+    with priority({"cpu": ("ref",), "cuda": ("ref",)}), op_runs(*OPS) as ops:
         out = run(model, pixels)
     assert {op: m.call_count for op, m in ops.items()} == {op: 0 for op in OPS}
     torch.testing.assert_close(out, ref, atol=0, rtol=0)
@@ -175,8 +170,7 @@ def test_unpinned_patch_runs_the_kernels_dispatch_picks(name):
     pixels = torch.randn(2, 3, 64, 48, device=DEVICE)
     ref = run(model, pixels)
     fastdino.patch(model)
-    with contextlib.ExitStack() as stack, priority({DEVICE.type: (BACKENDS[0], "ref")}):
-        ops = wrap_ops(stack)
+    with priority({DEVICE.type: (BACKENDS[0], "ref")}), op_runs(*OPS) as ops:
         out = run(model, pixels)
     assert {op: m.call_count for op, m in ops.items()} == {"add_layer_norm": calls, "rope_attention": calls,
                                                            "fused_linear": 2 * calls}
@@ -206,11 +200,12 @@ def test_rope_tables_are_computed_once_per_size_and_follow_the_periods_buffer():
 
 def test_official_tree_state_dict_keys_follow_dinov3():
     model = official_vit(depth=1)
-    expected = ["cls_token", "storage_tokens", "mask_token", "patch_embed.proj.weight", "patch_embed.proj.bias",
-                "rope_embed.periods", "blocks.0.norm1.weight", "blocks.0.norm1.bias", "blocks.0.attn.qkv.weight",
-                "blocks.0.attn.qkv.bias", "blocks.0.attn.qkv.bias_mask", "blocks.0.attn.proj.weight",
-                "blocks.0.attn.proj.bias", "blocks.0.ls1.gamma", "blocks.0.norm2.weight", "blocks.0.norm2.bias",
-                "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc1.bias", "blocks.0.mlp.fc2.weight", "blocks.0.mlp.fc2.bias",
+    expected = ["cls_token", "storage_tokens", "mask_token", "patch_embed.proj.weight",
+                "patch_embed.proj.bias", "rope_embed.periods", "blocks.0.norm1.weight", "blocks.0.norm1.bias",
+                "blocks.0.attn.qkv.weight", "blocks.0.attn.qkv.bias", "blocks.0.attn.qkv.bias_mask",
+                "blocks.0.attn.proj.weight", "blocks.0.attn.proj.bias", "blocks.0.ls1.gamma",
+                "blocks.0.norm2.weight", "blocks.0.norm2.bias", "blocks.0.mlp.fc1.weight",
+                "blocks.0.mlp.fc1.bias", "blocks.0.mlp.fc2.weight", "blocks.0.mlp.fc2.bias",
                 "blocks.0.ls2.gamma", "norm.weight", "norm.bias"]
     assert sorted(model.state_dict().keys()) == sorted(expected)
     fastdino.patch(model)
@@ -220,9 +215,11 @@ def test_official_tree_state_dict_keys_follow_dinov3():
 def test_report_paths_follow_the_model_and_patch_twice_is_a_noop():
     model = hf_vit()
     first = fastdino.patch(model)
-    assert all(s.backend in ("ref", "cache") for s in first.swapped)  # CPU parameters: the measured-fastest path
+    # CPU parameters: the measured-fastest path
+    assert all(s.backend in ("ref", "cache") for s in first.swapped)
     prefix = "model.layer" if hasattr(model, "model") else "layer"  # transformers 5.x vs 4.x
-    paths = ["rope_embeddings"] + [f"{prefix}.{i}{part}" for i in range(2) for part in ("", ".attention", ".mlp")]
+    paths = ["rope_embeddings"] + [f"{prefix}.{i}{part}" for i in range(2) for part in ("", ".attention",
+                                                                                        ".mlp")]
     assert [s.path for s in first.swapped] == paths
     assert "swapped" in str(first) and "FusedDINOv3ViTLayer" in str(first)
     assert any(n.startswith("[ref]: dispatch prefers no kernel") for n in first.notes)
@@ -271,14 +268,15 @@ def test_autocast_keeps_the_original_dtypes():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref = run_hf(model, pixels)
         fastdino.patch(model, backend=BACKENDS[0])
-        with mock.patch("fastdino.modules.fused_linear") as linear:
+        with op_runs("fused_linear", wrap=False) as ops:
             out = run_hf(model, pixels)
-    assert linear.call_count == 0  # the Linears run in autocast's dtype: the original MLP runs
+    assert ops["fused_linear"].call_count == 0  # the Linears run in autocast's dtype: the original MLP runs
     assert out.dtype == ref.dtype
     assert rel_err(out, ref) <= REL_TOL[torch.bfloat16]
 
 
-@pytest.mark.parametrize("ls_dtype,norm_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("ls_dtype,norm_dtype", [(torch.float32, torch.float32), (torch.bfloat16,
+                                                                                  torch.float32)])
 def test_seam_keeps_the_original_dtypes_and_values(ls_dtype, norm_dtype):
     # bf16 activations with an fp32 LayerScale promote y to fp32; fp32 LayerNorm parameters keep z
     # in bf16 but must not be rounded: both cases run the original modules, bit for bit.
@@ -286,11 +284,11 @@ def test_seam_keeps_the_original_dtypes_and_values(ls_dtype, norm_dtype):
     ls.gamma = torch.nn.Parameter(torch.rand(32, dtype=ls_dtype))
     norm = torch.nn.LayerNorm(32).to(norm_dtype)
     x, branch = torch.randn(2, 5, 32, dtype=torch.bfloat16), torch.randn(2, 5, 32, dtype=torch.bfloat16)
-    with torch.no_grad(), mock.patch("fastdino.modules.add_layer_norm") as op:
+    with torch.no_grad(), op_runs("add_layer_norm", wrap=False) as ops:
         y, z = residual_layer_norm(x, branch, ls, norm, backend=BACKENDS[0])  # pinned: the dtype rule decides
         y_ref = x + ls(branch)
         z_ref = norm(y_ref)
-    assert op.call_count == 0
+    assert ops["add_layer_norm"].call_count == 0
     assert (y.dtype, z.dtype) == (y_ref.dtype, z_ref.dtype)
     torch.testing.assert_close(z, z_ref, atol=0, rtol=0)
 
@@ -300,14 +298,15 @@ def test_training_with_drop_path_runs_the_original_and_gradients_flow():
     model = official_vit(drop_path_rate=0.5).train()
     fastdino.patch(model)
     pixels = torch.randn(2, 3, 32, 32)
-    with mock.patch("fastdino.modules.add_layer_norm", wraps=fastdino.modules.add_layer_norm) as op:
+    with op_runs("add_layer_norm") as ops:
         model.forward_features(pixels)["x_prenorm"].sum().backward()
-    assert op.call_count == 0  # stochastic depth: the original forward runs
+    assert ops["add_layer_norm"].call_count == 0  # stochastic depth: the original forward runs
     model = hf_vit().train()
     fastdino.patch(model)
     out = model(pixel_values=torch.randn(1, 3, 32, 32)).last_hidden_state
     out.sum().backward()  # requires grad: the original modules run, autograd works
-    assert all(p.grad is not None for p in model.parameters() if p.requires_grad and p.dim() == 1 and p.numel() == 64)
+    assert all(p.grad is not None for p in model.parameters()
+               if p.requires_grad and p.dim() == 1 and p.numel() == 64)
 
 
 @pytest.mark.slow
@@ -328,7 +327,8 @@ def test_patched_model_compiles_fullgraph_with_inductor():
 def test_hf_backbone_feature_maps_match(backend):
     # The segmentation heads' taps: DINOv3ViTBackbone returns reshaped hidden states of chosen layers.
     cfg = transformers.DINOv3ViTConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                       num_attention_heads=4, num_register_tokens=4, image_size=64, patch_size=16,
+                                       num_attention_heads=4, num_register_tokens=4, image_size=64,
+                                       patch_size=16,
                                        layerscale_value=0.5, out_indices=[1, 3])
     model = transformers.DINOv3ViTBackbone(cfg).eval().to(DEVICE)
     pixels = torch.randn(2, 3, 64, 48, device=DEVICE)
@@ -351,9 +351,9 @@ def test_timm_attention_whose_prefix_disagrees_with_the_tables_runs_the_original
     with pytest.raises(RuntimeError) as unpatched:
         attn(x, rope=rope)
     fastdino.patch(model)
-    with mock.patch("fastdino.modules.rope_attention") as op, pytest.raises(RuntimeError) as patched:
+    with op_runs("rope_attention", wrap=False) as ops, pytest.raises(RuntimeError) as patched:
         attn(x, rope=rope)
-    assert op.call_count == 0 and str(patched.value) == str(unpatched.value)
+    assert ops["rope_attention"].call_count == 0 and str(patched.value) == str(unpatched.value)
 
 
 # timm's DINOv3 ports, shrunk: GELU MLP, SwiGLU (S+/H+/7B) and separate q/v biases (the _qkvb weights)

@@ -3,13 +3,17 @@
 ViT that follows dinov3's) and tiny random-init transformers Mask2Former, Deformable DETR and
 OneFormer models. Patched outputs match, state_dict is untouched, unpatch restores."""
 
-from unittest import mock
 
 import pytest
 import torch
-from dinov3_official import DinoVisionTransformer
-from dinov3_seg_official import DINOv3_Adapter, MSDeformAttn, MSDeformAttnTransformerEncoderLayer, reference_points
-from helpers import DEVICE
+from helpers import DEVICE, op_args, op_runs
+from models.dinov3_official import DinoVisionTransformer
+from models.dinov3_seg_official import (
+    DINOv3_Adapter,
+    MSDeformAttn,
+    MSDeformAttnTransformerEncoderLayer,
+    reference_points,
+)
 from test_patch import BACKENDS, rel_err
 
 import fastdino
@@ -26,7 +30,8 @@ class EncoderStack(torch.nn.Module):
 
     def __init__(self, d_model=64, heads=4):
         super().__init__()
-        self.layers = torch.nn.ModuleList(MSDeformAttnTransformerEncoderLayer(d_model, 128, 3, heads) for _ in range(2))
+        self.layers = torch.nn.ModuleList(MSDeformAttnTransformerEncoderLayer(d_model, 128, 3,
+                                                                              heads) for _ in range(2))
 
     def forward(self, src, pos, shapes, starts):
         ref = reference_points(shapes.tolist(), src.shape[0], src.device)
@@ -102,9 +107,11 @@ def mask2former_config(backbone="swin", **overrides):
                                      out_features=["stage1", "stage2", "stage3", "stage4"])
     else:
         bc = transformers.DINOv3ViTConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                                          num_attention_heads=4, num_register_tokens=4, out_indices=[1, 2, 3, 4],
+                                          num_attention_heads=4, num_register_tokens=4,
+                                          out_indices=[1, 2, 3, 4],
                                           reshape_hidden_states=True)
-    kw = dict(backbone_config=bc, feature_size=32, mask_feature_size=32, hidden_dim=32, encoder_feedforward_dim=64,
+    kw = dict(backbone_config=bc, feature_size=32, mask_feature_size=32, hidden_dim=32,
+              encoder_feedforward_dim=64,
               dim_feedforward=64, encoder_layers=2, decoder_layers=3, num_attention_heads=4, num_queries=10,
               num_labels=5)
     return transformers.Mask2FormerConfig(**{**kw, **overrides})
@@ -132,7 +139,8 @@ def deformable_detr(boxes=False):
     """Tiny transformers Deformable DETR with a ResNet backbone, 4 levels, padded pixels; with
     boxes, two-stage with box refinement: the decoder samples around (x, y, w, h) references."""
     torch.manual_seed(0)
-    backbone = transformers.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
+    backbone = transformers.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 128],
+                                         depths=[1, 1, 1, 1],
                                          out_features=["stage2", "stage3", "stage4"])
     cfg = transformers.DeformableDetrConfig(
         use_timm_backbone=False, backbone_config=backbone, use_pretrained_backbone=False, d_model=32,
@@ -148,7 +156,8 @@ def deformable_detr(boxes=False):
     def run():
         out = model(pixel_values=pixels, pixel_mask=mask)
         boxes_out = [out.logits.flatten(), out.pred_boxes.flatten()] if boxes else []
-        return torch.cat([out.last_hidden_state.flatten(), out.encoder_last_hidden_state.flatten(), *boxes_out])
+        return torch.cat([out.last_hidden_state.flatten(), out.encoder_last_hidden_state.flatten(),
+                          *boxes_out])
 
     return model, run
 
@@ -160,8 +169,10 @@ def oneformer():
                                    out_features=["stage1", "stage2", "stage3", "stage4"])
     cfg = transformers.OneFormerConfig(
         backbone_config=swin, conv_dim=32, mask_dim=32, hidden_dim=32, encoder_feedforward_dim=64,
-        dim_feedforward=64, encoder_layers=2, decoder_layers=3, num_attention_heads=4, num_queries=10, num_labels=5,
-        text_encoder_width=32, text_encoder_num_layers=1, text_encoder_context_length=8, text_encoder_proj_layers=1,
+        dim_feedforward=64, encoder_layers=2, decoder_layers=3, num_attention_heads=4, num_queries=10,
+        num_labels=5,
+        text_encoder_width=32, text_encoder_num_layers=1, text_encoder_context_length=8,
+        text_encoder_proj_layers=1,
         text_encoder_n_ctx=2, task_seq_len=8, max_seq_len=8, use_pretrained_backbone=False)
     model = transformers.OneFormerForUniversalSegmentation(cfg).to(DEVICE).eval()
     pixels = torch.randn(2, 3, 64, 96, device=DEVICE)
@@ -179,12 +190,14 @@ MODELS = {
     "official-pixel-decoder": (official_decoder, "FusedMSDeformAttn", 2),
     "official-extractor": (official_extractor, "FusedMSDeformAttn", 1),
     "official-adapter": (official_adapter, "FusedMSDeformAttn", 6),
-    "hf-mask2former-swin": (hf_mask2former, "FusedMask2FormerPixelDecoderEncoderMultiscaleDeformableAttention", 2),
+    "hf-mask2former-swin": (hf_mask2former,
+                            "FusedMask2FormerPixelDecoderEncoderMultiscaleDeformableAttention", 2),
     "hf-mask2former-dinov3": (lambda: hf_mask2former("dinov3"),
                               "FusedMask2FormerPixelDecoderEncoderMultiscaleDeformableAttention", 2),
     # encoder self-attention and the decoders' cross-attention
     "deformable-detr": (deformable_detr, "FusedDeformableDetrMultiscaleDeformableAttention", 3),
-    "deformable-detr-boxes": (lambda: deformable_detr(boxes=True), "FusedDeformableDetrMultiscaleDeformableAttention",
+    "deformable-detr-boxes": (lambda: deformable_detr(boxes=True),
+                              "FusedDeformableDetrMultiscaleDeformableAttention",
                               3),
     "oneformer": (oneformer, "FusedOneFormerPixelDecoderEncoderMultiscaleDeformableAttention", 2),
 }
@@ -202,10 +215,10 @@ def test_patched_deformable_attention_matches_original(name, backend):
     swapped = [s for s in report.swapped if s.fused == fused]
     assert len(swapped) == count and all(s.backend == backend for s in swapped)
     assert {k: v.data_ptr() for k, v in model.state_dict().items()} == keys
-    with torch.no_grad(), mock.patch("fastdino.modules.ms_deform_attn", wraps=fastdino.modules.ms_deform_attn) as op:
+    with torch.no_grad(), op_runs("ms_deform_attn") as ops:
         out = run()
-    # every swapped module runs the op once per forward (the reference path too, when pinned)
-    assert op.call_count == (0 if backend == "ref" else count)
+    # every swapped module runs the op once per forward (a pinned "ref": the original forward)
+    assert ops["ms_deform_attn"].call_count == (0 if backend == "ref" else count)
     assert rel_err(out, ref) <= 1e-5, rel_err(out, ref)
     if name.startswith("hf") and backend != "ref":  # level shapes reach the device once per pyramid
         fused_modules = [m for m in model.modules() if type(m).__name__ == fused]
@@ -222,9 +235,10 @@ def test_adapter_extractors_share_one_set_of_reference_points():
     model, run = official_adapter()
     report = fastdino.patch(model)
     assert {"FusedSelfAttentionBlock", "FusedMSDeformAttn"} <= {s.fused for s in report.swapped}
-    with torch.no_grad(), mock.patch("fastdino.modules.ms_deform_attn", wraps=fastdino.modules.ms_deform_attn) as op:
+    with torch.no_grad(), op_runs("ms_deform_attn") as ops:
         run()
-    shapes = {(c.args[0].shape[0], tuple(c.kwargs["reference_points"].shape)) for c in op.call_args_list}
+    calls = [op_args("ms_deform_attn", c) for c in ops["ms_deform_attn"].call_args_list]
+    shapes = {(c["value"].shape[0], tuple(c["reference_points"].shape)) for c in calls}
     assert shapes == {(2, (1, 126, 1, 2))}
 
 
@@ -235,22 +249,23 @@ def test_default_dispatch_on_cpu_runs_the_cpp_kernel_where_built():
     report = fastdino.patch(model)
     expected = "cpu" if _ext.HAS_EXT else "ref"  # the C++ CPU kernel measured faster than grid_sample
     assert [s.backend for s in report.swapped if s.fused == "FusedMSDeformAttn"] == [expected] * 2
-    with torch.no_grad(), mock.patch("fastdino.modules.ms_deform_attn", wraps=fastdino.modules.ms_deform_attn) as op:
+    with torch.no_grad(), op_runs("ms_deform_attn") as ops:
         out = run()
-    assert op.call_count == (2 if _ext.HAS_EXT else 0) and rel_err(out, ref) <= 1e-5
+    assert ops["ms_deform_attn"].call_count == (2 if _ext.HAS_EXT else 0) and rel_err(out, ref) <= 1e-5
 
 
 def test_training_with_grad_runs_the_original_and_gradients_flow():
     model, run = official_extractor()
     fastdino.patch(model)
     model.train()
-    with mock.patch("fastdino.modules.ms_deform_attn") as op:
+    with op_runs("ms_deform_attn", wrap=False) as ops:
         run().sum().backward()
-    assert op.call_count == 0 and model.sampling_offsets.weight.grad is not None
+    assert ops["ms_deform_attn"].call_count == 0 and model.sampling_offsets.weight.grad is not None
 
 
 def test_unsupported_deformable_attention_is_left_alone_with_a_reason():
     model = MSDeformAttn(d_model=64, n_heads=4)
     model.value_proj = torch.nn.Linear(64, 30)
     report = fastdino.patch(model)
-    assert report.swapped == [] and report.skipped[0].reasons == ["value_proj width 30 does not split into 4 heads"]
+    assert report.swapped == []
+    assert report.skipped[0].reasons == ["value_proj width 30 does not split into 4 heads"]

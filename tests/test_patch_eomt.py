@@ -3,15 +3,14 @@ the same mask logits, class logits and last hidden state with the masked blocks 
 mask passed to rope_attention as logits instead of a dense N x N mask; state_dict is untouched;
 unpatch restores."""
 
-from unittest import mock
 
 import pytest
 import torch
-from helpers import DEVICE
+from helpers import DEVICE, op_args, op_runs
 from test_patch import BACKENDS, rel_err
 
 import fastdino
-from fastdino.modules import eomt_dense_mask
+from fastdino.fused.vit import eomt_dense_mask
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("scipy")  # the EoMT models build their matcher with it
@@ -56,9 +55,9 @@ def patched_run(model, run, backend, **kwargs):
     report = fastdino.patch(model, backend=backend)
     assert report.swapped[0].path == "" and report.swapped[0].fused == ROOT and not report.skipped
     assert {k: v.data_ptr() for k, v in model.state_dict().items()} == keys
-    with mock.patch("fastdino.modules.rope_attention", wraps=fastdino.modules.rope_attention) as op:
+    with op_runs("rope_attention") as ops:
         out = run(**kwargs)
-    return out, [c.kwargs["mask_logits"] for c in op.call_args_list]
+    return out, [op_args("rope_attention", c)["mask_logits"] for c in ops["rope_attention"].call_args_list]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -113,9 +112,10 @@ def test_fallbacks_run_the_original_forward():
     assert all(m is None for m in masks)  # the original's dense mask path
     torch.testing.assert_close(run(output_hidden_states=True), ref_hidden, atol=1e-5, rtol=1e-5)
     model.train()
-    with mock.patch("fastdino.modules.rope_attention", wraps=fastdino.modules.rope_attention) as op:
+    with op_runs("rope_attention") as ops:
         model(pixel_values=torch.randn(1, 3, 128, 128, device=DEVICE))
-    assert all(c.kwargs.get("mask_logits") is None for c in op.call_args_list)
+    assert all(op_args("rope_attention",
+                       c)["mask_logits"] is None for c in ops["rope_attention"].call_args_list)
 
 
 def test_wrong_image_size_is_named():
@@ -141,6 +141,7 @@ def test_attention_fallback_builds_the_models_dense_mask():
     torch.testing.assert_close(fused, dense, atol=1e-5, rtol=1e-5)
     mask = eomt_dense_mask(logits, 79, 4, torch.float32)
     assert mask.shape == (2, 4, 79, 79)
-    assert (mask[:, :, 10:] == 1).all() and (mask[:, :, :10, :15] == 1).all()  # open is 1, as the model has it
+    # open is 1, as the model has it
+    assert (mask[:, :, 10:] == 1).all() and (mask[:, :, :10, :15] == 1).all()
     assert ((mask[:, 0, :10, 15:] == 1) == (logits > 0)).all()
     assert (mask[:, 0, :10, 15:][logits <= 0] == torch.finfo(torch.float32).min).all()

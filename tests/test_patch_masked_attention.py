@@ -6,8 +6,8 @@ from unittest import mock
 
 import pytest
 import torch
-from dinov3_seg_official import MultiScaleMaskedTransformerDecoder
-from helpers import DEVICE
+from helpers import DEVICE, op_args, op_runs
+from models.dinov3_seg_official import MultiScaleMaskedTransformerDecoder
 from test_patch import BACKENDS, rel_err
 from test_patch_deformable import mask2former_config
 
@@ -38,9 +38,11 @@ def hf_mask2former(backbone="swin", dtype=torch.float32, **cfg):
     def run(**kwargs):
         out = model(pixel_values=pixels, output_auxiliary_logits=True, output_hidden_states=True, **kwargs)
         aux = [t for a in out.auxiliary_logits for t in a.values()]
-        assert len(aux) == 2 * (model.config.decoder_layers - 1)  # the intermediate predictions must match too
+        # the intermediate predictions must match too
+        assert len(aux) == 2 * (model.config.decoder_layers - 1)
         states = (out.transformer_decoder_last_hidden_state, *out.transformer_decoder_hidden_states)
-        return torch.cat([t.flatten().float() for t in (out.class_queries_logits, out.masks_queries_logits, *aux,
+        return torch.cat([t.flatten().float() for t in (out.class_queries_logits, out.masks_queries_logits,
+                                                        *aux,
                                                         *states)])
 
     return model, run
@@ -61,18 +63,18 @@ def test_patched_decoder_matches_original(backbone, backend):
     swapped = [s for s in report.swapped if s.fused == FUSED]
     assert len(swapped) == 1 and swapped[0].backend == backend
     assert {k: v.data_ptr() for k, v in model.state_dict().items()} == keys
-    with torch.no_grad(), mock.patch("fastdino.modules.masked_attention",
-                                     wraps=fastdino.modules.masked_attention) as op:
+    with torch.no_grad(), op_runs("masked_attention") as ops:
         out = run()
     # per layer: the masked cross-attention (with logits) and the queries' self-attention (without)
     layers = count_layers(model)
-    assert op.call_count == (0 if backend == "ref" else 2 * layers)
+    calls = [op_args("masked_attention", c) for c in ops["masked_attention"].call_args_list]
+    assert len(calls) == (0 if backend == "ref" else 2 * layers)
     if backend != "ref":
-        masked = [c for c in op.call_args_list if c.args[3] is not None]
+        masked = [c["mask_logits"] for c in calls if c["mask_logits"] is not None]
         assert len(masked) == layers
         # Swin's levels are 1/32, 1/16, 1/8 of 96x64; a ViT's taps are all 1/16
         levels = {(10, 3 * 2), (10, 6 * 4), (10, 12 * 8)} if backbone == "swin" else {(10, 6 * 4)}
-        assert {tuple(c.args[3].shape[1:]) for c in masked} == levels
+        assert {tuple(m.shape[1:]) for m in masked} == levels
     assert rel_err(out, ref) <= 1e-5, rel_err(out, ref)
     assert fastdino.unpatch(model) == len(report.swapped)
     with torch.no_grad():
@@ -86,16 +88,17 @@ def test_the_comparison_sees_the_mask():
     with torch.no_grad():
         ref = run()
     fastdino.patch(model, backend="triton")
-    real = fastdino.modules.masked_attention
+    op = fastdino.ops.OPS["masked_attention"]
+    real = op.run
     stats = []
 
-    def unmasked(q, k, v, mask_logits=None, **kw):
+    def unmasked(backend, q, k, v, mask_logits=None, scale=None):
         if mask_logits is not None:
             blocked = mask_logits.sigmoid() < 0.5
             stats.append((blocked.float().mean().item(), blocked.all(-1).sum().item()))
-        return real(q, k, v, None, **kw)
+        return real(backend, q, k, v, None, scale)
 
-    with torch.no_grad(), mock.patch("fastdino.modules.masked_attention", unmasked):
+    with torch.no_grad(), mock.patch.object(op, "run", unmasked):
         out = run()
     assert rel_err(out, ref) > 1e-2
     assert all(0.05 < frac < 0.95 for frac, _ in stats) and sum(rows for _, rows in stats) > 0, stats
@@ -117,22 +120,22 @@ def test_bf16_decoder_matches_original(backend):
     with torch.no_grad():
         ref = run()
     fastdino.patch(model, backend=backend)
-    with torch.no_grad(), mock.patch("fastdino.modules.masked_attention",
-                                     wraps=fastdino.modules.masked_attention) as op:
+    with torch.no_grad(), op_runs("masked_attention") as ops:
         out = run()
-    assert op.call_count == 2 * count_layers(model)
+    assert ops["masked_attention"].call_count == 2 * count_layers(model)
     assert rel_err(out, ref) <= 2e-2, rel_err(out, ref)
 
 
 def test_attention_weights_or_grad_run_the_original():
     model, run = hf_mask2former()
     fastdino.patch(model)
-    with torch.no_grad(), mock.patch("fastdino.modules.masked_attention") as op:
+    with torch.no_grad(), op_runs("masked_attention", wrap=False) as ops:
         out = model(pixel_values=torch.randn(1, 3, 64, 64, device=DEVICE), output_attentions=True)
-    assert op.call_count == 0 and len(out.attentions) == count_layers(model)
-    with mock.patch("fastdino.modules.masked_attention") as op:  # grad enabled, parameters require grad
+    assert ops["masked_attention"].call_count == 0 and len(out.attentions) == count_layers(model)
+    with op_runs("masked_attention", wrap=False) as ops:  # grad enabled, parameters require grad
         run().sum().backward()
-    assert op.call_count == 0 and model.model.transformer_module.decoder.layers[0].fc1.weight.grad is not None
+    assert ops["masked_attention"].call_count == 0
+    assert model.model.transformer_module.decoder.layers[0].fc1.weight.grad is not None
 
 
 def test_default_dispatch_on_cpu_keeps_the_original_forward():
@@ -141,9 +144,9 @@ def test_default_dispatch_on_cpu_keeps_the_original_forward():
     model, run = hf_mask2former()
     report = fastdino.patch(model)
     assert [s.backend for s in report.swapped if s.fused == FUSED] == ["ref"]
-    with torch.no_grad(), mock.patch("fastdino.modules.masked_attention") as op:
+    with torch.no_grad(), op_runs("masked_attention", wrap=False) as ops:
         run()
-    assert op.call_count == 0
+    assert ops["masked_attention"].call_count == 0
 
 
 def test_unsupported_decoder_is_left_alone_with_a_reason():
@@ -173,13 +176,16 @@ def official_decoder(heads=4, pre_norm=False):
 
 OFFICIAL_KEYS = {"transformer_cross_attention_layers.0.multihead_attn.in_proj_weight",
                  "transformer_cross_attention_layers.0.multihead_attn.out_proj.bias",
-                 "transformer_self_attention_layers.4.self_attn.in_proj_bias", "transformer_ffn_layers.2.linear1.weight",
-                 "transformer_ffn_layers.2.norm.weight", "post_norm.weight", "query_feat.weight", "query_embed.weight",
+                 "transformer_self_attention_layers.4.self_attn.in_proj_bias",
+                 "transformer_ffn_layers.2.linear1.weight",
+                 "transformer_ffn_layers.2.norm.weight", "post_norm.weight", "query_feat.weight",
+                 "query_embed.weight",
                  "level_embed.weight", "class_embed.weight", "mask_embed.layers.2.bias"}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("heads,pre_norm", [(4, False), (16, False), (4, True)], ids=["dh8", "dh2", "pre-norm"])
+@pytest.mark.parametrize("heads,pre_norm", [(4, False), (16, False), (4, True)],
+                         ids=["dh8", "dh2", "pre-norm"])
 def test_patched_official_decoder_matches_original(heads, pre_norm, backend):
     model, run = official_decoder(heads, pre_norm)
     assert OFFICIAL_KEYS <= set(model.state_dict())
@@ -187,12 +193,12 @@ def test_patched_official_decoder_matches_original(heads, pre_norm, backend):
         ref = run()
     keys = {k: v.data_ptr() for k, v in model.state_dict().items()}
     report = fastdino.patch(model, backend=backend)
-    assert [(s.fused, s.backend) for s in report.swapped] == [("FusedMultiScaleMaskedTransformerDecoder", backend)]
+    assert [(s.fused, s.backend) for s in report.swapped] == [("FusedMultiScaleMaskedTransformerDecoder",
+                                                               backend)]
     assert {k: v.data_ptr() for k, v in model.state_dict().items()} == keys
-    with torch.no_grad(), mock.patch("fastdino.modules.masked_attention",
-                                     wraps=fastdino.modules.masked_attention) as op:
+    with torch.no_grad(), op_runs("masked_attention") as ops:
         out = run()
-    assert op.call_count == (0 if backend == "ref" else 2 * model.num_layers)
+    assert ops["masked_attention"].call_count == (0 if backend == "ref" else 2 * model.num_layers)
     assert rel_err(out, ref) <= 1e-5, rel_err(out, ref)
     assert fastdino.unpatch(model) == 1
     with torch.no_grad():
@@ -203,4 +209,5 @@ def test_official_decoder_left_alone_with_a_reason():
     model, _ = official_decoder()
     model.transformer_ffn_layers[1].activation = torch.nn.GELU()
     report = fastdino.patch(model)
-    assert report.swapped == [] and report.skipped[0].reasons == ["transformer_ffn_layers.1.activation is not ReLU"]
+    assert report.swapped == []
+    assert report.skipped[0].reasons == ["transformer_ffn_layers.1.activation is not ReLU"]

@@ -8,13 +8,14 @@ from helpers import ATOL, DEVICE, DTYPES, assert_close_to_ref, requires_cuda, re
 
 from fastdino import _ext
 from fastdino.kernels.rope_attention import FP32_MAX_HEAD_DIM
+from fastdino.ops._dispatch import Like
 from fastdino.ops.rope_attention import (
-    backend_reasons,
+    OP,
+    reasons,
     rope_attention,
     rope_attention_ref,
     rope_attention_triton,
     rope_ref,
-    select_backend,
 )
 
 # (B, N, H, D, prefix). Real DINOv3 problems (ViT-S/L/7B at 224^2/512^2/1024^2: N = 5 + HW) and odd
@@ -22,7 +23,8 @@ from fastdino.ops.rope_attention import (
 SHAPES_FULL = [(2, 1029, 6, 64, 5), (1, 4101, 16, 64, 5), (64, 197, 6, 64, 5), (1, 1605, 4, 128, 5),
                (3, 97, 5, 48, 5), (2, 133, 3, 80, 105), (1, 1, 1, 16, 0), (1, 261, 2, 112, 0)]
 # Under the Triton interpreter every program runs serially on the CPU: fewer tokens.
-SHAPES_INTERP = [(2, 37, 3, 64, 5), (1, 70, 2, 128, 5), (2, 21, 2, 48, 5), (1, 29, 1, 16, 0), (1, 1, 1, 32, 0),
+SHAPES_INTERP = [(2, 37, 3, 64, 5), (1, 70, 2, 128, 5), (2, 21, 2, 48, 5), (1, 29, 1, 16, 0), (1, 1, 1, 32,
+                                                                                               0),
                  (1, 45, 2, 80, 13)]
 
 
@@ -59,7 +61,8 @@ def check_backend(backend, shape, dtype, device=DEVICE, rope=True, **kw):
 @pytest.mark.parametrize("shape", SHAPES_FULL if DEVICE.type == "cuda" else SHAPES_INTERP, ids=str)
 def test_rope_attention_triton_matches_ref(shape, dtype):
     if dtype == torch.float32 and shape[3] > FP32_MAX_HEAD_DIM:
-        with pytest.raises(ValueError, match=f"head dim {shape[3]} > {FP32_MAX_HEAD_DIM} .would spill registers"):
+        with pytest.raises(ValueError,
+                           match=f"head dim {shape[3]} > {FP32_MAX_HEAD_DIM} .would spill registers"):
             check_backend("triton", shape, dtype)
         return
     check_backend("triton", shape, dtype)
@@ -96,7 +99,8 @@ def test_rope_ref_follows_the_official_rotation():
     torch.testing.assert_close(out[:, :4], q[:, :4], atol=0, rtol=0)
     t = q[:, 4:].float()
     half = torch.cat((-t[..., 8:], t[..., :8]), -1)
-    torch.testing.assert_close(out[:, 4:], (t * cos[:, None] + half * sin[:, None]).bfloat16(), atol=0, rtol=0)
+    torch.testing.assert_close(out[:, 4:], (t * cos[:, None] + half * sin[:, None]).bfloat16(), atol=0,
+                               rtol=0)
 
 
 def test_tolerance_rule_rejects_a_wrong_rotation():
@@ -210,24 +214,31 @@ def test_eomt_mask_rule_blocks_zero_and_the_dense_ref_can_tell():
 # -- dispatch and bad input ------------------------------------------------------------------------
 
 
+def heads(dtype, D):
+    """q, k, v of head dim D on the CPU, as `Like`."""
+    qkv = Like(torch.device("cpu"), dtype, (1, 1, 1, D))
+    return qkv, qkv, qkv
+
+
 def test_dispatch_reasons():
-    cpu = torch.device("cpu")
-    assert select_backend(*make_inputs(1, 9, 2, 64, 4, torch.float32, "cpu")) == ("ref", {})
-    assert "head dim 24 is not a multiple of 16 in 16..128" in backend_reasons("triton", cpu, torch.float16, 24)
-    assert "float32 with head dim 128 > 64 (would spill registers)" in backend_reasons("triton", cpu, torch.float32, 128)
-    assert backend_reasons("ref", cpu, torch.float64, 24) == []
+    assert OP.pick(*make_inputs(1, 9, 2, 64, 4, torch.float32, "cpu")) == ("ref", {})
+    assert "head dim 24 is not a multiple of 16 in 16..128" in reasons("triton", *heads(torch.float16, 24))
+    assert "float32 with head dim 128 > 64 (would spill registers)" in reasons("triton", *heads(torch.float32,
+                                                                                                128))
+    assert reasons("ref", *heads(torch.float64, 24)) == []
 
 
 @requires_cuda
 def test_dispatch_on_cuda_prefers_the_extension_and_falls_back_with_reasons():
     q, k, v, cos, sin = make_inputs(1, 9, 2, 64, 4, torch.bfloat16, "cuda")
-    assert select_backend(q, k, v, cos, sin)[0] == ("cuda" if _ext.BUILD["cuda"] else "triton")
+    assert OP.pick(q, k, v, cos, sin)[0] == ("cuda" if _ext.BUILD["cuda"] else "triton")
     q2, k2, v2, cos2, sin2 = make_inputs(1, 9, 2, 24, 4, torch.bfloat16, "cuda")
-    backend, skipped = select_backend(q2, k2, v2, cos2, sin2)
+    backend, skipped = OP.pick(q2, k2, v2, cos2, sin2)
     assert backend == ("cuda" if _ext.BUILD["cuda"] else "ref")
     if backend == "ref":
         assert "head dim 24" in skipped["triton"][0]
-    check_backend(None, (1, 9, 2, 24, 4), torch.bfloat16, "cuda")  # head dim 24: rotation pass + ATen attention
+    # head dim 24: rotation pass + ATen attention
+    check_backend(None, (1, 9, 2, 24, 4), torch.bfloat16, "cuda")
 
 
 def test_grad_inputs_fall_back_to_ref():
@@ -264,12 +275,15 @@ def test_bad_arguments_are_named(mutate, match):
     "mutate,match",
     [
         (lambda a: a.__setitem__(1, a[1].half()), "k has dtype Half but q has dtype Float"),
-        (lambda a: a.__setitem__(2, a[2].transpose(1, 3).contiguous().transpose(1, 3)), "v must have stride 1"),
+        (lambda a: a.__setitem__(2, a[2].transpose(1, 3).contiguous().transpose(1, 3)),
+         "v must have stride 1"),
         (lambda a: a.__setitem__(3, a[3][:, :16]), r"cos must be \(HW, 32\) with HW <= N=9, got \(5, 16\)"),
         (lambda a: a.__setitem__(0, a[0].double()), "q must be float32, float16 or bfloat16"),
         (lambda a: a.__setitem__(4, a[4].half()), "cos has dtype Float but sin has dtype Half"),
-        (lambda a: a.__setitem__(5, torch.randn(1, 5, 5)), r"mask_logits must be \(B=1, M, K\) with M \+ K <= N=9"),
-        (lambda a: a.__setitem__(5, torch.zeros(1, 2, 5, dtype=torch.int32)), "mask_logits must be floating point"),
+        (lambda a: a.__setitem__(5, torch.randn(1, 5, 5)),
+         r"mask_logits must be \(B=1, M, K\) with M \+ K <= N=9"),
+        (lambda a: a.__setitem__(5, torch.zeros(1, 2, 5, dtype=torch.int32)),
+         "mask_logits must be floating point"),
     ],
     ids=["dtype", "stride", "cos-shape", "float64", "table-dtypes", "mask-shape", "mask-dtype"],
 )
@@ -296,7 +310,8 @@ def test_triton_op_rejects_bad_arguments_by_name():
 def test_rope_attention_opcheck_cpp():
     args = make_inputs(2, 11, 2, 32, 4, torch.float32, DEVICE)
     torch.library.opcheck(torch.ops.fastdino.rope_attention.default, (*args, None, 0.2))
-    torch.library.opcheck(torch.ops.fastdino.rope_attention.default, (*args, eomt_logits(2, 3, 7, args[0].dtype), 0.2))
+    torch.library.opcheck(torch.ops.fastdino.rope_attention.default, (*args, eomt_logits(2, 3, 7,
+                                                                                         args[0].dtype), 0.2))
 
 
 def test_rope_attention_opcheck_triton():
@@ -312,4 +327,5 @@ def test_rope_attention_compile_fullgraph(backend):
     q, k, v, cos, sin = make_inputs(1, 21, 2, 32, 5, torch.float32, DEVICE)
     torch._dynamo.reset()
     fn = torch.compile(lambda *a: rope_attention(*a, backend=backend), fullgraph=True)
-    torch.testing.assert_close(fn(q, k, v, cos, sin), rope_attention_ref(q, k, v, cos, sin), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(fn(q, k, v, cos, sin), rope_attention_ref(q, k, v, cos, sin), atol=2e-5,
+                               rtol=2e-5)

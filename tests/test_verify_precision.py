@@ -2,18 +2,17 @@
 pixel decoders run in bf16 with fp32 locations, weights and statistics, the rest of the model
 keeps its precision, and verify measures what changed (errors per output, argmax agreement)."""
 
-from unittest import mock
 
 import pytest
 import torch
-from dinov3_official import DinoVisionTransformer
-from dinov3_seg_official import DINOv3_Adapter, MSDeformAttn, MSDeformAttnPixelDecoder
-from helpers import DEVICE
+from helpers import DEVICE, op_args, op_runs
+from models.dinov3_official import DinoVisionTransformer
+from models.dinov3_seg_official import DINOv3_Adapter, MSDeformAttn, MSDeformAttnPixelDecoder
 from test_patch import rel_err
 from test_patch_deformable import mask2former_config, official_adapter
 
 import fastdino
-from fastdino.modules import _unwrap_autocast
+from fastdino.fused.precision import _unwrap_autocast
 from fastdino.verify import semantic_map
 
 transformers = pytest.importorskip("transformers")
@@ -38,9 +37,10 @@ def test_default_precision_keeps_the_official_pixel_decoder_in_fp32():
     ref, _ = run_decoder(model, features)
     report = fastdino.patch(model)
     assert not any(s.fused == "Bf16MSDeformAttnPixelDecoder" for s in report.swapped)
-    with mock.patch("fastdino.modules.ms_deform_attn", wraps=fastdino.modules.ms_deform_attn) as op:
+    with op_runs("ms_deform_attn") as ops:
         out, dtype = run_decoder(model, features)
-    assert dtype == torch.float32 and {c.args[0].dtype for c in op.call_args_list} == {torch.float32}
+    calls = [op_args("ms_deform_attn", c) for c in ops["ms_deform_attn"].call_args_list]
+    assert dtype == torch.float32 and {c["value"].dtype for c in calls} == {torch.float32}
     assert rel_err(out, ref) <= 1e-5
 
 
@@ -52,12 +52,14 @@ def test_bf16_policy_on_the_official_pixel_decoder():
     assert report.swapped[0].fused == "Bf16MSDeformAttnPixelDecoder" and report.swapped[0].backend == "bf16"
     assert any("precision bf16: <root> run under bf16 autocast" in n for n in report.notes)
     assert {k: (v.data_ptr(), v.dtype) for k, v in model.state_dict().items()} == keys  # weights stay fp32
-    with mock.patch("fastdino.modules.ms_deform_attn", wraps=fastdino.modules.ms_deform_attn) as op:
+    with op_runs("ms_deform_attn") as ops:
         out, dtype = run_decoder(model, features)
     # values sampled in bf16; offsets and logits projected in fp32, turned into locations and
     # weights in fp32 inside the kernel from fp32 reference points; outputs in fp32
-    assert [(c.args[0].dtype, c.args[3].dtype, c.args[4].dtype, c.kwargs["reference_points"].dtype)
-            for c in op.call_args_list] == [(torch.bfloat16, torch.float32, torch.float32, torch.float32)] * 2
+    calls = [op_args("ms_deform_attn", c) for c in ops["ms_deform_attn"].call_args_list]
+    assert [(c["value"].dtype, c["sampling_locations"].dtype, c["attention_weights"].dtype,
+             c["reference_points"].dtype) for c in calls] == [(torch.bfloat16, torch.float32, torch.float32,
+                                                               torch.float32)] * 2
     assert dtype == torch.float32
     assert 1e-4 < rel_err(out, ref) <= 3e-2, rel_err(out, ref)  # it did change, by what bf16 allows
     fastdino.unpatch(model)
@@ -76,9 +78,10 @@ def test_bf16_policy_on_the_official_adapter():
     root = [s for s in report.swapped if s.path == ""]
     assert [(s.original, s.fused, s.backend) for s in root] == [("DINOv3_Adapter", "Bf16Forward", "bf16")]
     assert {k: (v.data_ptr(), v.dtype) for k, v in model.state_dict().items()} == keys
-    with torch.no_grad(), mock.patch("fastdino.modules.ms_deform_attn", wraps=fastdino.modules.ms_deform_attn) as op:
+    with torch.no_grad(), op_runs("ms_deform_attn") as ops:
         out = run()
-    assert [c.args[0].dtype for c in op.call_args_list] == [torch.bfloat16] * 6
+    calls = [op_args("ms_deform_attn", c) for c in ops["ms_deform_attn"].call_args_list]
+    assert [c["value"].dtype for c in calls] == [torch.bfloat16] * 6
     assert out.dtype == torch.float32
     assert 1e-4 < rel_err(out, ref) <= 3e-2, rel_err(out, ref)
     fastdino.unpatch(model)
@@ -143,7 +146,8 @@ def test_verify_hf_mask2former_default_and_bf16(backbone):
     side = 32 if backbone == "swin" else 8  # mask logits at 1/4 (Swin) or 1/16 (ViT taps) of 128
     assert exact.agreement[0].pixels == 2 * side * side and exact.min_agreement == 1.0
     bf16 = fastdino.verify(model, inputs, precision="bf16")
-    assert any(s.fused == "Bf16Forward" and s.path == "model.pixel_level_module.decoder" for s in bf16.patch.swapped)
+    assert any(s.fused == "Bf16Forward" and s.path == "model.pixel_level_module.decoder"
+               for s in bf16.patch.swapped)
     assert 1e-4 < bf16.worst_rel <= 0.1, str(bf16)
     assert bf16.min_agreement >= 0.995, str(bf16)  # the policy's floor on random-init models
     names = {e.name for e in bf16.errors}
@@ -191,7 +195,8 @@ def test_precision_arguments_and_regions_left_alone():
 
 
 def test_only_torch_autocast_decorators_are_unwrapped():
-    assert _unwrap_autocast(MSDeformAttnPixelDecoder.forward_features) is not MSDeformAttnPixelDecoder.forward_features
+    decorated = MSDeformAttnPixelDecoder.forward_features
+    assert _unwrap_autocast(decorated) is not decorated
 
     def plain(x):
         return x

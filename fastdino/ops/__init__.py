@@ -1,14 +1,25 @@
-"""Public functionals: each dispatches to the fastest backend that applies, else the reference."""
+"""Public functionals: each dispatches to the fastest backend that applies, else the reference.
 
+`OPS` is the one list of ops ({name: its `Op`}), read by `fastdino info`, the sm_90 compile check
+and the benchmarks; each op's kernels are `fastdino.kernels.<name>`, its C++ sources
+`csrc/<name>.*`. (The submodules share the functionals' names: reach an op's module through
+`OPS[name].module` or `import fastdino.ops.<name> as m`.)
+"""
+
+from .add_layer_norm import OP as _ADD_LAYER_NORM
 from .add_layer_norm import add_layer_norm, add_layer_norm_ref
+from .fused_linear import OP as _FUSED_LINEAR
 from .fused_linear import fused_linear, fused_linear_ref
+from .masked_attention import OP as _MASKED_ATTENTION
 from .masked_attention import masked_attention, masked_attention_ref
+from .ms_deform_attn import OP as _MS_DEFORM_ATTN
 from .ms_deform_attn import ms_deform_attn, ms_deform_attn_ref
+from .rope_attention import OP as _ROPE_ATTENTION
 from .rope_attention import rope_attention, rope_attention_ref
 
-OPS = {"add_layer_norm": add_layer_norm, "rope_attention": rope_attention, "fused_linear": fused_linear,
-       "ms_deform_attn": ms_deform_attn, "masked_attention": masked_attention}
+OPS = {op.name: op for op in (_ADD_LAYER_NORM, _ROPE_ATTENTION, _FUSED_LINEAR, _MS_DEFORM_ATTN,
+                              _MASKED_ATTENTION)}
 
-__all__ = ["add_layer_norm", "add_layer_norm_ref", "fused_linear", "fused_linear_ref", "masked_attention",
-           "masked_attention_ref", "ms_deform_attn", "ms_deform_attn_ref", "rope_attention", "rope_attention_ref",
-           "OPS"]
+__all__ = ["OPS", "add_layer_norm", "add_layer_norm_ref", "fused_linear", "fused_linear_ref",
+           "masked_attention", "masked_attention_ref", "ms_deform_attn", "ms_deform_attn_ref",
+           "rope_attention", "rope_attention_ref"]

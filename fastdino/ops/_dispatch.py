@@ -1,54 +1,150 @@
-"""The backend walk every op shares: which backends exist, why one cannot run, which one runs."""
+"""The dispatch every op shares: which backends exist, why one cannot run, which one runs.
+
+An op is an `Op`: its priority per device type, one `check` of its arguments (ValueError naming the
+argument, whatever the backend), one `reasons(backend, *args)` (why that backend cannot run these
+arguments: device, dtype, sizes, layout) and one `run(backend, *args)`; kernels are forward-only,
+so an argument that requires grad rules out every backend but "ref". Calling the op checks once,
+picks (or validates a pinned backend) once and runs. A fused module decides once per call with
+`choose` and then calls `run`; where it decides before its projections exist, it describes the
+tensors it will pass with `Like`.
+"""
+
+import sys
+from typing import Callable, Optional
 
 import torch
 
 from .. import _ext
 
 BACKENDS = ("cuda", "triton", "cpu", "ref")
+_NATIVE = tuple(b for b in ("cuda", "cpu") if not _ext.ext_reasons(b))  # built backends of fastdino._C
 
 
-def kernel_reasons(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> list[str]:
-    """Why `backend` cannot run any kernel of `op` on `device`/`dtype` (before op-specific limits)."""
+class Like:
+    """What the ops' reasons read of a tensor a fused module is about to make (a projection's
+    output): device, dtype, shape, unit-stride contiguous layout, and whether it will need grad."""
+
+    __slots__ = ("device", "dtype", "shape", "requires_grad")
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, shape, requires_grad: bool = False):
+        self.device, self.dtype, self.shape, self.requires_grad = device, dtype, tuple(shape), requires_grad
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def stride(self, dim: int) -> int:
+        stride = 1
+        for size in self.shape[dim % len(self.shape) + 1:]:
+            stride *= size
+        return stride
+
+    def is_contiguous(self) -> bool:
+        return True
+
+
+class Op:
+    """One op's dispatch. `priority[device type]` lists the backends to try in order ("ref" last);
+    `example(device, dtype)` gives `Like` arguments of a representative DINOv3 problem, on which
+    `fastdino info` reports the backends."""
+
+    def __init__(self, name: str, priority: dict, check: Callable, reasons: Callable, run: Callable,
+                 example: Callable):
+        self.name, self.check, self.reasons, self.run, self.example = name, check, reasons, run, example
+        self.priority = priority
+
+    @property
+    def module(self):
+        """The op's module, fastdino.ops.<name> (its docstring gives the measured priorities)."""
+        return sys.modules[self.run.__module__]
+
+    def pick(self, *args) -> tuple[str, dict[str, list[str]]]:
+        """The first backend of priority[device] that can run `args`, and why each one before it could not."""
+        skipped = {}
+        grad = _grad_reasons(args)
+        for backend in self.priority.get(args[0].device.type, ("ref",)):
+            why = self.reasons(backend, *args) + grad if backend != "ref" else []
+            if not why:
+                return backend, skipped
+            skipped[backend] = why
+        raise AssertionError(f"{self.name}: priority must end with 'ref'")
+
+    def choose(self, backend: Optional[str], *args) -> str:
+        """The backend that runs `args`: the pick when `backend` is None; a pinned one only if it can
+        (ValueError with the reasons otherwise); "ref" always."""
+        if backend is None:
+            return self.pick(*args)[0]
+        if backend != "ref":
+            why = self.reasons(backend, *args) + _grad_reasons(args)
+            if why:
+                raise ValueError(f"{self.name}: backend {backend!r} cannot run: {'; '.join(why)}")
+        return backend
+
+    def __call__(self, *args, backend: Optional[str] = None):
+        """Check the arguments once, choose once, run."""
+        self.check(*args)
+        if backend is None:
+            backend = self.pick(*args)[0]
+        elif backend in _NATIVE and args[0].device.type == backend and not _grad_reasons(args):
+            # A registered C++ op checks dtypes and layouts itself (it can be called directly), so a
+            # call pinned to it runs at once; the reasons only explain a refusal.
+            try:
+                return self.run(backend, *args)
+            except RuntimeError:
+                self.choose(backend, *args)  # ValueError with the reasons, where there are some
+                raise
+        elif backend != "ref":
+            self.choose(backend, *args)
+        return self.run(backend, *args)
+
+
+def kernel_reasons(backend: str, device, dtype: torch.dtype) -> list[str]:
+    """Why `backend` cannot run any kernel on `device`/`dtype` (before op-specific limits). The
+    answer depends on the build only, so it is computed once per (backend, device type, dtype)."""
+    key = (backend, device.type, dtype)
+    why = _KERNEL_REASONS.get(key)
+    if why is None:
+        why = _KERNEL_REASONS[key] = tuple(_kernel_reasons(backend, device.type, dtype))
+    return list(why)
+
+
+_KERNEL_REASONS: dict = {}
+
+
+def _kernel_reasons(backend: str, device_type: str, dtype: torch.dtype) -> list[str]:
     if backend == "ref":
         return []
-    reasons = _ext.dtype_reasons(dtype)
-    if backend == "cuda":
-        return reasons + _ext.device_reasons(device, "cuda") + _ext.ext_reasons("cuda")
+    reasons = []
+    if dtype not in _ext.KERNEL_DTYPES:
+        reasons.append(f"dtype={dtype} (kernels take float32, float16, bfloat16)")
     if backend == "triton":
-        return reasons + _ext.triton_reasons(device.type)
-    if backend == "cpu":
-        return reasons + _ext.device_reasons(device, "cpu") + _ext.ext_reasons("cpu")
-    raise ValueError(f"{op}: unknown backend {backend!r}, expected one of {BACKENDS}")
+        return reasons + _ext.triton_reasons(device_type)
+    if backend in ("cuda", "cpu"):
+        if device_type != backend:
+            reasons.append(f"device={device_type} (needs {backend})")
+        return reasons + _ext.ext_reasons(backend)
+    raise ValueError(f"unknown backend {backend!r}, expected one of {BACKENDS}")
 
 
-def first_backend(priority: dict, device: torch.device, reasons_of, input_reasons=()) -> tuple[str, dict]:
-    """The first backend of priority[device.type] that applies, and why each one before it did not.
-
-    `reasons_of(backend)` gives the device/dtype/shape reasons; `input_reasons` (from the tensors
-    themselves: layout, grad) rule out every kernel, never the reference.
-    """
-    skipped = {}
-    for backend in priority.get(device.type, ("ref",)):
-        reasons = reasons_of(backend) + (list(input_reasons) if backend != "ref" else [])
-        if not reasons:
-            return backend, skipped
-        skipped[backend] = reasons
-    raise AssertionError("unreachable: ref always applies")
-
-
-def resolve_backend(op: str, backend, select, pinned_reasons) -> str:
-    """The backend a call runs: `select()`'s pick when none is pinned; a pinned one only if
-    `pinned_reasons()` is empty (ValueError with them otherwise); "ref" always."""
-    if backend is None:
-        return select()[0]
-    if backend != "ref":
-        reasons = pinned_reasons()
-        if reasons:
-            raise ValueError(f"{op}: backend {backend!r} cannot run: {'; '.join(reasons)}")
-    return backend
-
-
-def requires_grad(*tensors) -> list[str]:
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+def _grad_reasons(args) -> list[str]:
+    if torch.is_grad_enabled() and any(getattr(a, "requires_grad", False) for a in args):
         return ["inputs require grad (kernels are forward-only)"]
     return []
+
+
+def layout_reasons(named, stride_along: Optional[str] = None) -> list[str]:
+    """What a kernel that reads one dtype needs of `named` ((name, tensor or None) pairs; the first
+    sets the dtype): that dtype, and contiguous memory or, with `stride_along`, unit stride along
+    the last dim (named so in the reason)."""
+    first, dt = named[0][0], named[0][1].dtype
+    why = []
+    for name, t in named:
+        if t is None:
+            continue
+        if t.dtype != dt:
+            why.append(f"{name} has dtype {t.dtype} != {first}.dtype")
+        if stride_along is None:
+            if not t.is_contiguous():
+                why.append(f"{name} is not contiguous")
+        elif t.stride(-1) != 1:
+            why.append(f"{name} has stride {t.stride(-1)} along {stride_along} (needs 1)")
+    return why

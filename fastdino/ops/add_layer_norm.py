@@ -26,7 +26,8 @@ from torch import Tensor
 from .. import _ext
 from ..kernels.add_layer_norm import MAX_C as TRITON_MAX_C
 from ..kernels.add_layer_norm import add_layer_norm_fwd
-from ._dispatch import BACKENDS, first_backend, kernel_reasons, requires_grad, resolve_backend
+from ._dispatch import Like, Op, kernel_reasons, layout_reasons
+
 PRIORITY = {"cuda": ("cuda", "triton", "ref"), "cpu": ("ref",)}  # see the module docstring
 CUDA_MAX_C = 32768  # csrc/cuda/add_layer_norm.cu: 32 values per thread, 1024 threads per row
 
@@ -39,16 +40,61 @@ def add_layer_norm_ref(x, branch, gamma, weight, bias, eps):
     return y, z
 
 
+def check(x, branch, gamma, weight, bias, eps=None):
+    """Shape and device errors of every backend (ValueError naming the argument)."""
+    shape, device = x.shape, x.device
+    if not shape or shape[-1] == 0:
+        raise ValueError(f"add_layer_norm: x must have a non-empty last dim, got shape {tuple(shape)}")
+    if branch.shape != shape:
+        raise ValueError(f"add_layer_norm: branch has shape {tuple(branch.shape)} but x has {tuple(shape)}")
+    C = shape[-1]
+    for name, t in (("branch", branch), ("gamma", gamma), ("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if name != "branch" and t.shape != (C,):
+            raise ValueError(f"add_layer_norm: {name} must have shape ({C},), got {tuple(t.shape)}")
+        if t.device != device:
+            raise ValueError(f"add_layer_norm: {name} is on {t.device} but x is on {device}")
+
+
+def reasons(backend, x, branch, gamma, weight, bias, eps=None) -> list[str]:
+    """Why `backend` cannot run add_layer_norm on these tensors ([] if it can)."""
+    if backend == "ref":
+        return []
+    why = kernel_reasons(backend, x.device, x.dtype)
+    limit = CUDA_MAX_C if backend == "cuda" else TRITON_MAX_C if backend == "triton" else None
+    if limit is not None and x.shape[-1] > limit:
+        why.append(f"C={x.shape[-1]} > {limit}")
+    return why + layout_reasons((("x", x), ("branch", branch), ("gamma", gamma), ("weight", weight),
+                                 ("bias", bias)))
+
+
+def run(backend, x, branch, gamma, weight, bias, eps):
+    if backend == "ref":
+        return add_layer_norm_ref(x, branch, gamma, weight, bias, eps)
+    if backend == "triton":
+        return add_layer_norm_triton(x, branch, gamma, weight, bias, eps)
+    return torch.ops.fastdino.add_layer_norm(x, branch, gamma, weight, bias, eps)
+
+
+def example(device, dtype):
+    """A ViT-L/16 seam at 512^2 (1029 tokens, C 1024)."""
+    x, vec = Like(device, dtype, (1029, 1024)), Like(device, dtype, (1024,))
+    return x, x, vec, vec, vec, 1e-6
+
+
+OP = Op("add_layer_norm", PRIORITY, check, reasons, run, example)
+
+
 @torch.library.custom_op("fastdino::add_layer_norm_triton", mutates_args=())
 def add_layer_norm_triton(
     x: Tensor, branch: Tensor, gamma: Optional[Tensor], weight: Tensor, bias: Tensor, eps: float
 ) -> tuple[Tensor, Tensor]:
     # custom_op (not triton_op): the same registration works on GPU and under TRITON_INTERPRET=1
     # on CPU tensors, and passes opcheck in both (triton_op's tracing needs a GPU driver).
-    _check_args(x, branch, gamma, weight, bias)
-    errors = _layout_reasons(x, branch, gamma, weight, bias) + _ext.dtype_reasons(x.dtype)
-    if x.shape[-1] > TRITON_MAX_C:
-        errors.append(f"x.shape[-1]={x.shape[-1]} > {TRITON_MAX_C}")
+    # A registered op can be called directly, so it guards its own inputs.
+    check(x, branch, gamma, weight, bias)
+    errors = reasons("triton", x, branch, gamma, weight, bias)
     if errors:
         raise ValueError(f"add_layer_norm (Triton kernel): {'; '.join(errors)}")
     y = torch.empty_like(x)
@@ -69,64 +115,10 @@ if _ext.HAS_EXT:
         return torch.empty_like(x), torch.empty_like(x)
 
 
-def backend_reasons(backend: str, device: torch.device, dtype: torch.dtype, C: int) -> list[str]:
-    """Why `backend` cannot run add_layer_norm for rows of C elements of `dtype` on `device`."""
-    reasons = kernel_reasons("add_layer_norm", backend, device, dtype)
-    limit = {"cuda": CUDA_MAX_C, "triton": TRITON_MAX_C}.get(backend)
-    if limit is not None and C > limit:
-        reasons.append(f"C={C} > {limit}")
-    return reasons
-
-
-def _layout_reasons(x, branch, gamma, weight, bias) -> list[str]:
-    """What the kernels need of the tensors: one dtype, contiguous memory."""
-    tensors = {"x": x, "branch": branch, "gamma": gamma, "weight": weight, "bias": bias}
-    reasons = [f"{n} has dtype {t.dtype} != x.dtype" for n, t in tensors.items() if t is not None and t.dtype != x.dtype]
-    return reasons + [f"{n} is not contiguous" for n, t in tensors.items() if t is not None and not t.is_contiguous()]
-
-
-def _input_reasons(x, branch, gamma, weight, bias) -> list[str]:
-    """Reasons that depend on the tensors themselves, not only on device/dtype/C."""
-    return _layout_reasons(x, branch, gamma, weight, bias) + requires_grad(x, branch, gamma, weight, bias)
-
-
-def _check_args(x, branch, gamma, weight, bias):
-    if x.dim() < 1 or x.shape[-1] == 0:
-        raise ValueError(f"add_layer_norm: x must have a non-empty last dim, got shape {tuple(x.shape)}")
-    if branch.shape != x.shape:
-        raise ValueError(f"add_layer_norm: branch has shape {tuple(branch.shape)} but x has {tuple(x.shape)}")
-    C = x.shape[-1]
-    for name, t in (("gamma", gamma), ("weight", weight), ("bias", bias)):
-        if t is not None and tuple(t.shape) != (C,):
-            raise ValueError(f"add_layer_norm: {name} must have shape ({C},), got {tuple(t.shape)}")
-    for name, t in (("branch", branch), ("gamma", gamma), ("weight", weight), ("bias", bias)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"add_layer_norm: {name} is on {t.device} but x is on {x.device}")
-
-
-def preferred_backend(device, dtype, C, input_reasons=()) -> tuple[str, dict[str, list[str]]]:
-    """The first backend of PRIORITY[device] that applies, and why each one before it did not."""
-    return first_backend(PRIORITY, device, lambda b: backend_reasons(b, device, dtype, C), input_reasons)
-
-
-def select_backend(x, branch, gamma, weight, bias) -> tuple[str, dict[str, list[str]]]:
-    """preferred_backend for these tensors."""
-    return preferred_backend(x.device, x.dtype, x.shape[-1], _input_reasons(x, branch, gamma, weight, bias))
-
-
 def add_layer_norm(x, branch, gamma, weight, bias, eps: float = 1e-5, backend: Optional[str] = None):
     """Fused ``y = x + gamma * branch; z = layer_norm(y, weight, bias, eps)``; returns ``(y, z)``.
 
     Equivalent to `add_layer_norm_ref`. Shapes: x, branch (..., C); gamma (C,) or None; weight,
     bias (C,). `backend` pins one backend (ValueError with the reasons if it cannot run).
     """
-    _check_args(x, branch, gamma, weight, bias)
-    backend = resolve_backend(
-        "add_layer_norm", backend, lambda: select_backend(x, branch, gamma, weight, bias),
-        lambda: backend_reasons(backend, x.device, x.dtype, x.shape[-1]) + _input_reasons(x, branch, gamma, weight, bias),
-    )
-    if backend == "ref":
-        return add_layer_norm_ref(x, branch, gamma, weight, bias, eps)
-    if backend == "triton":
-        return add_layer_norm_triton(x, branch, gamma, weight, bias, eps)
-    return torch.ops.fastdino.add_layer_norm(x, branch, gamma, weight, bias, eps)
+    return OP(x, branch, gamma, weight, bias, eps, backend=backend)

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .. import _ext
 from ..kernels.fused_linear import ACTS, fused_linear_fwd
-from ._dispatch import BACKENDS, first_backend, kernel_reasons, requires_grad, resolve_backend
+from ._dispatch import Like, Op, kernel_reasons, layout_reasons
 
 PRIORITY = {"cuda": ("ref",), "cpu": ("ref",)}  # unmeasured kernel: see the module docstring
 
@@ -47,13 +47,67 @@ def fused_linear_ref(x, weight, bias=None, act=None, weight2=None, bias2=None, r
     return y.to(x.dtype)
 
 
+def check(x, weight, bias=None, act=None, weight2=None, bias2=None, residual=None, gamma=None):
+    """Shape, device and argument errors of every backend (ValueError naming the argument)."""
+    if act not in ACTS:
+        raise ValueError(f"fused_linear: act must be one of {list(ACTS)}, got {act!r}")
+    if x.dim() < 1 or weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"fused_linear: weight must be (N, {x.shape[-1] if x.dim() else '?'}), got "
+                         f"{tuple(weight.shape)} for x {tuple(x.shape)}")
+    N = weight.shape[0]
+    if (act == "swiglu") != (weight2 is not None):
+        raise ValueError("fused_linear: weight2 is required by act='swiglu' and only by it")
+    if weight2 is not None and weight2.shape != weight.shape:
+        raise ValueError(f"fused_linear: weight2 has shape {tuple(weight2.shape)} but weight has "
+                         f"{tuple(weight.shape)}")
+    for name, t in (("bias", bias), ("bias2", bias2), ("gamma", gamma)):
+        if t is not None and tuple(t.shape) != (N,):
+            raise ValueError(f"fused_linear: {name} must have shape ({N},), got {tuple(t.shape)}")
+    if gamma is not None and residual is None:
+        raise ValueError("fused_linear: gamma scales the branch added to residual; residual is missing")
+    if residual is not None and tuple(residual.shape) != (*x.shape[:-1], N):
+        raise ValueError(f"fused_linear: residual must have shape {(*x.shape[:-1], N)}, "
+                         f"got {tuple(residual.shape)}")
+    for name, t in (("weight", weight), ("bias", bias), ("weight2", weight2), ("bias2", bias2),
+                    ("residual", residual), ("gamma", gamma)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"fused_linear: {name} is on {t.device} but x is on {x.device}")
+
+
+def reasons(backend, x, weight, bias=None, act=None, weight2=None, bias2=None, residual=None, gamma=None):
+    """Why `backend` cannot run fused_linear on these tensors ([] if it can)."""
+    if backend == "ref":
+        return []
+    return kernel_reasons(backend, x.device, x.dtype) + layout_reasons(
+        (("x", x), ("weight", weight), ("bias", bias), ("weight2", weight2), ("bias2", bias2),
+         ("residual", residual), ("gamma", gamma)))
+
+
+def run(backend, x, weight, bias=None, act=None, weight2=None, bias2=None, residual=None, gamma=None):
+    if backend == "ref":
+        return fused_linear_ref(x, weight, bias, act, weight2, bias2, residual, gamma)
+    if backend == "triton":
+        return fused_linear_triton(x, weight, bias, act, weight2, bias2, residual, gamma)
+    return torch.ops.fastdino.fused_linear(x, weight, bias, act, weight2, bias2, residual, gamma)
+
+
+def example(device, dtype):
+    """ViT-L/16's fc1 + GELU at 512^2 (1029 tokens, 1024 -> 4096)."""
+    return (Like(device, dtype, (1029, 1024)), Like(device, dtype, (4096, 1024)),
+            Like(device, dtype, (4096,)), "gelu")
+
+
+OP = Op("fused_linear", PRIORITY, check, reasons, run, example)
+
+
 @torch.library.custom_op("fastdino::fused_linear_triton", mutates_args=())
 def fused_linear_triton(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], act: Optional[str], weight2: Optional[Tensor],
     bias2: Optional[Tensor], residual: Optional[Tensor], gamma: Optional[Tensor],
 ) -> Tensor:
-    _check_args(x, weight, bias, act, weight2, bias2, residual, gamma)
-    errors = _layout_reasons(x, weight, bias, weight2, bias2, residual, gamma) + _ext.dtype_reasons(x.dtype)
+    # A registered op can be called directly, so it guards its own inputs.
+    check(x, weight, bias, act, weight2, bias2, residual, gamma)
+    errors = reasons("triton", x, weight, bias, act, weight2, bias2, residual, gamma)
     if errors:
         raise ValueError(f"fused_linear (Triton kernel): {'; '.join(errors)}")
     x2 = x.reshape(-1, x.shape[-1])
@@ -75,73 +129,12 @@ if _ext.HAS_EXT:
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-def backend_reasons(backend: str, device: torch.device, dtype: torch.dtype) -> list[str]:
-    """Why `backend` cannot run fused_linear on `dtype` tensors on `device`."""
-    return kernel_reasons("fused_linear", backend, device, dtype)
-
-
-def _layout_reasons(x, weight, bias, weight2, bias2, residual, gamma) -> list[str]:
-    """What the kernel needs: one dtype; rows of x, the weights and the residual with unit stride."""
-    named = {"weight": weight, "bias": bias, "weight2": weight2, "bias2": bias2, "residual": residual, "gamma": gamma}
-    reasons = [f"{n} has dtype {t.dtype} != x.dtype" for n, t in named.items() if t is not None and t.dtype != x.dtype]
-    reasons += [f"{n} is not contiguous" for n, t in {"x": x, **named}.items() if t is not None and not t.is_contiguous()]
-    return reasons
-
-
-def _check_args(x, weight, bias, act, weight2, bias2, residual, gamma):
-    if act not in ACTS:
-        raise ValueError(f"fused_linear: act must be one of {list(ACTS)}, got {act!r}")
-    if x.dim() < 1 or weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
-        raise ValueError(f"fused_linear: weight must be (N, {x.shape[-1] if x.dim() else '?'}), got "
-                         f"{tuple(weight.shape)} for x {tuple(x.shape)}")
-    N = weight.shape[0]
-    if (act == "swiglu") != (weight2 is not None):
-        raise ValueError("fused_linear: weight2 is required by act='swiglu' and only by it")
-    if weight2 is not None and weight2.shape != weight.shape:
-        raise ValueError(f"fused_linear: weight2 has shape {tuple(weight2.shape)} but weight has {tuple(weight.shape)}")
-    for name, t in (("bias", bias), ("bias2", bias2), ("gamma", gamma)):
-        if t is not None and tuple(t.shape) != (N,):
-            raise ValueError(f"fused_linear: {name} must have shape ({N},), got {tuple(t.shape)}")
-    if gamma is not None and residual is None:
-        raise ValueError("fused_linear: gamma scales the branch added to residual; residual is missing")
-    if residual is not None and tuple(residual.shape) != (*x.shape[:-1], N):
-        raise ValueError(f"fused_linear: residual must have shape {(*x.shape[:-1], N)}, got {tuple(residual.shape)}")
-    for name, t in (("weight", weight), ("bias", bias), ("weight2", weight2), ("bias2", bias2),
-                    ("residual", residual), ("gamma", gamma)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"fused_linear: {name} is on {t.device} but x is on {x.device}")
-
-
-def _input_reasons(x, weight, bias, weight2, bias2, residual, gamma) -> list[str]:
-    return _layout_reasons(x, weight, bias, weight2, bias2, residual, gamma) + requires_grad(
-        x, weight, bias, weight2, bias2, residual, gamma)
-
-
-def preferred_backend(device, dtype, input_reasons=()) -> tuple[str, dict[str, list[str]]]:
-    """The first backend of PRIORITY[device] that applies, and why each one before it did not."""
-    return first_backend(PRIORITY, device, lambda b: backend_reasons(b, device, dtype), input_reasons)
-
-
-def select_backend(x, weight, bias=None, act=None, weight2=None, bias2=None, residual=None, gamma=None):
-    return preferred_backend(x.device, x.dtype, _input_reasons(x, weight, bias, weight2, bias2, residual, gamma))
-
-
 def fused_linear(x, weight, bias=None, act=None, weight2=None, bias2=None, residual=None, gamma=None,
                  backend: Optional[str] = None):
-    """``[residual + gamma *] act(x @ weight^T + bias [, x @ weight2^T + bias2])``; see the module docstring.
+    """``[residual + gamma *] act(x @ weight^T + bias [, x @ weight2^T + bias2])``; see the module
+    docstring.
 
-    Equivalent to `fused_linear_ref`. `backend` pins one backend (ValueError with the reasons if it cannot run).
+    Equivalent to `fused_linear_ref`. `backend` pins one backend (ValueError with the reasons if it
+    cannot run).
     """
-    _check_args(x, weight, bias, act, weight2, bias2, residual, gamma)
-    backend = resolve_backend(
-        "fused_linear", backend, lambda: select_backend(x, weight, bias, act, weight2, bias2, residual, gamma),
-        lambda: backend_reasons(backend, x.device, x.dtype) + _input_reasons(x, weight, bias, weight2, bias2, residual, gamma),
-    )
-    if backend == "ref":
-        return fused_linear_ref(x, weight, bias, act, weight2, bias2, residual, gamma)
-    if backend in ("cuda", "cpu"):
-        return torch.ops.fastdino.fused_linear(x, weight, bias, act, weight2, bias2, residual, gamma)
-    return fused_linear_triton(x, weight, bias, act, weight2, bias2, residual, gamma)
-
-
-__all__ = ["BACKENDS", "fused_linear", "fused_linear_ref"]
+    return OP(x, weight, bias, act, weight2, bias2, residual, gamma, backend=backend)

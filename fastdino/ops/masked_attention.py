@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .. import _ext
 from ..kernels.masked_attention import MAX_HEAD_DIM, masked_attention_fwd
-from ._dispatch import BACKENDS, first_backend, kernel_reasons, requires_grad, resolve_backend
+from ._dispatch import Like, Op, kernel_reasons, layout_reasons
 
 PRIORITY = {"cuda": ("triton", "cuda", "ref"), "cpu": ("ref",)}  # see the module docstring
 
@@ -48,59 +48,13 @@ def masked_attention_ref(q: Tensor, k: Tensor, v: Tensor, mask_logits: Optional[
     """Reference (and fallback): the models' mask construction, then F.scaled_dot_product_attention
     in q's dtype. Returns (B, Lq, H, D)."""
     mask = None if mask_logits is None else ~blocked_keys(mask_logits)[:, None]  # True = attend
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask,
                                          scale=scale)
     return out.transpose(1, 2)
 
 
-@torch.library.custom_op("fastdino::masked_attention_triton", mutates_args=())
-def masked_attention_triton(q: Tensor, k: Tensor, v: Tensor, mask_logits: Optional[Tensor], scale: float) -> Tensor:
-    _check_args(q, k, v, mask_logits)
-    errors = _layout_reasons(q, k, v, mask_logits) + _ext.dtype_reasons(q.dtype) + _head_dim_reasons(q.shape[-1])
-    if errors:
-        raise ValueError(f"masked_attention (Triton kernel): {'; '.join(errors)}")
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    masked_attention_fwd(q, k, v, mask_logits, scale, out, interpret=_ext.INTERPRET)
-    return out
-
-
-def _fake(q, k, v, mask_logits, scale):
-    return q.new_empty(q.shape)
-
-
-masked_attention_triton.register_fake(_fake)
-if _ext.HAS_EXT:
-    torch.library.register_fake("fastdino::masked_attention")(_fake)
-
-
-def _head_dim_reasons(D: int) -> list[str]:
-    return [] if 1 <= D <= MAX_HEAD_DIM else [f"head dim {D} is not in 1..{MAX_HEAD_DIM}"]
-
-
-def backend_reasons(backend: str, device: torch.device, dtype: torch.dtype, D: int) -> list[str]:
-    """Why `backend` cannot run masked_attention with head dim D of `dtype` on `device`."""
-    reasons = kernel_reasons("masked_attention", backend, device, dtype)
-    return reasons + _head_dim_reasons(D) if backend != "ref" else reasons
-
-
-def _layout_reasons(q, k, v, mask_logits) -> list[str]:
-    """What the kernels need: one dtype for q, k, v; unit stride along the head dim and the keys."""
-    reasons = [f"{n} has dtype {t.dtype} != q.dtype" for n, t in (("k", k), ("v", v)) if t.dtype != q.dtype]
-    reasons += [f"{n} has stride {t.stride(-1)} along the head dim (needs 1)"
-                for n, t in (("q", q), ("k", k), ("v", v)) if t.stride(-1) != 1]
-    if mask_logits is not None:
-        if mask_logits.dtype not in (torch.float32, q.dtype):
-            reasons.append(f"mask_logits has dtype {mask_logits.dtype}, not float32 or q's {q.dtype}")
-        if mask_logits.stride(-1) != 1 and mask_logits.shape[-1] > 1:
-            reasons.append(f"mask_logits has stride {mask_logits.stride(-1)} along the keys (needs 1)")
-    return reasons
-
-
-def _input_reasons(q, k, v, mask_logits) -> list[str]:
-    return _layout_reasons(q, k, v, mask_logits) + requires_grad(q, k, v)
-
-
-def _check_args(q, k, v, mask_logits):
+def check(q, k, v, mask_logits=None, scale=None):
     """Shape and device errors every backend shares (ValueError naming the argument)."""
     if q.dim() != 4:
         raise ValueError(f"masked_attention: q must be (B, Lq, H, D), got shape {tuple(q.shape)}")
@@ -119,13 +73,61 @@ def _check_args(q, k, v, mask_logits):
             raise ValueError(f"masked_attention: {name} is on {t.device} but q is on {q.device}")
 
 
-def preferred_backend(device, dtype, D, input_reasons=()) -> tuple[str, dict[str, list[str]]]:
-    """The first backend of PRIORITY[device] that applies, and why each one before it did not."""
-    return first_backend(PRIORITY, device, lambda b: backend_reasons(b, device, dtype, D), input_reasons)
+def reasons(backend, q, k, v, mask_logits=None, scale=None) -> list[str]:
+    """Why `backend` cannot run masked_attention on these tensors ([] if it can)."""
+    if backend == "ref":
+        return []
+    D = q.shape[-1]
+    why = kernel_reasons(backend, q.device, q.dtype)
+    if not 1 <= D <= MAX_HEAD_DIM:
+        why.append(f"head dim {D} is not in 1..{MAX_HEAD_DIM}")
+    why += layout_reasons((("q", q), ("k", k), ("v", v)), stride_along="the head dim")
+    if mask_logits is not None:
+        if mask_logits.dtype not in (torch.float32, q.dtype):
+            why.append(f"mask_logits has dtype {mask_logits.dtype}, not float32 or q's {q.dtype}")
+        if mask_logits.stride(-1) != 1 and mask_logits.shape[-1] > 1:
+            why.append(f"mask_logits has stride {mask_logits.stride(-1)} along the keys (needs 1)")
+    return why
 
 
-def select_backend(q, k, v, mask_logits=None) -> tuple[str, dict[str, list[str]]]:
-    return preferred_backend(q.device, q.dtype, q.shape[-1], _input_reasons(q, k, v, mask_logits))
+def run(backend, q, k, v, mask_logits=None, scale=None):
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if backend == "ref":
+        return masked_attention_ref(q, k, v, mask_logits, scale)
+    if backend == "triton":
+        return masked_attention_triton(q, k, v, mask_logits, scale)
+    return torch.ops.fastdino.masked_attention(q, k, v, mask_logits, scale)
+
+
+def example(device, dtype):
+    """A Mask2Former decoder's cross-attention: 100 queries over a 32x32 level, 8 heads of 32."""
+    kv = Like(device, dtype, (1, 1024, 8, 32))
+    return Like(device, dtype, (1, 100, 8, 32)), kv, kv, Like(device, dtype, (1, 100, 1024))
+
+
+OP = Op("masked_attention", PRIORITY, check, reasons, run, example)
+
+
+@torch.library.custom_op("fastdino::masked_attention_triton", mutates_args=())
+def masked_attention_triton(q: Tensor, k: Tensor, v: Tensor, mask_logits: Optional[Tensor],
+                            scale: float) -> Tensor:
+    # A registered op can be called directly, so it guards its own inputs.
+    check(q, k, v, mask_logits)
+    errors = reasons("triton", q, k, v, mask_logits)
+    if errors:
+        raise ValueError(f"masked_attention (Triton kernel): {'; '.join(errors)}")
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    masked_attention_fwd(q, k, v, mask_logits, scale, out, interpret=_ext.INTERPRET)
+    return out
+
+
+def _fake(q, k, v, mask_logits, scale):
+    return q.new_empty(q.shape)
+
+
+masked_attention_triton.register_fake(_fake)
+if _ext.HAS_EXT:
+    torch.library.register_fake("fastdino::masked_attention")(_fake)
 
 
 def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask_logits: Optional[Tensor] = None,
@@ -136,17 +138,4 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask_logits: Optional[Tens
     Returns (B, Lq, H, D). `scale` defaults to D**-0.5. `backend` pins one backend (ValueError
     with the reasons if it cannot run).
     """
-    _check_args(q, k, v, mask_logits)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    backend = resolve_backend(
-        "masked_attention", backend, lambda: select_backend(q, k, v, mask_logits),
-        lambda: backend_reasons(backend, q.device, q.dtype, q.shape[-1]) + _input_reasons(q, k, v, mask_logits),
-    )
-    if backend == "ref":
-        return masked_attention_ref(q, k, v, mask_logits, scale)
-    if backend == "triton":
-        return masked_attention_triton(q, k, v, mask_logits, scale)
-    return torch.ops.fastdino.masked_attention(q, k, v, mask_logits, scale)
-
-
-__all__ = ["BACKENDS", "blocked_keys", "masked_attention", "masked_attention_ref"]
+    return OP(q, k, v, mask_logits, scale, backend=backend)

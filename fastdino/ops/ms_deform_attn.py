@@ -41,7 +41,7 @@ from torch import Tensor
 
 from .. import _ext
 from ..kernels.ms_deform_attn import ms_deform_attn_fwd
-from ._dispatch import BACKENDS, first_backend, kernel_reasons, requires_grad, resolve_backend
+from ._dispatch import Like, Op, kernel_reasons
 
 PRIORITY = {"cuda": ("cuda", "triton", "ref"), "cpu": ("cpu", "ref")}  # see the module docstring
 
@@ -64,7 +64,8 @@ def ms_deform_attn_ref(value: Tensor, spatial_shapes: Shapes, level_start_index:
     if reference_points is not None:
         sampling_locations, attention_weights = offset_locations(
             reference_points.to(acc), sampling_locations.to(acc), attention_weights.to(acc),
-            spatial_shapes.to(acc) if isinstance(spatial_shapes, Tensor) else value.new_tensor(shapes, dtype=acc))
+            spatial_shapes.to(acc) if isinstance(spatial_shapes, Tensor) else value.new_tensor(shapes,
+                                                                                               dtype=acc))
     starts = [0]
     for h, w in shapes[:-1]:
         starts.append(starts[-1] + h * w)
@@ -97,39 +98,8 @@ def offset_locations(reference_points: Tensor, sampling_offsets: Tensor, attenti
     raise ValueError(f"Last dim of reference_points must be 2 or 4, but got {reference_points.shape[-1]}")
 
 
-@torch.library.custom_op("fastdino::ms_deform_attn_triton", mutates_args=())
-def ms_deform_attn_triton(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
-                          sampling_locations: Tensor, attention_weights: Tensor,
-                          reference_points: Optional[Tensor] = None) -> Tensor:
-    args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights, reference_points)
-    _check_args(*args)
-    errors = _layout_reasons(*args) + _ext.dtype_reasons(value.dtype)
-    if errors:
-        raise ValueError(f"ms_deform_attn (Triton kernel): {'; '.join(errors)}")
-    B, S, Hh, Dh = value.shape
-    out = torch.empty((B, sampling_locations.shape[1], Hh * Dh), dtype=value.dtype, device=value.device)
-    ms_deform_attn_fwd(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, out,
-                       reference_points)
-    return out
-
-
-def _fake(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, reference_points=None):
-    B, S, Hh, Dh = value.shape
-    return value.new_empty((B, sampling_locations.shape[1], Hh * Dh))
-
-
-ms_deform_attn_triton.register_fake(_fake)
-if _ext.HAS_EXT:
-    torch.library.register_fake("fastdino::ms_deform_attn")(_fake)
-
-
-def backend_reasons(backend: str, device: torch.device, dtype: torch.dtype) -> list[str]:
-    """Why `backend` cannot run ms_deform_attn on `dtype` values on `device`."""
-    return kernel_reasons("ms_deform_attn", backend, device, dtype)
-
-
-def _check_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-                reference_points=None):
+def check(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+          reference_points=None):
     """Shape and device errors every backend shares (ValueError naming the argument)."""
     if value.dim() != 4:
         raise ValueError(f"ms_deform_attn: value must be (B, S, heads, Dh), got {tuple(value.shape)}")
@@ -144,60 +114,104 @@ def _check_args(value, spatial_shapes, level_start_index, sampling_locations, at
     L = loc.shape[3]
     if isinstance(spatial_shapes, Tensor):
         if tuple(spatial_shapes.shape) != (L, 2):
-            raise ValueError(f"ms_deform_attn: spatial_shapes must be (L={L}, 2), got {tuple(spatial_shapes.shape)}")
-        covered = int(spatial_shapes.prod(-1).sum()) if spatial_shapes.device.type == "cpu" else S  # no device sync
+            raise ValueError(f"ms_deform_attn: spatial_shapes must be (L={L}, 2), "
+                             f"got {tuple(spatial_shapes.shape)}")
+        # read on the host only where they live there: no device sync
+        covered = sum(h * w for h, w in spatial_shapes.tolist()) if spatial_shapes.device.type == "cpu" else S
         if covered != S:
             raise ValueError(f"ms_deform_attn: spatial_shapes cover {covered} rows but value has S={S}")
     if level_start_index is not None and tuple(level_start_index.shape) != (L,):
-        raise ValueError(f"ms_deform_attn: level_start_index must be (L={L},), got {tuple(level_start_index.shape)}")
+        raise ValueError(f"ms_deform_attn: level_start_index must be (L={L},), "
+                         f"got {tuple(level_start_index.shape)}")
     ref = reference_points
-    if ref is not None and (ref.dim() != 4 or ref.shape[0] not in (1, B) or tuple(ref.shape[1:3]) != (loc.shape[1], L)
-                            or ref.shape[3] not in (2, 4)):
-        raise ValueError(f"ms_deform_attn: reference_points must be (B={B} or 1, Lq={loc.shape[1]}, L={L}, 2 or 4), "
-                         f"got {tuple(ref.shape)}")
+    if ref is not None and (ref.dim() != 4 or ref.shape[0] not in (1, B)
+                            or tuple(ref.shape[1:3]) != (loc.shape[1], L) or ref.shape[3] not in (2, 4)):
+        raise ValueError(f"ms_deform_attn: reference_points must be (B={B} or 1, Lq={loc.shape[1]}, L={L}, "
+                         f"2 or 4), got {tuple(ref.shape)}")
     for name, t in (("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index),
-                    ("sampling_locations", loc), ("attention_weights", attention_weights), ("reference_points", ref)):
+                    ("sampling_locations", loc), ("attention_weights", attention_weights),
+                    ("reference_points", ref)):
         if isinstance(t, Tensor) and t.device != value.device:
             raise ValueError(f"ms_deform_attn: {name} is on {t.device} but value is on {value.device}")
 
 
-def _layout_reasons(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-                    reference_points=None) -> list[str]:
-    """What the kernels need: contiguous tensors, int64 level tensors, fp32 or value-dtype locations
-    (or offsets and logits), fp32 reference points."""
-    reasons = []
-    if not isinstance(spatial_shapes, Tensor) or level_start_index is None:
-        reasons.append("spatial_shapes and level_start_index must be tensors")
+def reasons(backend, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+            reference_points=None) -> list[str]:
+    """Why `backend` cannot run ms_deform_attn on these tensors ([] if it can)."""
+    if backend == "ref":
+        return []
+    # the kernels read contiguous tensors, int64 level tensors, fp32 or value-dtype locations (or
+    # offsets and logits) and fp32 reference points
+    why = kernel_reasons(backend, value.device, value.dtype)
+    if not isinstance(spatial_shapes, (Tensor, Like)) or level_start_index is None:
+        why.append("spatial_shapes and level_start_index must be tensors")
     else:
-        reasons += [f"{n} is {t.dtype}, not torch.int64" for n, t in
-                    (("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index)) if t.dtype != torch.int64]
+        why += [f"{n} is {t.dtype}, not torch.int64" for n, t in
+                    (("spatial_shapes", spatial_shapes), ("level_start_index",
+                                                          level_start_index)) if t.dtype != torch.int64]
     ldt = sampling_locations.dtype
     if ldt not in (torch.float32, value.dtype):
-        reasons.append(f"sampling_locations is {ldt}, not float32 or value's {value.dtype}")
+        why.append(f"sampling_locations is {ldt}, not float32 or value's {value.dtype}")
     if attention_weights.dtype != ldt:
-        reasons.append(f"attention_weights is {attention_weights.dtype} but sampling_locations is {ldt}")
+        why.append(f"attention_weights is {attention_weights.dtype} but sampling_locations is {ldt}")
     if reference_points is not None and reference_points.dtype != torch.float32:
-        reasons.append(f"reference_points is {reference_points.dtype}, not torch.float32")
+        why.append(f"reference_points is {reference_points.dtype}, not torch.float32")
     named = {"value": value, "spatial_shapes": spatial_shapes, "level_start_index": level_start_index,
              "sampling_locations": sampling_locations, "attention_weights": attention_weights,
              "reference_points": reference_points}
-    reasons += [f"{n} is not contiguous" for n, t in named.items() if isinstance(t, Tensor) and not t.is_contiguous()]
-    return reasons
+    why += [f"{n} is not contiguous" for n, t in named.items()
+            if isinstance(t, (Tensor, Like)) and not t.is_contiguous()]
+    return why
 
 
-def _input_reasons(*args) -> list[str]:
-    return _layout_reasons(*args) + requires_grad(args[0], *args[3:])
-
-
-def preferred_backend(device, dtype, input_reasons=()) -> tuple[str, dict[str, list[str]]]:
-    """The first backend of PRIORITY[device] that applies, and why each one before it did not."""
-    return first_backend(PRIORITY, device, lambda b: backend_reasons(b, device, dtype), input_reasons)
-
-
-def select_backend(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-                   reference_points=None):
+def run(backend, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+        reference_points=None):
     args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights, reference_points)
-    return preferred_backend(value.device, value.dtype, _input_reasons(*args))
+    if backend == "ref":
+        return ms_deform_attn_ref(*args)
+    if backend == "triton":
+        return ms_deform_attn_triton(*args)
+    return torch.ops.fastdino.ms_deform_attn(*args)
+
+
+def example(device, dtype):
+    """The Mask2Former pixel decoder at 512^2: 3 levels (1/8, 1/16, 1/32), 8 heads of 32, 4 points,
+    from the offsets and logits."""
+    Lq = 64 * 64 + 32 * 32 + 16 * 16
+    levels = Like(device, torch.int64, (3, 2)), Like(device, torch.int64, (3,))
+    return (Like(device, dtype, (1, Lq, 8, 32)), *levels, Like(device, torch.float32, (1, Lq, 8, 3, 4, 2)),
+            Like(device, torch.float32, (1, Lq, 8, 3, 4)), Like(device, torch.float32, (1, Lq, 3, 2)))
+
+
+OP = Op("ms_deform_attn", PRIORITY, check, reasons, run, example)
+
+
+@torch.library.custom_op("fastdino::ms_deform_attn_triton", mutates_args=())
+def ms_deform_attn_triton(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+                          sampling_locations: Tensor, attention_weights: Tensor,
+                          reference_points: Optional[Tensor] = None) -> Tensor:
+    args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights, reference_points)
+    # A registered op can be called directly, so it guards its own inputs.
+    check(*args)
+    errors = reasons("triton", *args)
+    if errors:
+        raise ValueError(f"ms_deform_attn (Triton kernel): {'; '.join(errors)}")
+    B, S, Hh, Dh = value.shape
+    out = torch.empty((B, sampling_locations.shape[1], Hh * Dh), dtype=value.dtype, device=value.device)
+    ms_deform_attn_fwd(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, out,
+                       reference_points)
+    return out
+
+
+def _fake(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+          reference_points=None):
+    B, S, Hh, Dh = value.shape
+    return value.new_empty((B, sampling_locations.shape[1], Hh * Dh))
+
+
+ms_deform_attn_triton.register_fake(_fake)
+if _ext.HAS_EXT:
+    torch.library.register_fake("fastdino::ms_deform_attn")(_fake)
 
 
 def ms_deform_attn(value: Tensor, spatial_shapes: Shapes, level_start_index: Optional[Tensor],
@@ -209,17 +223,6 @@ def ms_deform_attn(value: Tensor, spatial_shapes: Shapes, level_start_index: Opt
     offsets and attention logits (see the module docstring). `backend` pins one backend
     (ValueError with the reasons if it cannot run).
     """
-    args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights, reference_points)
-    _check_args(*args)
-    backend = resolve_backend(
-        "ms_deform_attn", backend, lambda: select_backend(*args),
-        lambda: backend_reasons(backend, value.device, value.dtype) + _input_reasons(*args),
-    )
-    if backend == "ref":
-        return ms_deform_attn_ref(*args)
-    if backend in ("cuda", "cpu"):
-        return torch.ops.fastdino.ms_deform_attn(*args)
-    return ms_deform_attn_triton(*args)
-
-
-__all__ = ["BACKENDS", "ms_deform_attn", "ms_deform_attn_ref", "offset_locations"]
+    return OP(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+              reference_points,
+              backend=backend)

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from .. import _ext
 from ..kernels.rope_attention import FP32_MAX_HEAD_DIM, HEAD_DIMS, rope_attention_fwd
-from ._dispatch import BACKENDS, first_backend, kernel_reasons, requires_grad, resolve_backend
+from ._dispatch import Like, Op, kernel_reasons, layout_reasons
 
 PRIORITY = {"cuda": ("cuda", "triton", "ref"), "cpu": ("ref",)}  # see the module docstring
 
@@ -74,14 +74,92 @@ def rope_attention_ref(q, k, v, cos=None, sin=None, scale=None, mask_logits=None
     return torch.cat((masked.transpose(1, 2), out[:, M:]), dim=1)
 
 
+def check(q, k, v, cos=None, sin=None, mask_logits=None, scale=None):
+    """Shape and device errors of every backend (ValueError naming the argument)."""
+    if q.dim() != 4:
+        raise ValueError(f"rope_attention: q must be (B, N, H, D), got shape {tuple(q.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            raise ValueError(f"rope_attention: {name} has shape {tuple(t.shape)} but q has {tuple(q.shape)}")
+        if t.device != q.device:
+            raise ValueError(f"rope_attention: {name} is on {t.device} but q is on {q.device}")
+    if (cos is None) != (sin is None):
+        raise ValueError("rope_attention: cos and sin must be given together")
+    if cos is not None:
+        N, D = q.shape[1], q.shape[3]
+        for name, t in (("cos", cos), ("sin", sin)):
+            if t.dim() != 2 or t.shape[1] != D or t.shape[0] > N:
+                raise ValueError(f"rope_attention: {name} must be (HW, {D}) with HW <= N={N}, "
+                                 f"got {tuple(t.shape)}")
+            if t.device != q.device:
+                raise ValueError(f"rope_attention: {name} is on {t.device} but q is on {q.device}")
+        if D % 2:
+            raise ValueError(f"rope_attention: RoPE needs an even head dim, got {D}")
+    if mask_logits is not None:
+        B, N = q.shape[:2]
+        if (mask_logits.dim() != 3 or mask_logits.shape[0] != B
+                or mask_logits.shape[1] + mask_logits.shape[2] > N):
+            raise ValueError(f"rope_attention: mask_logits must be (B={B}, M, K) with M + K <= N={N}, "
+                             f"got {tuple(mask_logits.shape)}")
+        if mask_logits.device != q.device:
+            raise ValueError(f"rope_attention: mask_logits is on {mask_logits.device} but q is on {q.device}")
+        if not mask_logits.is_floating_point():
+            raise ValueError(f"rope_attention: mask_logits must be floating point, got {mask_logits.dtype}")
+
+
+def reasons(backend, q, k, v, cos=None, sin=None, mask_logits=None, scale=None) -> list[str]:
+    """Why `backend` cannot run rope_attention on these tensors ([] if it can)."""
+    if backend == "ref":
+        return []
+    D = q.shape[-1]
+    why = kernel_reasons(backend, q.device, q.dtype)
+    if backend == "triton":
+        if q.dtype == torch.float32 and D > FP32_MAX_HEAD_DIM:
+            why.append(f"float32 with head dim {D} > {FP32_MAX_HEAD_DIM} (would spill registers)")
+        elif D not in HEAD_DIMS:
+            why.append(f"head dim {D} is not a multiple of 16 in 16..128")
+    elif D % 2:  # ATen attention takes any head dim; RoPE pairs need an even one
+        why.append(f"head dim {D} is odd")
+    why += layout_reasons((("q", q), ("k", k), ("v", v)), stride_along="the head dim")
+    if cos is not None:
+        why += [f"{n} has stride {t.stride(-1)} along the head dim (needs 1)"
+                for n, t in (("cos", cos), ("sin", sin)) if t.stride(-1) != 1]
+        if cos.dtype != sin.dtype:
+            why.append(f"cos has dtype {cos.dtype} but sin has {sin.dtype}")
+        if cos.dtype not in _ext.KERNEL_DTYPES:
+            why.append(f"cos has dtype {cos.dtype}")
+    if mask_logits is not None and mask_logits.dtype not in _ext.KERNEL_DTYPES:
+        why.append(f"mask_logits has dtype {mask_logits.dtype}")
+    return why
+
+
+def run(backend, q, k, v, cos=None, sin=None, mask_logits=None, scale=None):
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if backend == "ref":
+        return rope_attention_ref(q, k, v, cos, sin, scale, mask_logits)
+    if backend == "triton":
+        return rope_attention_triton(q, k, v, cos, sin, mask_logits, scale)
+    return torch.ops.fastdino.rope_attention(q, k, v, cos, sin, mask_logits, scale)
+
+
+def example(device, dtype):
+    """ViT-L/16's attention at 512^2: 1029 tokens (1024 patches), 16 heads of 64."""
+    qkv, table = Like(device, dtype, (1, 1029, 16, 64)), Like(device, dtype, (1024, 64))
+    return qkv, qkv, qkv, table, table
+
+
+OP = Op("rope_attention", PRIORITY, check, reasons, run, example)
+
+
 @torch.library.custom_op("fastdino::rope_attention_triton", mutates_args=())
 def rope_attention_triton(
-    q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor], sin: Optional[Tensor], mask_logits: Optional[Tensor],
+    q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor], sin: Optional[Tensor],
+    mask_logits: Optional[Tensor],
     scale: float,
 ) -> Tensor:
-    _check_args(q, k, v, cos, sin, mask_logits)
-    errors = (_layout_reasons(q, k, v, cos, sin, mask_logits) + _ext.dtype_reasons(q.dtype)
-              + _triton_reasons(q.dtype, q.shape[-1]))
+    # A registered op can be called directly, so it guards its own inputs.
+    check(q, k, v, cos, sin, mask_logits)
+    errors = reasons("triton", q, k, v, cos, sin, mask_logits)
     if errors:
         raise ValueError(f"rope_attention (Triton kernel): {'; '.join(errors)}")
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -101,84 +179,6 @@ if _ext.HAS_EXT:
         return q.new_empty(q.shape)
 
 
-def _head_dim_reasons(D: int) -> list[str]:
-    return [] if D in HEAD_DIMS else [f"head dim {D} is not a multiple of 16 in 16..128"]
-
-
-def _triton_reasons(dtype: torch.dtype, D: int) -> list[str]:
-    if dtype == torch.float32 and D > FP32_MAX_HEAD_DIM:
-        return [f"float32 with head dim {D} > {FP32_MAX_HEAD_DIM} (would spill registers)"]
-    return _head_dim_reasons(D)
-
-
-def backend_reasons(backend: str, device: torch.device, dtype: torch.dtype, D: int) -> list[str]:
-    """Why `backend` cannot run rope_attention with head dim D of `dtype` on `device`."""
-    reasons = kernel_reasons("rope_attention", backend, device, dtype)
-    if backend == "triton":
-        reasons += _triton_reasons(dtype, D)
-    elif backend in ("cuda", "cpu") and D % 2:  # ATen attention takes any head dim; RoPE pairs need an even one
-        reasons.append(f"head dim {D} is odd")
-    return reasons
-
-
-def _layout_reasons(q, k, v, cos, sin, mask_logits=None) -> list[str]:
-    """What the kernels need: one dtype for q, k, v; unit stride along the head dim."""
-    reasons = [f"{n} has dtype {t.dtype} != q.dtype" for n, t in (("k", k), ("v", v)) if t.dtype != q.dtype]
-    reasons += [f"{n} has stride {t.stride(-1)} along the head dim (needs 1)"
-                for n, t in (("q", q), ("k", k), ("v", v), ("cos", cos), ("sin", sin))
-                if t is not None and t.stride(-1) != 1]
-    if cos is not None and cos.dtype != sin.dtype:
-        reasons.append(f"cos has dtype {cos.dtype} but sin has {sin.dtype}")
-    if cos is not None and cos.dtype not in _ext.KERNEL_DTYPES:
-        reasons.append(f"cos has dtype {cos.dtype}")
-    if mask_logits is not None and mask_logits.dtype not in _ext.KERNEL_DTYPES:
-        reasons.append(f"mask_logits has dtype {mask_logits.dtype}")
-    return reasons
-
-
-def _input_reasons(q, k, v, cos, sin, mask_logits=None) -> list[str]:
-    return _layout_reasons(q, k, v, cos, sin, mask_logits) + requires_grad(q, k, v, cos, sin)
-
-
-def _check_args(q, k, v, cos, sin, mask_logits=None):
-    if q.dim() != 4:
-        raise ValueError(f"rope_attention: q must be (B, N, H, D), got shape {tuple(q.shape)}")
-    for name, t in (("k", k), ("v", v)):
-        if t.shape != q.shape:
-            raise ValueError(f"rope_attention: {name} has shape {tuple(t.shape)} but q has {tuple(q.shape)}")
-        if t.device != q.device:
-            raise ValueError(f"rope_attention: {name} is on {t.device} but q is on {q.device}")
-    if (cos is None) != (sin is None):
-        raise ValueError("rope_attention: cos and sin must be given together")
-    if cos is not None:
-        N, D = q.shape[1], q.shape[3]
-        for name, t in (("cos", cos), ("sin", sin)):
-            if t.dim() != 2 or t.shape[1] != D or t.shape[0] > N:
-                raise ValueError(f"rope_attention: {name} must be (HW, {D}) with HW <= N={N}, got {tuple(t.shape)}")
-            if t.device != q.device:
-                raise ValueError(f"rope_attention: {name} is on {t.device} but q is on {q.device}")
-        if D % 2:
-            raise ValueError(f"rope_attention: RoPE needs an even head dim, got {D}")
-    if mask_logits is not None:
-        B, N = q.shape[:2]
-        if mask_logits.dim() != 3 or mask_logits.shape[0] != B or mask_logits.shape[1] + mask_logits.shape[2] > N:
-            raise ValueError(f"rope_attention: mask_logits must be (B={B}, M, K) with M + K <= N={N}, "
-                             f"got {tuple(mask_logits.shape)}")
-        if mask_logits.device != q.device:
-            raise ValueError(f"rope_attention: mask_logits is on {mask_logits.device} but q is on {q.device}")
-        if not mask_logits.is_floating_point():
-            raise ValueError(f"rope_attention: mask_logits must be floating point, got {mask_logits.dtype}")
-
-
-def preferred_backend(device, dtype, D, input_reasons=()) -> tuple[str, dict[str, list[str]]]:
-    """The first backend of PRIORITY[device] that applies, and why each one before it did not."""
-    return first_backend(PRIORITY, device, lambda b: backend_reasons(b, device, dtype, D), input_reasons)
-
-
-def select_backend(q, k, v, cos=None, sin=None, mask_logits=None) -> tuple[str, dict[str, list[str]]]:
-    return preferred_backend(q.device, q.dtype, q.shape[-1], _input_reasons(q, k, v, cos, sin, mask_logits))
-
-
 def rope_attention(q, k, v, cos=None, sin=None, scale: Optional[float] = None, backend: Optional[str] = None,
                    mask_logits: Optional[Tensor] = None):
     """Attention over (B, N, H, D) q, k, v with DINOv3's RoPE on the trailing cos.shape[0] tokens.
@@ -187,18 +187,4 @@ def rope_attention(q, k, v, cos=None, sin=None, scale: Optional[float] = None, b
     `mask_logits` (B, M, K): EoMT's query-to-patch mask (see the module docstring).
     `backend` pins one backend (ValueError with the reasons if it cannot run).
     """
-    _check_args(q, k, v, cos, sin, mask_logits)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    backend = resolve_backend(
-        "rope_attention", backend, lambda: select_backend(q, k, v, cos, sin, mask_logits),
-        lambda: backend_reasons(backend, q.device, q.dtype, q.shape[-1])
-        + _input_reasons(q, k, v, cos, sin, mask_logits),
-    )
-    if backend == "ref":
-        return rope_attention_ref(q, k, v, cos, sin, scale, mask_logits)
-    if backend == "triton":
-        return rope_attention_triton(q, k, v, cos, sin, mask_logits, scale)
-    return torch.ops.fastdino.rope_attention(q, k, v, cos, sin, mask_logits, scale)
-
-
-__all__ = ["BACKENDS", "query_key_mask", "rope_attention", "rope_attention_ref", "rope_ref"]
+    return OP(q, k, v, cos, sin, mask_logits, scale, backend=backend)

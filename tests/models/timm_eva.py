@@ -134,7 +134,8 @@ class Eva(nn.Module):
         self.cls_token = nn.Parameter(torch.randn(1, 1, embed_dim) * 0.02)
         self.reg_token = nn.Parameter(torch.randn(1, num_reg_tokens, embed_dim) * 0.02)
         self.rope = RotaryEmbeddingDinoV3(embed_dim // num_heads)
-        self.blocks = nn.ModuleList(EvaBlock(embed_dim, num_heads, num_prefix_tokens=self.num_prefix_tokens, **block_kw)
+        self.blocks = nn.ModuleList(EvaBlock(embed_dim, num_heads, num_prefix_tokens=self.num_prefix_tokens,
+                                             **block_kw)
                                     for _ in range(depth))
         self.norm = LayerNorm(embed_dim, eps=1e-5)
 

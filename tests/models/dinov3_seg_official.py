@@ -22,7 +22,8 @@ def deform_core(value, shapes, locations, weights):
         h, w = (int(t) for t in shapes[lvl])
         maps = v.flatten(2).transpose(1, 2).reshape(B * M, D, h, w)
         grid = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)
-        per_level.append(F.grid_sample(maps, grid, mode="bilinear", padding_mode="zeros", align_corners=False))
+        per_level.append(F.grid_sample(maps, grid, mode="bilinear", padding_mode="zeros",
+                                       align_corners=False))
     w = weights.transpose(1, 2).reshape(B * M, 1, Lq, L * P)
     out = (torch.stack(per_level, dim=-2).flatten(-2) * w).sum(-1).view(B, M * D, Lq)
     return out.transpose(1, 2).contiguous()
@@ -31,7 +32,8 @@ def deform_core(value, shapes, locations, weights):
 class MSDeformAttn(nn.Module):
     def __init__(self, d_model=64, n_levels=3, n_heads=4, n_points=4, ratio=1.0):
         super().__init__()
-        self.d_model, self.n_levels, self.n_heads, self.n_points, self.ratio = d_model, n_levels, n_heads, n_points, ratio
+        self.d_model, self.n_levels, self.n_heads = d_model, n_levels, n_heads
+        self.n_points, self.ratio = n_points, ratio
         self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
         self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
         self.value_proj = nn.Linear(d_model, int(d_model * ratio))
@@ -66,10 +68,12 @@ class MSDeformAttnTransformerEncoderLayer(nn.Module):
         self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
         self.dropout1, self.norm1 = nn.Dropout(0.0), nn.LayerNorm(d_model)
         self.linear1, self.activation, self.dropout2 = nn.Linear(d_model, d_ffn), nn.ReLU(), nn.Dropout(0.0)
-        self.linear2, self.dropout3, self.norm2 = nn.Linear(d_ffn, d_model), nn.Dropout(0.0), nn.LayerNorm(d_model)
+        self.linear2, self.dropout3 = nn.Linear(d_ffn, d_model), nn.Dropout(0.0)
+        self.norm2 = nn.LayerNorm(d_model)
 
     def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask=None):
-        src2 = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
+        src2 = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index,
+                              padding_mask)
         src = self.norm1(src + self.dropout1(src2))
         src2 = self.linear2(self.dropout2(self.activation(self.linear1(src))))
         return self.norm2(src + self.dropout3(src2))
@@ -98,7 +102,8 @@ def deform_inputs(x, patch_size):
     h, w = x.shape[-2:]
     shapes = torch.tensor([(h // patch_size, w // patch_size)], dtype=torch.long, device=x.device)
     starts = torch.zeros(1, dtype=torch.long, device=x.device)
-    ref = reference_points([(h // 8, w // 8), (h // 16, w // 16), (h // 32, w // 32)], 1, x.device, n_levels=1)
+    ref = reference_points([(h // 8, w // 8), (h // 16, w // 16), (h // 32, w // 32)], 1, x.device,
+                           n_levels=1)
     return ref, shapes, starts
 
 
@@ -120,7 +125,8 @@ class DWConv(nn.Module):
 class ConvFFN(nn.Module):
     def __init__(self, dim, hidden):
         super().__init__()
-        self.fc1, self.dwconv, self.act, self.fc2 = nn.Linear(dim, hidden), DWConv(hidden), nn.GELU(), nn.Linear(hidden, dim)
+        self.fc1, self.dwconv = nn.Linear(dim, hidden), DWConv(hidden)
+        self.act, self.fc2 = nn.GELU(), nn.Linear(hidden, dim)
 
     def forward(self, x, H, W):
         return self.fc2(self.act(self.dwconv(self.fc1(x), H, W)))
@@ -136,7 +142,8 @@ class Extractor(nn.Module):
         self.ffn, self.ffn_norm = ConvFFN(dim, int(dim * cffn_ratio)), nn.LayerNorm(dim, eps=1e-6)
 
     def forward(self, query, reference_points, feat, spatial_shapes, level_start_index, H, W):
-        query = query + self.attn(self.query_norm(query), reference_points, self.feat_norm(feat), spatial_shapes,
+        query = query + self.attn(self.query_norm(query), reference_points, self.feat_norm(feat),
+                                  spatial_shapes,
                                   level_start_index, None)
         return query + self.ffn(self.ffn_norm(query), H, W)
 
@@ -147,7 +154,9 @@ class InteractionBlockWithCls(nn.Module):
     def __init__(self, dim, n_heads, extra_extractor=False):
         super().__init__()
         self.extractor = Extractor(dim, n_heads)
-        self.extra_extractors = nn.Sequential(*(Extractor(dim, n_heads) for _ in range(2))) if extra_extractor else None
+        self.extra_extractors = None
+        if extra_extractor:
+            self.extra_extractors = nn.Sequential(*(Extractor(dim, n_heads) for _ in range(2)))
 
     def forward(self, x, c, deform_inputs2, H_c, W_c):
         c = self.extractor(c, deform_inputs2[0], x, deform_inputs2[1], deform_inputs2[2], H_c, W_c)
@@ -180,7 +189,8 @@ class SpatialPriorModule(nn.Module):
         c3 = self.conv3(c2)
         c4 = self.conv4(c3)
         c1 = self.fc1(c1)
-        return c1, *(fc(c).flatten(2).transpose(1, 2) for fc, c in ((self.fc2, c2), (self.fc3, c3), (self.fc4, c4)))
+        return c1, *(fc(c).flatten(2).transpose(1, 2) for fc, c in ((self.fc2, c2), (self.fc3, c3), (self.fc4,
+                                                                                                     c4)))
 
 
 class DINOv3_Adapter(nn.Module):  # noqa: N801 (dinov3's class name, which fastdino.patch matches)
@@ -195,7 +205,8 @@ class DINOv3_Adapter(nn.Module):  # noqa: N801 (dinov3's class name, which fastd
         self.patch_size = backbone.patch_size
         self.level_embed = nn.Parameter(torch.randn(3, dim))
         self.spm = SpatialPriorModule(inplanes, dim)
-        self.interactions = nn.Sequential(*(InteractionBlockWithCls(dim, n_heads, i == len(interaction_indexes) - 1)
+        self.interactions = nn.Sequential(*(InteractionBlockWithCls(dim, n_heads,
+                                                                    i == len(interaction_indexes) - 1)
                                             for i in range(len(interaction_indexes))))
         self.up = nn.ConvTranspose2d(dim, dim, 2, 2)
         for i in (1, 2, 3, 4):
@@ -207,7 +218,8 @@ class DINOv3_Adapter(nn.Module):  # noqa: N801 (dinov3's class name, which fastd
         c2, c3, c4 = (c + self.level_embed[i] for i, c in enumerate((c2, c3, c4)))
         c = torch.cat([c2, c3, c4], 1)
         with torch.autocast("cuda", torch.bfloat16, enabled=x.is_cuda), torch.no_grad():
-            taps = self.backbone.get_intermediate_layers(x, n=self.interaction_indexes, return_class_token=True)
+            taps = self.backbone.get_intermediate_layers(x, n=self.interaction_indexes,
+                                                         return_class_token=True)
         B, dim = x.shape[0], c.shape[-1]
         H_c, W_c = x.shape[-2] // 16, x.shape[-1] // 16
         outs = []
@@ -245,7 +257,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
 
     def __init__(self, in_channels=64, conv_dim=64, mask_dim=64, n_heads=4, d_ffn=128, n_layers=2):
         super().__init__()
-        self.input_convs = nn.ModuleList(nn.Sequential(nn.Conv2d(in_channels, conv_dim, 1), nn.GroupNorm(32, conv_dim))
+        self.input_convs = nn.ModuleList(nn.Sequential(nn.Conv2d(in_channels, conv_dim, 1), nn.GroupNorm(32,
+                                                                                                         conv_dim))
                                          for _ in range(3))
         self.pe_layer = PositionEmbeddingSine(conv_dim // 2)
         self.encoder = PixelDecoderEncoder(conv_dim, d_ffn, n_heads, n_layers)
@@ -309,7 +322,8 @@ class SelfAttentionLayer(nn.Module):
     def __init__(self, d_model, nhead, dropout=0.0, normalize_before=False):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
-        self.norm, self.dropout, self.normalize_before = nn.LayerNorm(d_model), nn.Dropout(dropout), normalize_before
+        self.norm, self.dropout = nn.LayerNorm(d_model), nn.Dropout(dropout)
+        self.normalize_before = normalize_before
 
     def forward(self, tgt, tgt_mask=None, tgt_key_padding_mask=None, query_pos=None):
         x = self.norm(tgt) if self.normalize_before else tgt
@@ -323,13 +337,16 @@ class CrossAttentionLayer(nn.Module):
     def __init__(self, d_model, nhead, dropout=0.0, normalize_before=False):
         super().__init__()
         self.multihead_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
-        self.norm, self.dropout, self.normalize_before = nn.LayerNorm(d_model), nn.Dropout(dropout), normalize_before
+        self.norm, self.dropout = nn.LayerNorm(d_model), nn.Dropout(dropout)
+        self.normalize_before = normalize_before
 
     def forward(self, tgt, memory, memory_mask=None, memory_key_padding_mask=None, pos=None, query_pos=None):
         x = self.norm(tgt) if self.normalize_before else tgt
         tgt = tgt + self.dropout(self.multihead_attn(query=x if query_pos is None else x + query_pos,
-                                                     key=memory if pos is None else memory + pos, value=memory,
-                                                     attn_mask=memory_mask, key_padding_mask=memory_key_padding_mask)[0])
+                                                     key=memory if pos is None else memory + pos,
+                                                     value=memory,
+                                                     attn_mask=memory_mask,
+                                                     key_padding_mask=memory_key_padding_mask)[0])
         return tgt if self.normalize_before else self.norm(tgt)
 
 
@@ -350,7 +367,8 @@ class MLP(nn.Module):
     def __init__(self, input_dim, hidden_dim, output_dim, num_layers):
         super().__init__()
         dims = [input_dim] + [hidden_dim] * (num_layers - 1)
-        self.layers = nn.ModuleList(nn.Linear(n, k) for n, k in zip(dims, [hidden_dim] * (num_layers - 1) + [output_dim]))
+        outs = [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList(nn.Linear(n, k) for n, k in zip(dims, outs))
 
     def forward(self, x):
         for i, layer in enumerate(self.layers):
@@ -359,7 +377,8 @@ class MLP(nn.Module):
 
 
 class MultiScaleMaskedTransformerDecoder(nn.Module):
-    def __init__(self, in_channels=32, num_classes=5, hidden_dim=32, num_queries=10, nheads=4, dim_feedforward=64,
+    def __init__(self, in_channels=32, num_classes=5, hidden_dim=32, num_queries=10, nheads=4,
+                 dim_feedforward=64,
                  dec_layers=5, pre_norm=False, mask_dim=32):
         super().__init__()
         self.pe_layer = PositionEmbeddingSine(hidden_dim // 2)
@@ -372,10 +391,12 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             FFNLayer(hidden_dim, dim_feedforward, normalize_before=pre_norm) for _ in range(dec_layers))
         self.post_norm = nn.LayerNorm(hidden_dim)
         self.num_queries = num_queries
-        self.query_feat, self.query_embed = nn.Embedding(num_queries, hidden_dim), nn.Embedding(num_queries, hidden_dim)
+        self.query_feat, self.query_embed = nn.Embedding(num_queries, hidden_dim), nn.Embedding(num_queries,
+                                                                                                hidden_dim)
         self.level_embed = nn.Embedding(self.num_feature_levels, hidden_dim)
-        self.input_proj = nn.ModuleList(nn.Sequential() if in_channels == hidden_dim else nn.Conv2d(in_channels, hidden_dim, 1)
-                                        for _ in range(self.num_feature_levels))
+        self.input_proj = nn.ModuleList(
+            nn.Sequential() if in_channels == hidden_dim else nn.Conv2d(in_channels, hidden_dim, 1)
+            for _ in range(self.num_feature_levels))
         self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
         self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
 
@@ -384,21 +405,26 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         for i in range(self.num_feature_levels):
             size_list.append(x[i].shape[-2:])
             pos.append(self.pe_layer(x[i], None).flatten(2).permute(2, 0, 1))
-            src.append((self.input_proj[i](x[i]).flatten(2) + self.level_embed.weight[i][None, :, None]).permute(2, 0, 1))
+            proj = self.input_proj[i](x[i]).flatten(2) + self.level_embed.weight[i][None, :, None]
+            src.append(proj.permute(2, 0, 1))
         bs = src[0].shape[1]
         query_embed = self.query_embed.weight.unsqueeze(1).repeat(1, bs, 1)
         output = self.query_feat.weight.unsqueeze(1).repeat(1, bs, 1)
         predictions_class, predictions_mask = [], []
-        outputs_class, outputs_mask, attn_mask = self.forward_prediction_heads(output, mask_features, size_list[0])
+        outputs_class, outputs_mask, attn_mask = self.forward_prediction_heads(output, mask_features,
+                                                                               size_list[0])
         predictions_class.append(outputs_class)
         predictions_mask.append(outputs_mask)
         for i in range(self.num_layers):
             level_index = i % self.num_feature_levels
             attn_mask[torch.where(attn_mask.sum(-1) == attn_mask.shape[-1])] = False
-            output = self.transformer_cross_attention_layers[i](output, src[level_index], memory_mask=attn_mask,
-                                                                memory_key_padding_mask=None, pos=pos[level_index],
+            output = self.transformer_cross_attention_layers[i](output, src[level_index],
+                                                                memory_mask=attn_mask,
+                                                                memory_key_padding_mask=None,
+                                                                pos=pos[level_index],
                                                                 query_pos=query_embed)
-            output = self.transformer_self_attention_layers[i](output, tgt_mask=None, tgt_key_padding_mask=None,
+            output = self.transformer_self_attention_layers[i](output, tgt_mask=None,
+                                                               tgt_key_padding_mask=None,
                                                                query_pos=query_embed)
             output = self.transformer_ffn_layers[i](output)
             outputs_class, outputs_mask, attn_mask = self.forward_prediction_heads(
@@ -413,7 +439,8 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         decoder_output = self.post_norm(output).transpose(0, 1)
         outputs_class = self.class_embed(decoder_output)
         outputs_mask = torch.einsum("bqc,bchw->bqhw", self.mask_embed(decoder_output), mask_features)
-        attn_mask = F.interpolate(outputs_mask, size=attn_mask_target_size, mode="bilinear", align_corners=False)
+        attn_mask = F.interpolate(outputs_mask, size=attn_mask_target_size, mode="bilinear",
+                                  align_corners=False)
         attn_mask = (attn_mask.sigmoid().flatten(2).unsqueeze(1).repeat(1, self.num_heads, 1, 1).flatten(0, 1)
                      < 0.5).bool().detach()
         return outputs_class, outputs_mask, attn_mask

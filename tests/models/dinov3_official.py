@@ -70,7 +70,11 @@ class SelfAttention(nn.Module):
         dtype = q.dtype
         q, k = q.to(sin.dtype), k.to(sin.dtype)
         prefix = q.shape[-2] - sin.shape[-2]  # cls + storage tokens stay un-rotated
-        rot = lambda t: torch.cat((t[:, :, :prefix], t[:, :, prefix:] * cos + rope_rotate_half(t[:, :, prefix:]) * sin), -2)  # noqa: E731
+
+        def rot(t):
+            turned = t[:, :, prefix:] * cos + rope_rotate_half(t[:, :, prefix:]) * sin
+            return torch.cat((t[:, :, :prefix], turned), -2)
+
         return rot(q).to(dtype), rot(k).to(dtype)
 
     def forward(self, x, attn_bias=None, rope=None):
@@ -96,7 +100,8 @@ class LayerScale(nn.Module):
 class Mlp(nn.Module):
     def __init__(self, dim, hidden):
         super().__init__()
-        self.fc1, self.act, self.fc2, self.drop = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim), nn.Dropout(0.0)
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(0.0)
 
     def forward(self, x):
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
@@ -155,7 +160,8 @@ class DinoVisionTransformer(nn.Module):
         self.storage_tokens = nn.Parameter(torch.randn(1, n_storage_tokens, embed_dim) * 0.02)
         self.rope_embed = RopePositionEmbedding(embed_dim, num_heads)
         self.blocks = nn.ModuleList(
-            SelfAttentionBlock(embed_dim, num_heads, ffn_ratio, layerscale_init, drop_path_rate, ffn) for _ in range(depth)
+            SelfAttentionBlock(embed_dim, num_heads, ffn_ratio, layerscale_init, drop_path_rate,
+                               ffn) for _ in range(depth)
         )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-5)
         self.head = nn.Identity()
@@ -165,7 +171,8 @@ class DinoVisionTransformer(nn.Module):
         x = self.patch_embed(x)
         B, H, W, _ = x.shape
         cls = self.cls_token + 0 * self.mask_token
-        tokens = torch.cat([cls.expand(B, -1, -1), self.storage_tokens.expand(B, -1, -1), x.flatten(1, 2)], dim=1)
+        tokens = torch.cat([cls.expand(B, -1, -1), self.storage_tokens.expand(B, -1, -1), x.flatten(1, 2)],
+                           dim=1)
         return tokens, (H, W)
 
     def get_intermediate_layers(self, x, *, n=1, norm=True, return_class_token=False):

@@ -1,0 +1,221 @@
+"""What every family file shares: the rule a family exports, the one backend decision a fused
+module makes per call, the block seam (residual + LayerScale + LayerNorm on add_layer_norm), the
+structural checks that give the patch report its reasons, and the small forward cache."""
+
+import sys
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..ops._dispatch import Like, Op
+from ..ops.add_layer_norm import OP as ADD_LAYER_NORM
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How `fastdino.patch` swaps one class: matched on type(module).__name__ (no import of the
+    model library), turned into Fused<Name>(mixin, original class) when `reasons(module)` is []."""
+
+    class_name: str
+    mixin: type
+    reasons: Callable[[nn.Module], list[str]]  # why this instance cannot be swapped ([] if it can)
+    backend: Callable[[nn.Module], str]  # what the report says it runs on its current parameters
+    pinnable: bool = True  # False: a pinned backend does not apply (caches, precision regions)
+    precision: Optional[str] = None  # swapped only under patch(model, precision=...)
+
+
+def fused_backend(pinned: Optional[str], op: Op, *args) -> Optional[str]:
+    """The backend a fused module runs `op` on, decided once per call: the pinned one (ValueError
+    with the reasons if it cannot run these arguments), else dispatch's pick, or None where the pick
+    is the op's reference: the module then runs the model's own code (the same numbers as before
+    patching, at the same cost). `args` are the op's arguments; `Like` stands for tensors the
+    module has yet to make."""
+    if pinned is not None:
+        return op.choose(pinned, *args)
+    backend = op.pick(*args)[0]
+    return None if backend == "ref" else backend
+
+
+def picked(op: Op, *args) -> str:
+    """What dispatch picks for `args` (`Like` for the module's parameters, without grad): the
+    backend a patch report shows."""
+    return op.pick(*args)[0]
+
+
+def needs_grad(*tensors) -> bool:
+    """Whether what is computed from these tensors will require grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def activation_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the projections of x produce: autocast's where it is on."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+def like(x: Tensor, shape, *params, dtype: Optional[torch.dtype] = None) -> Like:
+    """A projection output of x with `shape`: x's device, the activation dtype (or `dtype`), grad
+    if x or the projection's parameters need it."""
+    return Like(x.device, dtype or activation_dtype(x), shape, needs_grad(x, *params))
+
+
+# -- structural checks (the patch report's reasons) ----------------------------------------------
+
+
+def children_reasons(module: nn.Module, children) -> list[str]:
+    missing = [c for c in children if not hasattr(module, c)]
+    return [f"no attribute {', '.join(missing)}"] if missing else []
+
+
+def linear_reasons(module: nn.Module, names) -> list[str]:
+    return [f"{n} is not an nn.Linear" for n in names if type(getattr(module, n)) is not nn.Linear]
+
+
+def is_fused(module: nn.Module) -> bool:
+    return hasattr(type(module), "_fastdino_original_class")
+
+
+def sibling_class(module: nn.Module, name: str) -> type:
+    """A class (an output dataclass) defined next to the patched module's original class."""
+    return getattr(sys.modules[module._fastdino_original_class.__module__], name)
+
+
+# -- the block seam: y = x + layer_scale(branch); z = norm(y) --------------------------------------
+
+# LayerScale classes and the name of their (C,) scale parameter.
+LAYER_SCALE_PARAM = {"LayerScale": "gamma", "DINOv3ViTLayerScale": "lambda1",
+                     "EomtDinov3LayerScale": "lambda1",
+                     "EomtLayerScale": "lambda1"}
+
+
+def layer_scale_reasons(module: nn.Module, name: str) -> list[str]:
+    if isinstance(module, nn.Identity):
+        return []
+    param = LAYER_SCALE_PARAM.get(type(module).__name__)
+    if param is None:
+        return [f"{name} is {type(module).__name__}, not a known LayerScale"]
+    gamma = getattr(module, param, None)
+    if not isinstance(gamma, Tensor) or gamma.dim() != 1:
+        return [f"{name}.{param} is not a 1-D tensor"]
+    return []
+
+
+def _is_plain_layer_norm(module: nn.Module) -> bool:
+    """nn.LayerNorm, or timm's LayerNorm subclass when it runs F.layer_norm (its fast-norm path off)."""
+    if type(module) is nn.LayerNorm:
+        return True
+    return (isinstance(module, nn.LayerNorm) and type(module).__name__ == "LayerNorm"
+            and getattr(module, "_fast_norm", None) is False)
+
+
+def layer_norm_reasons(module: nn.Module, name: str) -> list[str]:
+    if not _is_plain_layer_norm(module):
+        return [f"{name} is {type(module).__name__}, not nn.LayerNorm"]
+    if module.weight is None or module.bias is None:
+        return [f"{name} has no affine weight and bias"]
+    if len(module.normalized_shape) != 1:
+        return [f"{name} normalizes over {len(module.normalized_shape)} dims"]
+    return []
+
+
+def seam_reasons(children, layer_scale: str, norm: str):
+    """Reasons function for a block whose attention -> MLP seam runs on add_layer_norm."""
+
+    def reasons(module: nn.Module) -> list[str]:
+        missing = children_reasons(module, children)
+        if missing:
+            return missing
+        return (layer_scale_reasons(getattr(module, layer_scale), layer_scale)
+                + layer_norm_reasons(getattr(module, norm), norm))
+
+    return reasons
+
+
+def seam_backend(norm: str):
+    """The report's backend for a seam: add_layer_norm's pick for the norm's parameters."""
+
+    def backend(module: nn.Module) -> str:
+        w = getattr(module, norm).weight
+        x, vec = Like(w.device, w.dtype, (1, w.shape[0])), Like(w.device, w.dtype, w.shape)
+        return picked(ADD_LAYER_NORM, x, x, vec, vec, vec, 1e-6)
+
+    return backend
+
+
+def layer_scale_gamma(layer_scale) -> Optional[Tensor]:
+    """The (C,) scale of a LayerScale module, or the tensor itself (timm keeps gamma_1/gamma_2 as
+    parameters of the block); None for nn.Identity or None."""
+    if layer_scale is None or isinstance(layer_scale, Tensor):
+        return layer_scale
+    if isinstance(layer_scale, nn.Identity):
+        return None
+    return getattr(layer_scale, LAYER_SCALE_PARAM[type(layer_scale).__name__])
+
+
+def _keeps_dtype(x: Tensor, branch: Tensor, gamma: Optional[Tensor], norm: nn.LayerNorm) -> bool:
+    """True when the unfused `y = x + ls(branch); z = norm(y)` gives y and z in x.dtype.
+
+    Then casting branch and the parameters to x.dtype is exact (an upcast) and the fused op
+    returns what the model would. Otherwise the original modules run: e.g. bf16 activations with
+    an fp32 LayerScale (y promotes to fp32) or fp32 LayerNorm parameters (layer_norm keeps bf16
+    but uses the fp32 values, which the one-dtype kernels would have to round).
+    """
+    dt = x.dtype
+    t = branch.dtype if gamma is None else torch.promote_types(branch.dtype, gamma.dtype)
+    if torch.promote_types(dt, t) != dt:
+        return False
+    if torch.is_autocast_enabled(x.device.type):
+        return dt == torch.float32  # autocast runs layer_norm in fp32 and returns fp32
+    return torch.promote_types(dt, torch.promote_types(norm.weight.dtype, norm.bias.dtype)) == dt
+
+
+def residual_layer_norm(x, branch, layer_scale, norm, backend=None):
+    """``y = x + layer_scale(branch); z = norm(y)``, fused with add_layer_norm where dtypes allow
+    and a kernel runs (pinned `backend`, or dispatch's pick); the modules as they are otherwise.
+    A pinned "ref" runs the op's reference. `layer_scale` is a LayerScale module, nn.Identity, a
+    (C,) gamma tensor or None."""
+    gamma = layer_scale_gamma(layer_scale)
+    if _keeps_dtype(x, branch, gamma, norm):
+        dt = x.dtype
+        args = tuple(t if t is None or t.dtype == dt else t.to(dt)
+                     for t in (x, branch, gamma, norm.weight, norm.bias))
+        chosen = fused_backend(backend, ADD_LAYER_NORM, *args, norm.eps)
+        if chosen is not None:
+            return ADD_LAYER_NORM.run(chosen, *args, norm.eps)
+    if isinstance(layer_scale, nn.Module):
+        y = x + layer_scale(branch)
+    else:
+        y = x + (branch if gamma is None else gamma * branch)
+    return y, norm(y)
+
+
+# -- a per-module cache of small tensors derived from input sizes -----------------------------------
+
+
+class ForwardCache:
+    """Keeps a few small tensors a module derives from its inputs' sizes, so that a forward
+    computes them once: RoPE tables per grid size (blocks that call the RoPE module again, as
+    dinov3's get_intermediate_layers does, reuse them), level-shape tensors per pyramid.
+
+    Only in eval mode (training augments RoPE coordinates at random) and outside torch.compile
+    (which fuses the computation anyway). Keys that depend on a buffer hold its storage and
+    version counter: load_state_dict, .to() or an in-place edit of it invalidates the entries.
+    """
+
+    _MAX_ENTRIES = 8
+
+    def _cached(self, key, compute):
+        if self.training or torch.compiler.is_compiling():
+            return compute()
+        cache = self.__dict__.setdefault("_fastdino_cache", {})
+        if key not in cache:
+            if len(cache) >= self._MAX_ENTRIES:
+                cache.pop(next(iter(cache)))
+            cache[key] = compute()
+        return cache[key]
+
+
+def buffer_key(t: Tensor) -> tuple:
+    return (t.device, t.dtype, t.data_ptr(), t._version)

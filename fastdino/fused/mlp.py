@@ -1,0 +1,180 @@
+"""The ViT MLPs of all three libraries on fused_linear: the input projection(s) and activation in
+one GEMM, the output projection with the block's LayerScale + residual in its epilogue."""
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..ops._dispatch import Like
+from ..ops.fused_linear import OP as FUSED_LINEAR
+from .common import Rule, children_reasons, fused_backend, layer_scale_gamma, linear_reasons, picked
+
+
+def is_exact_gelu(act: nn.Module) -> bool:
+    """nn.GELU() or transformers' GELUActivation ("gelu"), both erf GELU; not the tanh forms."""
+    if type(act) is nn.GELU:
+        return act.approximate == "none"
+    return type(act).__name__ == "GELUActivation"
+
+
+def is_silu(act: nn.Module) -> bool:
+    return type(act) is nn.SiLU or type(act).__name__ == "SiLUActivation"
+
+
+def mlp_reasons(linears, act=None, act_check=None, act_kind="", identity=()):
+    """Reasons function for an MLP rule: its Linears, its activation, and the optional parts
+    (`identity`, e.g. timm's hidden norm) that must be nn.Identity where they exist."""
+
+    def reasons(module: nn.Module) -> list[str]:
+        missing = children_reasons(module, (*linears, *([act] if act else [])))
+        if missing:
+            return missing
+        out = linear_reasons(module, linears)
+        if act and not act_check(getattr(module, act)):
+            out.append(f"{act} is {type(getattr(module, act)).__name__}, not {act_kind}")
+        out += [f"{n} is active" for n in identity
+                if hasattr(module, n) and not isinstance(getattr(module, n), nn.Identity)]
+        return out
+
+    return reasons
+
+
+class _FusedMlp:
+    """An MLP whose input projection(s) and activation run as one fused_linear, and whose output
+    projection can take the block's LayerScale + residual into its epilogue (`mlp_residual`).
+
+    Subclasses give `_fastdino_parts()`: (weight, bias, act, weight2, bias2) of the input side,
+    the output nn.Linear, and the dropouts that are no-ops in eval. The original forward runs
+    whenever fused_linear would pick its reference (the default until its kernels are timed; also
+    a pinned "ref"), under autocast (the Linears would run in another dtype), or with dropout
+    active in training.
+    """
+
+    _fastdino_dropouts: tuple = ()
+
+    def _fastdino_mlp(self, x: Tensor, residual: Optional[Tensor] = None,
+                      layer_scale=None) -> Optional[Tensor]:
+        """mlp(x), or residual + layer_scale(mlp(x)); None when the original modules must run."""
+        if torch.is_autocast_enabled(x.device.type):
+            return None
+        dropouts = (getattr(self, n, None) for n in self._fastdino_dropouts)
+        if self.training and any(getattr(d, "p", 0.0) > 0 for d in dropouts):
+            return None
+        gamma = layer_scale_gamma(layer_scale)
+        if residual is not None and (residual.dtype != x.dtype
+                                     or (gamma is not None and gamma.dtype != x.dtype)):
+            return None  # promotion in the unfused add: leave it to the original ops
+        w, b, act, w2, b2, out = self._fastdino_parts()
+        pinned = self._fastdino_backend
+        backend = fused_backend(pinned, FUSED_LINEAR, x, w, b, act, w2, b2)
+        if backend in (None, "ref"):
+            return None
+        # One decision for both GEMMs: the second reads the first's output (described by Like).
+        hidden = Like(x.device, x.dtype, (*x.shape[:-1], w.shape[0]))
+        second = (hidden, out.weight, out.bias, None, None, None, residual, gamma)
+        if pinned is not None:
+            FUSED_LINEAR.choose(pinned, *second)  # a pinned backend runs or says why not
+        elif FUSED_LINEAR.reasons(backend, *second):
+            return None
+        h = FUSED_LINEAR.run(backend, x, w, b, act, w2, b2)
+        return FUSED_LINEAR.run(backend, h, out.weight, out.bias, None, None, None, residual, gamma)
+
+    def forward(self, x):
+        y = self._fastdino_mlp(x)
+        return super().forward(x) if y is None else y
+
+
+def mlp_residual(mlp: nn.Module, x: Tensor, residual: Tensor, layer_scale) -> Tensor:
+    """``residual + layer_scale(mlp(x))``: one fused epilogue for fc2 + LayerScale + residual when
+    `mlp` is a fused MLP whose kernels run, else the modules as they are."""
+    fused = getattr(mlp, "_fastdino_mlp", None)
+    y = fused(x, residual, layer_scale) if fused is not None else None
+    if y is not None:
+        return y
+    m = mlp(x)
+    if isinstance(layer_scale, nn.Module):
+        return residual + layer_scale(m)
+    return residual + (m if layer_scale is None else layer_scale * m)
+
+
+class FusedMlp(_FusedMlp):
+    """dinov3's and timm's Mlp (fc1, exact GELU, fc2; timm's norm must be Identity)."""
+
+    _fastdino_dropouts = ("drop", "drop1", "drop2")
+
+    def _fastdino_parts(self):
+        return self.fc1.weight, self.fc1.bias, "gelu", None, None, self.fc2
+
+
+class FusedSwiGLUFFN(_FusedMlp):
+    """dinov3's SwiGLUFFN: w3(silu(w1(x)) * w2(x)); w1 and w2 stay separate tensors."""
+
+    def _fastdino_parts(self):
+        return self.w1.weight, self.w1.bias, "swiglu", self.w2.weight, self.w2.bias, self.w3
+
+
+class FusedSwiGLU(_FusedMlp):
+    """timm's SwiGLU: fc2(act(fc1_g(x)) * fc1_x(x)) with SiLU, norm Identity."""
+
+    _fastdino_dropouts = ("drop1", "drop2")
+
+    def _fastdino_parts(self):
+        return self.fc1_g.weight, self.fc1_g.bias, "swiglu", self.fc1_x.weight, self.fc1_x.bias, self.fc2
+
+
+class FusedDINOv3ViTMLP(_FusedMlp):
+    """transformers' DINOv3ViTMLP (and EoMT-DINOv3's copy): down_proj(gelu(up_proj(x)))."""
+
+    def _fastdino_parts(self):
+        return self.up_proj.weight, self.up_proj.bias, "gelu", None, None, self.down_proj
+
+
+class FusedDINOv3ViTGatedMLP(_FusedMlp):
+    """transformers' DINOv3ViTGatedMLP (and EoMT's EomtDinov3GatedMLP, EomtSwiGLUFFN):
+    down_proj(silu(gate_proj(x)) * up_proj(x))."""
+
+    def _fastdino_parts(self):
+        return (self.gate_proj.weight, self.gate_proj.bias, "swiglu", self.up_proj.weight, self.up_proj.bias,
+                self.down_proj)
+
+
+class FusedEomtMLP(_FusedMlp):
+    """transformers' EomtMLP: fc2(gelu(fc1(x)))."""
+
+    def _fastdino_parts(self):
+        return self.fc1.weight, self.fc1.bias, "gelu", None, None, self.fc2
+
+
+def _backend(linear: str):
+    """The report's backend: fused_linear's pick for a batch of rows on the module's weights."""
+
+    def backend(module: nn.Module) -> str:
+        w = getattr(module, linear).weight
+        return picked(FUSED_LINEAR, Like(w.device, w.dtype, (1, w.shape[1])),
+                      Like(w.device, w.dtype, w.shape))
+
+    return backend
+
+
+HF_MLP_REASONS = mlp_reasons(("up_proj", "down_proj"), "act_fn", is_exact_gelu, "exact GELU")
+HF_GATED_MLP_REASONS = mlp_reasons(("gate_proj", "up_proj", "down_proj"), "act_fn", is_silu, "SiLU")
+
+RULES = (
+    # transformers (and the EoMT copies)
+    Rule("DINOv3ViTMLP", FusedDINOv3ViTMLP, HF_MLP_REASONS, _backend("up_proj")),
+    Rule("DINOv3ViTGatedMLP", FusedDINOv3ViTGatedMLP, HF_GATED_MLP_REASONS, _backend("gate_proj")),
+    Rule("EomtDinov3MLP", FusedDINOv3ViTMLP, HF_MLP_REASONS, _backend("up_proj")),
+    Rule("EomtDinov3GatedMLP", FusedDINOv3ViTGatedMLP, HF_GATED_MLP_REASONS, _backend("gate_proj")),
+    Rule("EomtSwiGLUFFN", FusedDINOv3ViTGatedMLP, HF_GATED_MLP_REASONS, _backend("gate_proj")),
+    Rule("EomtMLP", FusedEomtMLP, mlp_reasons(("fc1", "fc2"), "activation_fn", is_exact_gelu, "exact GELU"),
+         _backend("fc1")),
+    # facebookresearch/dinov3 (dinov3/layers/ffn_layers.py); timm's Mlp shares the name
+    Rule("Mlp", FusedMlp, mlp_reasons(("fc1", "fc2"), "act", is_exact_gelu, "exact GELU", identity=("norm",)),
+         _backend("fc1")),
+    Rule("SwiGLUFFN", FusedSwiGLUFFN, mlp_reasons(("w1", "w2", "w3")), _backend("w1")),
+    # timm (timm/layers/mlp.py)
+    Rule("SwiGLU", FusedSwiGLU, mlp_reasons(("fc1_g", "fc1_x", "fc2"), "act", is_silu, "SiLU",
+                                            identity=("norm",)),
+         _backend("fc1_g")),
+)

@@ -1,0 +1,309 @@
+"""The DINOv3 ViT backbone of all three libraries: blocks with their attention -> MLP seam on
+add_layer_norm, attention on rope_attention, and RoPE modules that keep their tables per grid size.
+
+transformers: DINOv3ViTLayer / DINOv3ViTAttention / DINOv3ViTRopePositionEmbedding (and the EoMT
+copies of the layer and attention); facebookresearch/dinov3: SelfAttentionBlock / SelfAttention /
+RopePositionEmbedding; timm: EvaBlock / EvaAttention (timm's DINOv3 ViTs are Eva models).
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..ops._dispatch import Like
+from ..ops.rope_attention import OP as ROPE_ATTENTION
+from .common import (
+    ForwardCache,
+    Rule,
+    buffer_key,
+    children_reasons,
+    fused_backend,
+    layer_norm_reasons,
+    like,
+    picked,
+    residual_layer_norm,
+    seam_backend,
+    seam_reasons,
+)
+from .mlp import mlp_residual
+
+
+def _attention_fallback(training: bool, dropout: float, **why) -> bool:
+    """True when the original attention must run: training with dropout, or any extra input set."""
+    return (training and dropout > 0) or any(v for v in why.values())
+
+
+def _attention_backend(module: nn.Module, x: Tensor, heads: int, weight: Tensor, cos=None, sin=None,
+                       mask_logits=None) -> Optional[str]:
+    """rope_attention's backend for the (B, N, heads, C // heads) projections of x, decided before
+    they exist: the pinned one ("ref" runs the op's reference), or the kernel dispatch picks; None:
+    the original forward runs."""
+    B, N, C = x.shape
+    qkv = like(x, (B, N, heads, C // heads), weight)
+    return fused_backend(module._fastdino_backend, ROPE_ATTENTION, qkv, qkv, qkv, cos, sin, mask_logits)
+
+
+def attention_backend(weight: str, head_dim):
+    """The report's backend: rope_attention's pick for the module's dtype and head dim."""
+
+    def backend(module: nn.Module) -> str:
+        w = getattr(module, weight).weight
+        qkv = Like(w.device, w.dtype, (1, 1, 1, head_dim(module)))
+        return picked(ROPE_ATTENTION, qkv, qkv, qkv)
+
+    return backend
+
+
+# -- transformers -----------------------------------------------------------------------------------
+
+
+class FusedDINOv3ViTLayer:
+    """transformers' DINOv3ViTLayer (and EoMT's EomtDinov3Layer, EomtLayer) with the attention ->
+    MLP seam through add_layer_norm. Extra keyword arguments go to the attention, as the original
+    passes them (the fused EoMT model sends `fastdino_mask_logits` this way)."""
+
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, **kwargs):
+        if self.training and not isinstance(self.drop_path, nn.Identity):
+            return super().forward(
+                hidden_states, attention_mask=attention_mask, position_embeddings=position_embeddings,
+                **kwargs
+            )
+        h, _ = self.attention(
+            self.norm1(hidden_states), attention_mask=attention_mask, position_embeddings=position_embeddings,
+            **kwargs
+        )
+        y, z = residual_layer_norm(hidden_states, h, self.layer_scale1, self.norm2, self._fastdino_backend)
+        return mlp_residual(self.mlp, z, y, self.layer_scale2)
+
+
+def hf_attention_reasons(module: nn.Module) -> list[str]:
+    reasons = children_reasons(module, ("q_proj", "k_proj", "v_proj", "o_proj", "num_heads", "head_dim",
+                                        "scaling"))
+    if reasons:
+        return reasons
+    if module.head_dim % 2:
+        return [f"head dim {module.head_dim} is odd"]
+    return []
+
+
+def eomt_dense_mask(mask_logits: Tensor, N: int, heads: int, dtype: torch.dtype) -> Tensor:
+    """EoMT-DINOv3's own attention mask from query-to-patch logits (B, Q, K): (B, heads, N, N),
+    finfo(dtype).min where a query row's patch logit is not > 0 and, as the model has it, 1 (not 0)
+    where open: a constant per row, which softmax ignores."""
+    B, Q, K = mask_logits.shape
+    attend = torch.ones(B, N, N, dtype=torch.bool, device=mask_logits.device)
+    attend[:, :Q, N - K:] = mask_logits > 0
+    attend = attend[:, None].expand(-1, heads, -1, -1)
+    return attend.to(dtype).masked_fill(~attend, torch.finfo(dtype).min)  # the model's construction
+
+
+class FusedDINOv3ViTAttention:
+    """transformers' DINOv3ViTAttention (and EoMT-DINOv3's copy): q/k/v projections, then
+    rope_attention on their outputs. `fastdino_mask_logits` (B, Q, HW) is EoMT's query-to-patch
+    mask from the fused EoMT model; rope_attention reads it instead of a dense N x N mask (the
+    original forward gets the dense mask)."""
+
+    _fastdino_out = "o_proj"
+    _fastdino_scale = "scaling"
+    _fastdino_rope = True
+
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, fastdino_mask_logits=None,
+                **kwargs):
+        rope = self._fastdino_rope and position_embeddings is not None
+        cos, sin = position_embeddings if rope else (None, None)
+        backend = None
+        if not _attention_fallback(self.training, self.dropout, mask=attention_mask is not None,
+                                   no_rope=self._fastdino_rope and position_embeddings is None,
+                                   weights=kwargs.get("output_attentions")):
+            backend = _attention_backend(self, hidden_states, self.num_heads, self.q_proj.weight, cos, sin,
+                                         fastdino_mask_logits)
+        if backend is None:
+            if fastdino_mask_logits is not None and attention_mask is None:
+                attention_mask = eomt_dense_mask(fastdino_mask_logits, hidden_states.shape[1], self.num_heads,
+                                                 hidden_states.dtype)
+            return super().forward(hidden_states, attention_mask=attention_mask,
+                                   position_embeddings=position_embeddings, **kwargs)
+        B, N, C = hidden_states.shape
+        shape = (B, N, self.num_heads, self.head_dim)
+        q = self.q_proj(hidden_states).view(shape)
+        k = self.k_proj(hidden_states).view(shape)
+        v = self.v_proj(hidden_states).view(shape)
+        scale = getattr(self, self._fastdino_scale)
+        out = ROPE_ATTENTION.run(backend, q, k, v, cos, sin, fastdino_mask_logits, scale)
+        return getattr(self, self._fastdino_out)(out.reshape(B, N, -1)), None
+
+
+class CachedDINOv3ViTRopePositionEmbedding(ForwardCache):
+    """transformers' DINOv3ViTRopePositionEmbedding with its (cos, sin) cached per input size/dtype."""
+
+    def forward(self, pixel_values):
+        key = (tuple(pixel_values.shape[-2:]), pixel_values.dtype, pixel_values.device,
+               *buffer_key(self.inv_freq))
+        return self._cached(key, lambda: super(CachedDINOv3ViTRopePositionEmbedding,
+                                               self).forward(pixel_values))
+
+
+# -- facebookresearch/dinov3 ------------------------------------------------------------------------
+
+
+class FusedSelfAttentionBlock:
+    """dinov3's SelfAttentionBlock with the attention -> MLP seam through add_layer_norm."""
+
+    def _forward_list(self, x_list, rope_list=None):
+        if self.training and self.sample_drop_ratio > 0.0:
+            return super()._forward_list(x_list, rope_list=rope_list)
+        out = []
+        for x, rope in zip(x_list, rope_list):
+            h = self.attn(self.norm1(x), rope=rope)
+            y, z = residual_layer_norm(x, h, self.ls1, self.norm2, self._fastdino_backend)
+            out.append(mlp_residual(self.mlp, z, y, self.ls2))
+        return out
+
+    def _forward(self, x, rope=None):
+        return self._forward_list([x], rope_list=[rope])[0]
+
+
+def self_attention_reasons(module: nn.Module) -> list[str]:
+    """dinov3's SelfAttention: a (D, 3D) qkv Linear, heads that split D evenly into an even head dim."""
+    reasons = children_reasons(module, ("qkv", "proj", "proj_drop", "num_heads"))
+    if reasons:
+        return reasons
+    if not isinstance(module.qkv, nn.Linear) or module.qkv.out_features != 3 * module.qkv.in_features:
+        return ["qkv is not a (D, 3D) Linear"]
+    D, H = module.qkv.in_features, module.num_heads
+    if D % H or (D // H) % 2:
+        return [f"dim {D} over {H} heads gives no even head dim"]
+    return []
+
+
+class FusedSelfAttention:
+    """dinov3's SelfAttention: qkv GEMM, then rope_attention on strided views of its output."""
+
+    def forward(self, x, attn_bias=None, rope=None):
+        drop = getattr(self.attn_drop, "p", 0.0) if hasattr(self, "attn_drop") else 0.0
+        sin, cos = rope if rope is not None else (None, None)  # dinov3 passes (sin, cos)
+        backend = None
+        if not _attention_fallback(self.training, drop, attn_bias=attn_bias is not None):
+            backend = _attention_backend(self, x, self.num_heads, self.qkv.weight, cos, sin)
+        if backend is None:
+            return super().forward(x, attn_bias=attn_bias, rope=rope)
+        B, N, C = x.shape
+        H = self.num_heads
+        q, k, v = self.qkv(x).view(B, N, 3, H, C // H).unbind(2)
+        out = ROPE_ATTENTION.run(backend, q, k, v, cos, sin)
+        return self.proj_drop(self.proj(out.reshape(B, N, C)))
+
+
+class CachedRopePositionEmbedding(ForwardCache):
+    """dinov3's RopePositionEmbedding with its (sin, cos) cached per (H, W) and periods buffer."""
+
+    def forward(self, *, H, W):
+        return self._cached((H, W, *buffer_key(self.periods)),
+                            lambda: super(CachedRopePositionEmbedding, self).forward(H=H, W=W))
+
+
+# -- timm -------------------------------------------------------------------------------------------
+
+
+def eva_attention_reasons(module: nn.Module) -> list[str]:
+    """timm's EvaAttention as DINOv3 uses it: fused qkv, half-split RoPE, no q/k norm, no gate."""
+    reasons = children_reasons(module, ("qkv", "proj", "proj_drop", "num_heads", "head_dim", "scale",
+                                        "num_prefix_tokens", "q_norm", "k_norm", "norm", "attn_drop"))
+    if reasons:
+        return reasons
+    if module.qkv is None:
+        return ["separate q/k/v projections (qkv_fused=False)"]
+    if not getattr(module, "rotate_half", False):
+        return ["interleaved RoPE layout (rotate_half=False)"]
+    active = [n for n in ("q_norm", "k_norm", "norm") if not isinstance(getattr(module, n), nn.Identity)]
+    if getattr(module, "gate", None) is not None:
+        active.append("gate")
+    if active:
+        return [f"{', '.join(active)} active"]
+    if module.head_dim % 2:
+        return [f"head dim {module.head_dim} is odd"]
+    return []
+
+
+def eva_block_reasons(module: nn.Module) -> list[str]:
+    reasons = children_reasons(module, ("norm1", "attn", "gamma_1", "drop_path1", "norm2", "mlp", "gamma_2",
+                                        "drop_path2"))
+    if reasons:
+        return reasons
+    reasons = [f"{n} is not a 1-D tensor" for n in ("gamma_1", "gamma_2")
+               if getattr(module, n) is not None
+               and (not isinstance(getattr(module, n), Tensor) or getattr(module, n).dim() != 1)]
+    return reasons + layer_norm_reasons(module.norm2, "norm2")
+
+
+class FusedEvaAttention:
+    """timm's EvaAttention (DINOv3 models): qkv GEMM with the q/k/v biases, then rope_attention.
+
+    timm counts the un-rotated prefix from the front (num_prefix_tokens); rope_attention takes the
+    tokens before the last HW. When the two disagree (tokens prepended by a head, e.g. EoMT
+    queries) the original forward runs.
+    """
+
+    def forward(self, x, rope=None, attn_mask=None, is_causal=False):
+        B, N, C = x.shape
+        misplaced = rope is not None and (rope.dim() != 2 or N - rope.shape[0] != self.num_prefix_tokens)
+        backend = None
+        if not _attention_fallback(self.training, self.attn_drop.p, mask=attn_mask is not None,
+                                   causal=is_causal,
+                                   rope_layout=misplaced):
+            sin, cos = rope.chunk(2, dim=-1) if rope is not None else (None, None)  # timm: cat([sin, cos])
+            backend = _attention_backend(self, x, self.num_heads, self.qkv.weight, cos, sin)
+        if backend is None:
+            return super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+        bias = None if self.q_bias is None else torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        q, k, v = torch.nn.functional.linear(x, self.qkv.weight, bias).view(B, N, 3, self.num_heads,
+                                                                            -1).unbind(2)
+        out = ROPE_ATTENTION.run(backend, q, k, v, cos, sin, None, self.scale)
+        return self.proj_drop(self.proj(out.reshape(B, N, -1)))
+
+
+class FusedEvaBlock:
+    """timm's EvaBlock with the attention -> MLP seam (gamma_1, norm2) through add_layer_norm."""
+
+    def forward(self, x, rope=None, attn_mask=None, is_causal=False):
+        stochastic = not (isinstance(self.drop_path1, nn.Identity) and isinstance(self.drop_path2,
+                                                                                  nn.Identity))
+        if self.training and stochastic:
+            return super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+        h = self.attn(self.norm1(x), rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+        y, z = residual_layer_norm(x, h, self.gamma_1, self.norm2, self._fastdino_backend)
+        return mlp_residual(self.mlp, z, y, self.gamma_2)
+
+
+# transformers' DINOv3ViT layer, which the EoMT models copy
+LAYER_REASONS = seam_reasons(("norm1", "attention", "layer_scale1", "drop_path", "norm2", "mlp",
+                              "layer_scale2"),
+                             "layer_scale1", "norm2")
+HF_ATTENTION_BACKEND = attention_backend("q_proj", lambda m: m.head_dim)
+
+
+def _has_buffer(name: str):
+    return lambda m: [] if isinstance(getattr(m, name, None), Tensor) else [f"no {name} buffer"]
+
+
+RULES = (
+    # transformers (4.56+ and 5.x; the layer sits at layer.{i} or model.layer.{i})
+    Rule("DINOv3ViTLayer", FusedDINOv3ViTLayer, LAYER_REASONS, seam_backend("norm2")),
+    Rule("DINOv3ViTAttention", FusedDINOv3ViTAttention, hf_attention_reasons, HF_ATTENTION_BACKEND),
+    Rule("DINOv3ViTRopePositionEmbedding", CachedDINOv3ViTRopePositionEmbedding, _has_buffer("inv_freq"),
+         lambda m: "cache", pinnable=False),
+    # facebookresearch/dinov3 (dinov3/layers/block.py, attention.py, rope_position_encoding.py)
+    Rule("SelfAttentionBlock", FusedSelfAttentionBlock,
+         seam_reasons(("norm1", "attn", "ls1", "norm2", "mlp", "ls2", "sample_drop_ratio", "_forward_list"),
+                      "ls1", "norm2"),
+         seam_backend("norm2")),
+    Rule("SelfAttention", FusedSelfAttention, self_attention_reasons,
+         attention_backend("qkv", lambda m: m.qkv.in_features // m.num_heads)),
+    Rule("RopePositionEmbedding", CachedRopePositionEmbedding, _has_buffer("periods"), lambda m: "cache",
+         pinnable=False),
+    # timm (timm/models/eva.py)
+    Rule("EvaBlock", FusedEvaBlock, eva_block_reasons, seam_backend("norm2")),
+    Rule("EvaAttention", FusedEvaAttention, eva_attention_reasons, attention_backend("qkv",
+                                                                                     lambda m: m.head_dim)),
+)

@@ -1,0 +1,4 @@
+"""Model stand-ins for the tests: module trees written to the structure, class names and forward
+signatures of the official facebookresearch/dinov3 code (ViT, ViT-Adapter, Mask2Former head) and
+of timm's Eva (the DINOv3 ViTs), so that `fastdino.patch` sees what it sees in those libraries
+when they are not installed. Random init; no weights."""
