@@ -133,7 +133,8 @@ def markdown(rows):
         base = eager.get((r["model"], r["resolution"], r["batch"]))
         speed = f"{base / r['ms']:.2f}x" if base else "-"
         lines.append(f"| {r['model']} | {r['resolution']} | {r['batch']} | {r['variant']} | {r['ms']:.3f} | "
-                     f"{r['ms_per_img']:.3f} | {r['img_per_s']:.1f} | {r['peak_mib']:.0f} | {speed} | {r['rel_err']:.1e} |")
+                     f"{r['ms_per_img']:.3f} | {r['img_per_s']:.1f} | {r['peak_mib']:.0f} | {speed} | "
+                     f"{r['rel_err']:.1e} |")
     return "\n".join(lines)
 
 
@@ -144,8 +145,9 @@ def main(argv=None):
     p.add_argument("--batches", default="1,32")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--limit", default="",
-                   help="variant:model:res:batch list: a variant named here runs only for the listed configurations "
-                        "(e.g. max-autotune, which compiles for minutes); other variants run everywhere")
+                   help="variant:model:res:batch list: a variant named here runs only for the listed "
+                        "configurations (e.g. max-autotune, which compiles for minutes); other variants run "
+                        "everywhere")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args(argv)

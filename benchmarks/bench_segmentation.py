@@ -98,7 +98,8 @@ def main(argv=None):
                     feats = [torch.randn(batch, c, res // s, res // s, device="cuda")
                              for c, s in zip(PYRAMID, (4, 8, 16, 32))]
                     row = dict(model=name, resolution=res, batch=batch, dtype="torch.float32")
-                    rows += run_variants(model, lambda m: m(feats).mask_features, variants + ["fastdino-bf16"],
+                    rows += run_variants(model, lambda m: m(feats).mask_features,
+                                         variants + ["fastdino-bf16"],
                                          args.iters, row)
                     checks.append(verify_bf16(res, batch))
                 continue
@@ -117,7 +118,8 @@ def main(argv=None):
                     model = eomt(name, res, masks, dtype)
                     pixels = torch.randn(batch, 3, res, res, device="cuda", dtype=dtype)
                     row = dict(model=f"{name} masks {masks}", resolution=res, batch=batch, dtype=str(dtype))
-                    rows += run_variants(model, lambda m: m(pixel_values=pixels).masks_queries_logits, variants,
+                    rows += run_variants(model, lambda m: m(pixel_values=pixels).masks_queries_logits,
+                                         variants,
                                          args.iters, row)
                     del model
                     torch.cuda.empty_cache()

@@ -11,8 +11,9 @@ from collections import defaultdict
 def main(path):
     data = json.load(open(path))
     meta = data["machine_info"].get("fastdino", {})
-    print(f"GPU: {meta.get('gpu')} ({meta.get('gpu_capability')}); torch {meta.get('torch')} (CUDA {meta.get('torch_cuda')}); "
-          f"triton {meta.get('triton')}; fastdino._C CUDA runtime {meta.get('extension_cuda_runtime')}, archs "
+    print(f"GPU: {meta.get('gpu')} ({meta.get('gpu_capability')}); torch {meta.get('torch')} "
+          f"(CUDA {meta.get('torch_cuda')}); triton {meta.get('triton')}; fastdino._C CUDA runtime "
+          f"{meta.get('extension_cuda_runtime')}, archs "
           f"{meta.get('extension_cuda_archs')}; commit {meta.get('commit')}; {data.get('datetime')}")
     ops = defaultdict(lambda: defaultdict(dict))
     baselines = {}
@@ -30,7 +31,8 @@ def main(path):
         for (shape, dtype), prov in shapes.items():
             for p, e in prov.items():
                 ratios = [f"{prov[n]['ms'] / e['ms']:.2f}x" if n in prov else "-" for n in names]
-                print(f"| {shape} | {dtype} | {p} | {e['ms']:.4f} | {e['value']:.4g} | " + " | ".join(ratios) + " |")
+                print(f"| {shape} | {dtype} | {p} | {e['ms']:.4f} | {e['value']:.4g} | "
+                      + " | ".join(ratios) + " |")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ import torch
 
 # ViT-S/16 as published (facebook/dinov3-vits16-pretrain-lvd1689m).
 VITS16 = dict(
-    hidden_size=384, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=6, num_register_tokens=4,
+    hidden_size=384, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=6,
+    num_register_tokens=4,
     patch_size=16, image_size=224, layer_norm_eps=1e-5, rope_theta=100.0, hidden_act="gelu",
     query_bias=True, key_bias=False, value_bias=True, proj_bias=True, mlp_bias=True, use_gated_mlp=False,
 )
@@ -17,9 +18,11 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
 
 def add_arguments(parser):
-    parser.add_argument("--weights", help="a Hugging Face model directory or id, or a state_dict file (.pth/.safetensors)")
+    parser.add_argument("--weights",
+                        help="a Hugging Face model directory or id, or a state_dict file (.pth/.safetensors)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: bf16 on cuda, fp32 on cpu")
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"],
+                        help="default: bf16 on cuda, fp32 on cpu")
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--iters", type=int, help="timed iterations (default: 50 on cuda, 5 on cpu)")

@@ -48,11 +48,12 @@ class VerifyReport:
         return min((a.share for a in self.agreement), default=None)
 
     def __str__(self) -> str:
-        lines = ["| output | shape | dtype | max abs err | mean abs err | rel err |", "|---|---|---|---:|---:|---:|"]
-        lines += [f"| {e.name or '<output>'} | {tuple(e.shape)} | {e.dtype} | {e.max_abs:.3e} | {e.mean_abs:.3e} | "
-                  f"{e.rel:.3e} |" for e in self.errors]
-        lines += [f"argmax agreement {a.name}: {100 * a.share:.3f}% of {a.pixels} pixels (original map: {a.classes} "
-                  f"classes, the largest on {100 * a.majority:.1f}%)" for a in self.agreement]
+        lines = ["| output | shape | dtype | max abs err | mean abs err | rel err |",
+                 "|---|---|---|---:|---:|---:|"]
+        lines += [f"| {e.name or '<output>'} | {tuple(e.shape)} | {e.dtype} | {e.max_abs:.3e} | "
+                  f"{e.mean_abs:.3e} | {e.rel:.3e} |" for e in self.errors]
+        lines += [f"argmax agreement {a.name}: {100 * a.share:.3f}% of {a.pixels} pixels (original map: "
+                  f"{a.classes} classes, the largest on {100 * a.majority:.1f}%)" for a in self.agreement]
         return "\n".join(lines)
 
 
@@ -106,7 +107,8 @@ def _agreements(ref: dict[str, Tensor], out: dict[str, Tensor]) -> list[Agreemen
     return found
 
 
-def verify(model: nn.Module, inputs, backend: Optional[str] = None, precision: Optional[str] = None) -> VerifyReport:
+def verify(model: nn.Module, inputs, backend: Optional[str] = None,
+           precision: Optional[str] = None) -> VerifyReport:
     """Run `model` unpatched and patched (fastdino.patch with `backend` and `precision`) on `inputs`
     (a tensor, a tuple of positional arguments or a dict of keyword arguments) and report, per
     output tensor, the max and mean absolute error and the relative error against the original;

@@ -77,7 +77,8 @@ def _fused_linear_kernel(
             acc = acc * tl.load(G + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         r = tl.load(R + offs_m.to(tl.int64)[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0)
         acc += r.to(tl.float32)
-    tl.store(Y + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty),
+             mask=mask)
 
 
 def fused_linear_config(M: int, N: int, K: int, dtype_bytes: int, act: int):
@@ -107,22 +108,26 @@ def fused_linear_fwd(x, weight, bias, weight2, bias2, residual, gamma, act, out,
         x, weight, bias if bias is not None else weight, w2, bias2 if bias2 is not None else weight,
         residual if residual is not None else out, gamma if gamma is not None else weight, out,
         M, N, K,
-        x.stride(0), weight.stride(0), w2.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
+        x.stride(0), weight.stride(0), w2.stride(0), residual.stride(0) if residual is not None else 0,
+        out.stride(0),
         ACT=act_id, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, HAS_GAMMA=gamma is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
-        UPCAST=interpret and x.dtype != torch.float32, PRECISION="tf32x3" if x.dtype == torch.float32 else "tf32",
+        UPCAST=interpret and x.dtype != torch.float32,
+        PRECISION="tf32x3" if x.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,
     )
 
 
 def compile_configs():
-    """Every (signature, constexprs, options, attrs) fused_linear_fwd can launch, for the sm_90 compile check."""
+    """Every (signature, constexprs, options, attrs) fused_linear_fwd can launch, for the sm_90 compile
+    check."""
     configs = []
     names = list(_fused_linear_kernel.arg_names)
     for dtype, nbytes in (("fp32", 4), ("fp16", 2), ("bf16", 2)):
         for act in (ACT_NONE, ACT_GELU, ACT_SWIGLU):
             for residual in (False, True):
-                block_m, block_n, block_k, num_warps, num_stages = fused_linear_config(4096, 4096, 1024, nbytes, act)
+                block_m, block_n, block_k, num_warps, num_stages = fused_linear_config(4096, 4096, 1024,
+                                                                                       nbytes, act)
                 signature = {n: f"*{dtype}" for n in ("X", "W", "B", "W2", "B2", "R", "G", "Y")}
                 signature.update(M="i32", N="i32", K="i32")
                 signature.update({n: "i32" for n in names if n.startswith("stride_")})

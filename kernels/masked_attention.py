@@ -88,7 +88,8 @@ def _masked_attention_fwd_kernel(
     m_ok = offs_m < LQ
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    q = tl.load(Q + offs_m.to(tl.int64)[:, None] * stride_qn + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :],
+    q = tl.load(Q + offs_m.to(tl.int64)[:, None] * stride_qn + offs_d[None, :],
+                mask=m_ok[:, None] & d_ok[None, :],
                 other=0.0)
     if UPCAST:  # the interpreter's 16-bit dots are wrong; fp32 holds 16-bit values exactly
         q = q.to(tl.float32)
@@ -102,7 +103,8 @@ def _masked_attention_fwd_kernel(
     for start_n in range(0, LK, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < LK
-        k = tl.load(K + offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :],
+        k = tl.load(K + offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :],
                     other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
@@ -113,7 +115,8 @@ def _masked_attention_fwd_kernel(
                         mask=m_ok[:, None] & n_ok[None, :], other=0.0)
             keep = keep & (lift[:, None] | ~_blocked(x))
         s = tl.where(keep, s, float("-inf"))
-        v = tl.load(V + offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :],
+        v = tl.load(V + offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :],
                     other=0.0)
         acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, v, UPCAST, PRECISION, True)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -168,7 +171,8 @@ def masked_attention_fwd(q, k, v, mask_logits, scale, out, interpret=False):
         *out.stride()[:3],
         H, Lq, Lk, scale * LOG2E,
         D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=block_m, BLOCK_N=block_n, MASK=mask,
-        UPCAST=interpret and q.dtype != torch.float32, PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32",
+        UPCAST=interpret and q.dtype != torch.float32,
+        PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,
     )
 
@@ -178,7 +182,8 @@ def compile_configs():
     configs = []
     for mdtype in ("fp32", "bf16"):
         configs.append((_masked_attention_lift_kernel,
-                        {"M": f"*{mdtype}", "LIFT": "*i8", "stride_mb": "i32", "stride_mq": "i32", "LQ": "i32",
+                        {"M": f"*{mdtype}", "LIFT": "*i8", "stride_mb": "i32", "stride_mq": "i32",
+                         "LQ": "i32",
                          "LK": "i32", "BLOCK": "constexpr"}, {"BLOCK": LIFT_BLOCK}, dict(num_warps=4)))
     order = list(_masked_attention_fwd_kernel.arg_names)
     for dtype, nbytes in (("fp32", 4), ("fp16", 2), ("bf16", 2)):
@@ -191,14 +196,16 @@ def compile_configs():
                     signature = {name: f"*{dtype}" for name in ("Q", "K", "V", "O")}
                     signature.update(M=f"*{mask_dtype}", LIFT="*i8")
                     signature.update({f"stride_{t}{s}": "i32" for t in "qkvo" for s in "bnh"})
-                    signature.update(stride_mb="i32", stride_mq="i32", H="i32", LQ="i32", LK="i32", qk_scale="fp32")
+                    signature.update(stride_mb="i32", stride_mq="i32", H="i32", LQ="i32", LK="i32",
+                                     qk_scale="fp32")
                     constexprs = dict(D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m,
                                       BLOCK_N=block_n, MASK=True, UPCAST=False,
                                       PRECISION="tf32x3" if dtype == "fp32" else "tf32")
                     # Pointers and strides divisible by 16 as at launch on 16-aligned tensors (the
                     # logits' row stride, HW, need not be).
                     attrs = {(order.index(n),): [["tt.divisibility", 16]] for n in signature
-                             if n in ("Q", "K", "V", "O", "M") or (n.startswith("stride_") and n != "stride_mq")}
+                             if n in ("Q", "K", "V", "O",
+                                      "M") or (n.startswith("stride_") and n != "stride_mq")}
                     signature = {n: signature[n] for n in order if n in signature}
                     signature.update({name: "constexpr" for name in constexprs})
                     configs.append((_masked_attention_fwd_kernel, signature, constexprs,

@@ -91,7 +91,8 @@ def _ms_deform_attn_fwd_kernel(
             # Validity in float: far-out (or NaN) locations need not fit an int.
             ok = q_ok & (cx >= 0.0) & (cx <= Wl - 1.0) & (cy >= 0.0) & (cy <= Hl - 1.0)
             w = (fy if dy == 1 else 1.0 - fy) * (fx if dx == 1 else 1.0 - fx)
-            row = (start + tl.where(ok, cy, 0.0).to(tl.int64) * Wl_i + tl.where(ok, cx, 0.0).to(tl.int64)).to(tl.int32)
+            row = (start + tl.where(ok, cy, 0.0).to(tl.int64) * Wl_i + tl.where(ok, cx,
+                                                                                0.0).to(tl.int64)).to(tl.int32)
             ok = ok & (row >= 0) & (row < S)
             # (row * Hh) * Dh with Dh constexpr: the compiler sees rows aligned to Dh and vectorises.
             vals = tl.load(v_head + ((row * Hh) * Dh)[:, None] + d[None, :], mask=ok[:, None] & d_ok[None, :],
@@ -144,7 +145,8 @@ def compile_configs():
                 block_q, block_d, num_warps = ms_deform_attn_config(Dh)
                 ldtype = dtype if (R == 2 and dtype == "bf16") else "fp32"
                 signature = {"V": f"*{dtype}", "SHAPES": "*i64", "STARTS": "*i64", "LOC": f"*{ldtype}",
-                             "ATTW": f"*{ldtype}", "REF": "*fp32", "OUT": f"*{dtype}", "Lq": "i32", "S": "i32",
+                             "ATTW": f"*{ldtype}", "REF": "*fp32", "OUT": f"*{dtype}", "Lq": "i32",
+                             "S": "i32",
                              "Hh": "i32", "stride_ref_b": "i32"}
                 constexprs = dict(Dh=Dh, L=L, P=4, R=R, BLOCK_Q=block_q, BLOCK_D=block_d)
                 signature.update({name: "constexpr" for name in constexprs})
@@ -152,5 +154,6 @@ def compile_configs():
                 order = list(_ms_deform_attn_fwd_kernel.arg_names)
                 attrs = {(order.index(n),): [["tt.divisibility", 16]]
                          for n in ("V", "SHAPES", "STARTS", "LOC", "ATTW", "REF", "OUT")}
-                configs.append((_ms_deform_attn_fwd_kernel, signature, constexprs, dict(num_warps=num_warps), attrs))
+                configs.append((_ms_deform_attn_fwd_kernel, signature, constexprs, dict(num_warps=num_warps),
+                                attrs))
     return configs

@@ -55,7 +55,8 @@ def _load_halves(P, rows, mask, stride_n, prefix, N, COS, SIN, stride_cs, offs_h
     lo = tl.load(P + off, mask=mask, other=0.0)
     hi = tl.load(P + off + HALF, mask=mask, other=0.0)
     if ROPE:
-        lo, hi = _rope_rows(lo.to(tl.float32), hi.to(tl.float32), rows, prefix, N, COS, SIN, stride_cs, offs_h, h_ok,
+        lo, hi = _rope_rows(lo.to(tl.float32), hi.to(tl.float32), rows, prefix, N, COS, SIN, stride_cs,
+                            offs_h, h_ok,
                             HALF)
         lo = lo.to(P.dtype.element_ty)
         hi = hi.to(P.dtype.element_ty)
@@ -67,9 +68,11 @@ def _load_halves(P, rows, mask, stride_n, prefix, N, COS, SIN, stride_cs, offs_h
 
 @triton.jit
 def _attend_block(
-    acc, m_i, l_i, q_lo, q_hi, K, V, COS, SIN, ML, stride_kn, stride_vn, stride_cs, stride_mq, stride_mk, start_n, N,
+    acc, m_i, l_i, q_lo, q_hi, K, V, COS, SIN, ML, stride_kn, stride_vn, stride_cs, stride_mq, stride_mk,
+    start_n, N,
     prefix, qk_scale, offs_m, M, mask_start, offs_h, h_ok, offs_d, d_ok,
-    HALF: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr, MASK_N: tl.constexpr, MASK_KEYS: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr, MASK_N: tl.constexpr,
+    MASK_KEYS: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One key block of the online softmax. MASK_N only on the last, partial block; MASK_KEYS on the
@@ -77,7 +80,8 @@ def _attend_block(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     km = (n_ok[:, None] & h_ok[None, :]) if MASK_N else h_ok[None, :]
-    k_lo, k_hi = _load_halves(K, offs_n, km, stride_kn, prefix, N, COS, SIN, stride_cs, offs_h, h_ok, HALF, ROPE,
+    k_lo, k_hi = _load_halves(K, offs_n, km, stride_kn, prefix, N, COS, SIN, stride_cs, offs_h, h_ok, HALF,
+                              ROPE,
                               UPCAST)
     s = tl.dot(q_lo, tl.trans(k_lo), input_precision=PRECISION)
     s = tl.dot(q_hi, tl.trans(k_hi), s, input_precision=PRECISION)
@@ -87,7 +91,8 @@ def _attend_block(
     if MASK_KEYS:
         ruled = (offs_m < M)[:, None] & ((offs_n >= mask_start) & n_ok)[None, :]
         col = offs_n - mask_start  # negative only where `ruled` is False; kept contiguous so loads vectorise
-        logit = tl.load(ML + offs_m[:, None] * stride_mq + col[None, :] * stride_mk, mask=ruled,  # M*K < 2**31
+        # M*K < 2**31
+        logit = tl.load(ML + offs_m[:, None] * stride_mq + col[None, :] * stride_mk, mask=ruled,
                         other=1.0).to(tl.float32)  # exact; the interpreter compares raw bf16 bits otherwise
         s = tl.where(ruled & ~(logit > 0), float("-inf"), s)  # NaN blocks, as `logit > 0` is False
     v_off = offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :]
@@ -106,7 +111,8 @@ def _rope_attention_fwd_kernel(
     stride_cs,
     stride_mb, stride_mq, stride_mk,  # mask logits (B, M, N - mask_start), any strides
     H, N, row_start, row_end, prefix, M, mask_start, qk_scale,  # qk_scale = scale * log2(e)
-    D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     ROPE: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     HALF: tl.constexpr = D // 2
@@ -127,7 +133,8 @@ def _rope_attention_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
 
-    q_lo, q_hi = _load_halves(Q, offs_m, m_ok[:, None] & h_ok[None, :], stride_qn, prefix, N, COS, SIN, stride_cs,
+    q_lo, q_hi = _load_halves(Q, offs_m, m_ok[:, None] & h_ok[None, :], stride_qn, prefix, N, COS, SIN,
+                              stride_cs,
                               offs_h, h_ok, HALF, ROPE, UPCAST)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -141,20 +148,23 @@ def _rope_attention_fwd_kernel(
         mask_from = (mask_start // BLOCK_N) * BLOCK_N
     for start_n in range(0, mask_from, BLOCK_N):
         acc, m_i, l_i = _attend_block(
-            acc, m_i, l_i, q_lo, q_hi, K, V, COS, SIN, ML, stride_kn, stride_vn, stride_cs, stride_mq, stride_mk,
+            acc, m_i, l_i, q_lo, q_hi, K, V, COS, SIN, ML, stride_kn, stride_vn, stride_cs, stride_mq,
+            stride_mk,
             start_n, N, prefix, qk_scale, offs_m, M, mask_start, offs_h, h_ok, offs_d, d_ok,
             HALF, BLOCK_N, ROPE, False, False, UPCAST, PRECISION,
         )
     if MASKED:
         for start_n in range(mask_from, n_full, BLOCK_N):
             acc, m_i, l_i = _attend_block(
-                acc, m_i, l_i, q_lo, q_hi, K, V, COS, SIN, ML, stride_kn, stride_vn, stride_cs, stride_mq, stride_mk,
+                acc, m_i, l_i, q_lo, q_hi, K, V, COS, SIN, ML, stride_kn, stride_vn, stride_cs, stride_mq,
+                stride_mk,
                 start_n, N, prefix, qk_scale, offs_m, M, mask_start, offs_h, h_ok, offs_d, d_ok,
                 HALF, BLOCK_N, ROPE, False, True, UPCAST, PRECISION,
             )
     if n_full < N:
         acc, m_i, l_i = _attend_block(
-            acc, m_i, l_i, q_lo, q_hi, K, V, COS, SIN, ML, stride_kn, stride_vn, stride_cs, stride_mq, stride_mk,
+            acc, m_i, l_i, q_lo, q_hi, K, V, COS, SIN, ML, stride_kn, stride_vn, stride_cs, stride_mq,
+            stride_mk,
             n_full, N, prefix, qk_scale, offs_m, M, mask_start, offs_h, h_ok, offs_d, d_ok,
             HALF, BLOCK_N, ROPE, True, MASKED, UPCAST, PRECISION,
         )
@@ -163,7 +173,8 @@ def _rope_attention_fwd_kernel(
     tl.store(O + o_off, out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
 
-def rope_attention_config(B: int, H: int, N: int, D: int, dtype_bytes: int, sms: int = 132, masked: bool = False):
+def rope_attention_config(B: int, H: int, N: int, D: int, dtype_bytes: int, sms: int = 132,
+                          masked: bool = False):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for one launch over N query rows.
 
     128 query rows per program when that still gives every SM a program, else 64 (batch 1 of a
@@ -212,7 +223,8 @@ def rope_attention_fwd(q, k, v, cos, sin, scale, out, mask_logits=None, interpre
             *(mask_logits.stride() if masked else (0, 0, 0)),
             H, N, row_start, row_end, N - hw, rows, N - mask_keys, scale * LOG2E,
             D=D, BLOCK_H=max(16, triton.next_power_of_2(D // 2)), BLOCK_D=max(16, triton.next_power_of_2(D)),
-            BLOCK_M=block_m, BLOCK_N=block_n, ROPE=rope, MASKED=masked, UPCAST=interpret and q.dtype != torch.float32,
+            BLOCK_M=block_m, BLOCK_N=block_n, ROPE=rope, MASKED=masked,
+            UPCAST=interpret and q.dtype != torch.float32,
             PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32",
             num_warps=num_warps, num_stages=num_stages,
         )
@@ -233,10 +245,12 @@ def compile_configs():
                 signature.update(COS="*fp32", SIN="*fp32")  # the tables the modules pass are fp32
                 signature.update({f"stride_{t}{s}": "i32" for t in "qkvo" for s in "bnh"})
                 signature.update(stride_mb="i32", stride_mq="i32")
-                signature.update(stride_cs="i32", H="i32", N="i32", row_start="i32", row_end="i32", prefix="i32",
+                signature.update(stride_cs="i32", H="i32", N="i32", row_start="i32", row_end="i32",
+                                 prefix="i32",
                                  M="i32", mask_start="i32", qk_scale="fp32")
                 constexprs = dict(D=d, BLOCK_H=max(16, triton.next_power_of_2(d // 2)),
-                                  BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, BLOCK_N=block_n,
+                                  BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m,
+                                  BLOCK_N=block_n,
                                   stride_mk=1, ROPE=True, MASKED=masked, UPCAST=False,
                                   PRECISION="tf32x3" if dtype == "fp32" else "tf32")
                 # Pointers and strides divisible by 16, as at launch for 16-multiple head dims: this
