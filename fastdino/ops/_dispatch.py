@@ -82,6 +82,8 @@ class Op:
     def __call__(self, *args, backend: Optional[str] = None):
         """Check the arguments once, choose once, run."""
         self.check(*args)
+        if backend == "ref":
+            return self.run("ref", *args)
         if backend is None:
             backend = self.pick(*args)[0]
         elif backend in _NATIVE and args[0].device.type == backend and not _grad_reasons(args):
@@ -92,7 +94,7 @@ class Op:
             except RuntimeError:
                 self.choose(backend, *args)  # ValueError with the reasons, where there are some
                 raise
-        elif backend != "ref":
+        else:
             self.choose(backend, *args)
         return self.run(backend, *args)
 
