@@ -51,27 +51,28 @@ def check(x, weight, bias=None, act=None, weight2=None, bias2=None, residual=Non
     """Shape, device and argument errors of every backend (ValueError naming the argument)."""
     if act not in ACTS:
         raise ValueError(f"fused_linear: act must be one of {list(ACTS)}, got {act!r}")
-    if x.dim() < 1 or weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
-        raise ValueError(f"fused_linear: weight must be (N, {x.shape[-1] if x.dim() else '?'}), got "
-                         f"{tuple(weight.shape)} for x {tuple(x.shape)}")
-    N = weight.shape[0]
+    shape, wshape, device = x.shape, weight.shape, x.device  # read once: every tensor attribute costs a call
+    if not shape or len(wshape) != 2 or wshape[1] != shape[-1]:
+        raise ValueError(f"fused_linear: weight must be (N, {shape[-1] if shape else '?'}), got "
+                         f"{tuple(wshape)} for x {tuple(shape)}")
+    N = wshape[0]
     if (act == "swiglu") != (weight2 is not None):
         raise ValueError("fused_linear: weight2 is required by act='swiglu' and only by it")
-    if weight2 is not None and weight2.shape != weight.shape:
+    if weight2 is not None and weight2.shape != wshape:
         raise ValueError(f"fused_linear: weight2 has shape {tuple(weight2.shape)} but weight has "
-                         f"{tuple(weight.shape)}")
+                         f"{tuple(wshape)}")
     for name, t in (("bias", bias), ("bias2", bias2), ("gamma", gamma)):
-        if t is not None and tuple(t.shape) != (N,):
+        if t is not None and t.shape != (N,):
             raise ValueError(f"fused_linear: {name} must have shape ({N},), got {tuple(t.shape)}")
     if gamma is not None and residual is None:
         raise ValueError("fused_linear: gamma scales the branch added to residual; residual is missing")
-    if residual is not None and tuple(residual.shape) != (*x.shape[:-1], N):
-        raise ValueError(f"fused_linear: residual must have shape {(*x.shape[:-1], N)}, "
+    if residual is not None and residual.shape != (*shape[:-1], N):
+        raise ValueError(f"fused_linear: residual must have shape {(*shape[:-1], N)}, "
                          f"got {tuple(residual.shape)}")
     for name, t in (("weight", weight), ("bias", bias), ("weight2", weight2), ("bias2", bias2),
                     ("residual", residual), ("gamma", gamma)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"fused_linear: {name} is on {t.device} but x is on {x.device}")
+        if t is not None and t.device != device:
+            raise ValueError(f"fused_linear: {name} is on {t.device} but x is on {device}")
 
 
 def reasons(backend, x, weight, bias=None, act=None, weight2=None, bias2=None, residual=None, gamma=None):

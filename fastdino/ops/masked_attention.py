@@ -56,21 +56,22 @@ def masked_attention_ref(q: Tensor, k: Tensor, v: Tensor, mask_logits: Optional[
 
 def check(q, k, v, mask_logits=None, scale=None):
     """Shape and device errors every backend shares (ValueError naming the argument)."""
-    if q.dim() != 4:
-        raise ValueError(f"masked_attention: q must be (B, Lq, H, D), got shape {tuple(q.shape)}")
-    B, Lq, H, D = q.shape
-    if k.dim() != 4 or (k.shape[0], k.shape[2], k.shape[3]) != (B, H, D):
-        raise ValueError(f"masked_attention: k must be (B={B}, Lk, H={H}, D={D}), got shape {tuple(k.shape)}")
-    if v.shape != k.shape:
-        raise ValueError(f"masked_attention: v has shape {tuple(v.shape)} but k has {tuple(k.shape)}")
-    if k.shape[1] == 0:
+    shape, kshape, device = q.shape, k.shape, q.device  # read once: every tensor attribute costs a call
+    if len(shape) != 4:
+        raise ValueError(f"masked_attention: q must be (B, Lq, H, D), got shape {tuple(shape)}")
+    B, Lq, H, D = shape
+    if len(kshape) != 4 or (kshape[0], kshape[2], kshape[3]) != (B, H, D):
+        raise ValueError(f"masked_attention: k must be (B={B}, Lk, H={H}, D={D}), got shape {tuple(kshape)}")
+    if v.shape != kshape:
+        raise ValueError(f"masked_attention: v has shape {tuple(v.shape)} but k has {tuple(kshape)}")
+    if kshape[1] == 0:
         raise ValueError("masked_attention: k and v have no keys (Lk = 0)")
-    if mask_logits is not None and tuple(mask_logits.shape) != (B, Lq, k.shape[1]):
-        raise ValueError(f"masked_attention: mask_logits must be (B={B}, Lq={Lq}, Lk={k.shape[1]}), "
+    if mask_logits is not None and mask_logits.shape != (B, Lq, kshape[1]):
+        raise ValueError(f"masked_attention: mask_logits must be (B={B}, Lq={Lq}, Lk={kshape[1]}), "
                          f"got shape {tuple(mask_logits.shape)}")
     for name, t in (("k", k), ("v", v), ("mask_logits", mask_logits)):
-        if t is not None and t.device != q.device:
-            raise ValueError(f"masked_attention: {name} is on {t.device} but q is on {q.device}")
+        if t is not None and t.device != device:
+            raise ValueError(f"masked_attention: {name} is on {t.device} but q is on {device}")
 
 
 def reasons(backend, q, k, v, mask_logits=None, scale=None) -> list[str]:

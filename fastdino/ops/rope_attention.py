@@ -76,33 +76,34 @@ def rope_attention_ref(q, k, v, cos=None, sin=None, scale=None, mask_logits=None
 
 def check(q, k, v, cos=None, sin=None, mask_logits=None, scale=None):
     """Shape and device errors of every backend (ValueError naming the argument)."""
-    if q.dim() != 4:
-        raise ValueError(f"rope_attention: q must be (B, N, H, D), got shape {tuple(q.shape)}")
+    shape, device = q.shape, q.device  # read once: every tensor attribute costs a call
+    if len(shape) != 4:
+        raise ValueError(f"rope_attention: q must be (B, N, H, D), got shape {tuple(shape)}")
+    B, N, _, D = shape
     for name, t in (("k", k), ("v", v)):
-        if t.shape != q.shape:
-            raise ValueError(f"rope_attention: {name} has shape {tuple(t.shape)} but q has {tuple(q.shape)}")
-        if t.device != q.device:
-            raise ValueError(f"rope_attention: {name} is on {t.device} but q is on {q.device}")
+        if t.shape != shape:
+            raise ValueError(f"rope_attention: {name} has shape {tuple(t.shape)} but q has {tuple(shape)}")
+        if t.device != device:
+            raise ValueError(f"rope_attention: {name} is on {t.device} but q is on {device}")
     if (cos is None) != (sin is None):
         raise ValueError("rope_attention: cos and sin must be given together")
     if cos is not None:
-        N, D = q.shape[1], q.shape[3]
         for name, t in (("cos", cos), ("sin", sin)):
-            if t.dim() != 2 or t.shape[1] != D or t.shape[0] > N:
+            table = t.shape
+            if len(table) != 2 or table[1] != D or table[0] > N:
                 raise ValueError(f"rope_attention: {name} must be (HW, {D}) with HW <= N={N}, "
-                                 f"got {tuple(t.shape)}")
-            if t.device != q.device:
-                raise ValueError(f"rope_attention: {name} is on {t.device} but q is on {q.device}")
+                                 f"got {tuple(table)}")
+            if t.device != device:
+                raise ValueError(f"rope_attention: {name} is on {t.device} but q is on {device}")
         if D % 2:
             raise ValueError(f"rope_attention: RoPE needs an even head dim, got {D}")
     if mask_logits is not None:
-        B, N = q.shape[:2]
-        if (mask_logits.dim() != 3 or mask_logits.shape[0] != B
-                or mask_logits.shape[1] + mask_logits.shape[2] > N):
+        m = mask_logits.shape
+        if len(m) != 3 or m[0] != B or m[1] + m[2] > N:
             raise ValueError(f"rope_attention: mask_logits must be (B={B}, M, K) with M + K <= N={N}, "
-                             f"got {tuple(mask_logits.shape)}")
-        if mask_logits.device != q.device:
-            raise ValueError(f"rope_attention: mask_logits is on {mask_logits.device} but q is on {q.device}")
+                             f"got {tuple(m)}")
+        if mask_logits.device != device:
+            raise ValueError(f"rope_attention: mask_logits is on {mask_logits.device} but q is on {device}")
         if not mask_logits.is_floating_point():
             raise ValueError(f"rope_attention: mask_logits must be floating point, got {mask_logits.dtype}")
 
