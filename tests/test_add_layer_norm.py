@@ -212,3 +212,11 @@ def test_add_layer_norm_compile_fullgraph(backend):
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     for got, want in zip(compiled(*inputs), fn(*inputs)):
         torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", [None, "ref"])
+def test_integer_inputs_are_named(backend):
+    # int64 once came back as int64 from the reference.
+    x, branch, gamma, weight, bias = (t.long() for t in make_inputs((2, 3, 8), torch.float32, "cpu"))
+    with pytest.raises(ValueError, match="x must be floating point, got torch.int64"):
+        add_layer_norm(x, branch, gamma, weight, bias, backend=backend)

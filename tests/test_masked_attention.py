@@ -216,3 +216,15 @@ def test_masked_attention_opcheck():
 def test_masked_attention_triton_opcheck():
     q, k, v, logits = make_inputs(1, 6, 20, 2, 24, torch.float32, device=DEVICE)
     torch.library.opcheck(masked_attention_triton, (q, k, v, logits, 0.2))
+
+
+@pytest.mark.parametrize("backend", [None, "triton", "ref"] + (["cpu"] if _ext.HAS_EXT else []))
+def test_bool_mask_head_dim_0_and_integer_inputs_are_named(backend):
+    # A boolean mask once ran as no mask at all on the default path.
+    q, k, v, logits = make_inputs(1, 4, 9, 2, 16, torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="mask_logits must be the floating-point mask logits .*torch.bool"):
+        masked_attention(q, k, v, logits > 0, backend=backend)
+    with pytest.raises(ValueError, match="q has head dim 0"):
+        masked_attention(*(torch.randn(1, 3, 2, 0) for _ in range(3)), backend=backend)
+    with pytest.raises(ValueError, match="q must be floating point, got torch.int32"):
+        masked_attention(*(torch.ones(1, 3, 2, 8, dtype=torch.int32) for _ in range(3)), backend=backend)

@@ -302,3 +302,29 @@ def test_cuda_path_does_not_synchronise():
             run(fused, backend)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+BACKENDS_ON_CPU = [None, "triton", "ref"] + (["cpu"] if _ext.HAS_EXT else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS_ON_CPU)
+@pytest.mark.parametrize("starts", [[0, 1000], [6, 0]], ids=["past-the-end", "reordered"])
+def test_level_start_index_must_be_the_packed_levels(starts, backend):
+    # Starts past the value's end once ran on every backend, and reordered starts gave kernels and
+    # reference different answers (the reference assumes packed levels).
+    value, shapes, _, loc, w = make_inputs(2, 3, 2, 4, [(4, 5), (2, 3)], device="cpu")
+    with pytest.raises(ValueError, match=r"level_start_index must be \[0, 20\]"):
+        ms_deform_attn(value, shapes, torch.tensor(starts), loc, w, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_ON_CPU)
+def test_value_length_float_shapes_and_integer_values_are_named(backend):
+    value, shapes, starts, loc, w = make_inputs(2, 3, 2, 4, [(4, 5), (2, 3)], device="cpu")
+    with pytest.raises(ValueError, match="spatial_shapes cover 26 rows but value has S=10"):
+        ms_deform_attn(value[:, :10].contiguous(), [(4, 5), (2, 3)], None, loc, w, backend=backend)
+    with pytest.raises(ValueError, match=r"spatial_shapes must be L=2 pairs of int \(H, W\)"):
+        ms_deform_attn(value, [(4.0, 5.0), (2.0, 3.0)], None, loc, w, backend=backend)
+    with pytest.raises(ValueError, match="spatial_shapes must hold integer"):
+        ms_deform_attn(value, shapes.float(), starts, loc, w, backend=backend)
+    with pytest.raises(ValueError, match="value must be floating point, got torch.int32"):
+        ms_deform_attn(value.int(), shapes, starts, loc, w, backend=backend)

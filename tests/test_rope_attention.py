@@ -329,3 +329,24 @@ def test_rope_attention_compile_fullgraph(backend):
     fn = torch.compile(lambda *a: rope_attention(*a, backend=backend), fullgraph=True)
     torch.testing.assert_close(fn(q, k, v, cos, sin), rope_attention_ref(q, k, v, cos, sin), atol=2e-5,
                                rtol=2e-5)
+
+
+# -- arguments checked before any kernel reads memory ------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", [None, "triton", "ref"] + (["cpu"] if _ext.HAS_EXT else []))
+def test_cos_and_sin_must_match(backend):
+    # A shorter sin once sent the Triton kernel past its end (results changed run to run).
+    q, k, v, cos, sin = make_inputs(1, 17, 2, 16, 1, torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"cos has shape \(16, 16\) but sin has \(15, 16\)"):
+        rope_attention(q, k, v, cos, sin[:15].clone(), backend=backend)
+
+
+def test_head_dim_0_integer_inputs_and_sdpa_layout_are_named():
+    with pytest.raises(ValueError, match="q has head dim 0"):
+        rope_attention(*(torch.randn(1, 17, 2, 0) for _ in range(3)))
+    with pytest.raises(ValueError, match="q must be floating point, got torch.int64"):
+        rope_attention(*(torch.ones(1, 17, 2, 16, dtype=torch.long) for _ in range(3)))
+    q, k, v, cos, sin = make_inputs(1, 17, 2, 16, 1, torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"token-major \(B, N, H, D\); SDPA's \(B, H, N, D\)"):
+        rope_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), cos, sin)

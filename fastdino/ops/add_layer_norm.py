@@ -47,6 +47,8 @@ def check(x, branch, gamma, weight, bias, eps=None):
         raise ValueError(f"add_layer_norm: x must have a non-empty last dim, got shape {tuple(shape)}")
     if branch.shape != shape:
         raise ValueError(f"add_layer_norm: branch has shape {tuple(branch.shape)} but x has {tuple(shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"add_layer_norm: x must be floating point, got {x.dtype}")
     C = shape[-1]
     for name, t in (("branch", branch), ("gamma", gamma), ("weight", weight), ("bias", bias)):
         if t is None:

@@ -55,6 +55,8 @@ def check(x, weight, bias=None, act=None, weight2=None, bias2=None, residual=Non
     if not shape or len(wshape) != 2 or wshape[1] != shape[-1]:
         raise ValueError(f"fused_linear: weight must be (N, {shape[-1] if shape else '?'}), got "
                          f"{tuple(wshape)} for x {tuple(shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"fused_linear: x must be floating point, got {x.dtype}")
     N = wshape[0]
     if (act == "swiglu") != (weight2 is not None):
         raise ValueError("fused_linear: weight2 is required by act='swiglu' and only by it")

@@ -60,6 +60,10 @@ def check(q, k, v, mask_logits=None, scale=None):
     if len(shape) != 4:
         raise ValueError(f"masked_attention: q must be (B, Lq, H, D), got shape {tuple(shape)}")
     B, Lq, H, D = shape
+    if D == 0:
+        raise ValueError(f"masked_attention: q has head dim 0 (shape {tuple(shape)}, read as (B, Lq, H, D))")
+    if not q.is_floating_point():
+        raise ValueError(f"masked_attention: q must be floating point, got {q.dtype}")
     if len(kshape) != 4 or (kshape[0], kshape[2], kshape[3]) != (B, H, D):
         raise ValueError(f"masked_attention: k must be (B={B}, Lk, H={H}, D={D}), got shape {tuple(kshape)}")
     if v.shape != kshape:
@@ -69,6 +73,9 @@ def check(q, k, v, mask_logits=None, scale=None):
     if mask_logits is not None and mask_logits.shape != (B, Lq, kshape[1]):
         raise ValueError(f"masked_attention: mask_logits must be (B={B}, Lq={Lq}, Lk={kshape[1]}), "
                          f"got shape {tuple(mask_logits.shape)}")
+    if mask_logits is not None and not mask_logits.is_floating_point():
+        raise ValueError(f"masked_attention: mask_logits must be the floating-point mask logits (a key is "
+                         f"blocked where sigmoid(logit) < 0.5), got {mask_logits.dtype}")
     for name, t in (("k", k), ("v", v), ("mask_logits", mask_logits)):
         if t is not None and t.device != device:
             raise ValueError(f"masked_attention: {name} is on {t.device} but q is on {device}")

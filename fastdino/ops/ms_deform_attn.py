@@ -112,17 +112,44 @@ def check(value, spatial_shapes, level_start_index, sampling_locations, attentio
         raise ValueError(f"ms_deform_attn: attention_weights must be {tuple(loc.shape[:5])}, "
                          f"got {tuple(attention_weights.shape)}")
     L = loc.shape[3]
+    for name, t in (("value", value), ("sampling_locations", loc), ("attention_weights", attention_weights)):
+        if not t.is_floating_point():
+            raise ValueError(f"ms_deform_attn: {name} must be floating point, got {t.dtype}")
     if isinstance(spatial_shapes, Tensor):
         if tuple(spatial_shapes.shape) != (L, 2):
             raise ValueError(f"ms_deform_attn: spatial_shapes must be (L={L}, 2), "
                              f"got {tuple(spatial_shapes.shape)}")
+        dt = spatial_shapes.dtype
+        if dt.is_floating_point or dt.is_complex or dt == torch.bool:
+            raise ValueError(f"ms_deform_attn: spatial_shapes must hold integer (H, W) (int64 for the "
+                             f"kernels), got {dt}")
         # read on the host only where they live there: no device sync
-        covered = sum(h * w for h, w in spatial_shapes.tolist()) if spatial_shapes.device.type == "cpu" else S
-        if covered != S:
-            raise ValueError(f"ms_deform_attn: spatial_shapes cover {covered} rows but value has S={S}")
-    if level_start_index is not None and tuple(level_start_index.shape) != (L,):
-        raise ValueError(f"ms_deform_attn: level_start_index must be (L={L},), "
-                         f"got {tuple(level_start_index.shape)}")
+        shapes = spatial_shapes.tolist() if spatial_shapes.device.type == "cpu" else None
+    else:
+        shapes = [tuple(s) for s in spatial_shapes]
+        integral = all(len(s) == 2 and all(hasattr(v, "__index__") for v in s) for s in shapes)
+        if len(shapes) != L or not integral:
+            raise ValueError(f"ms_deform_attn: spatial_shapes must be L={L} pairs of int (H, W), "
+                             f"got {spatial_shapes!r}")
+    covered = None if shapes is None else sum(h * w for h, w in shapes)
+    if covered is not None and covered != S:
+        raise ValueError(f"ms_deform_attn: spatial_shapes cover {covered} rows but value has S={S} "
+                         f"(the levels {shapes} flattened one after the other)")
+    if level_start_index is not None:
+        if tuple(level_start_index.shape) != (L,):
+            raise ValueError(f"ms_deform_attn: level_start_index must be (L={L},), "
+                             f"got {tuple(level_start_index.shape)}")
+        if level_start_index.is_floating_point():
+            raise ValueError(f"ms_deform_attn: level_start_index must hold integers, "
+                             f"got {level_start_index.dtype}")
+        if shapes is not None and level_start_index.device.type == "cpu":
+            packed = [0]
+            for h, w in shapes[:-1]:
+                packed.append(packed[-1] + h * w)
+            starts = level_start_index.tolist()
+            if starts != packed:
+                raise ValueError(f"ms_deform_attn: level_start_index must be {packed}, where the levels of "
+                                 f"spatial_shapes start when packed in order, got {starts}")
     ref = reference_points
     if ref is not None and (ref.dim() != 4 or ref.shape[0] not in (1, B)
                             or tuple(ref.shape[1:3]) != (loc.shape[1], L) or ref.shape[3] not in (2, 4)):

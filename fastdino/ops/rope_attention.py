@@ -80,6 +80,10 @@ def check(q, k, v, cos=None, sin=None, mask_logits=None, scale=None):
     if len(shape) != 4:
         raise ValueError(f"rope_attention: q must be (B, N, H, D), got shape {tuple(shape)}")
     B, N, _, D = shape
+    if D == 0:
+        raise ValueError(f"rope_attention: q has head dim 0 (shape {tuple(shape)}, read as (B, N, H, D))")
+    if not q.is_floating_point():
+        raise ValueError(f"rope_attention: q must be floating point, got {q.dtype}")
     for name, t in (("k", k), ("v", v)):
         if t.shape != shape:
             raise ValueError(f"rope_attention: {name} has shape {tuple(t.shape)} but q has {tuple(shape)}")
@@ -91,10 +95,14 @@ def check(q, k, v, cos=None, sin=None, mask_logits=None, scale=None):
         for name, t in (("cos", cos), ("sin", sin)):
             table = t.shape
             if len(table) != 2 or table[1] != D or table[0] > N:
-                raise ValueError(f"rope_attention: {name} must be (HW, {D}) with HW <= N={N}, "
-                                 f"got {tuple(table)}")
+                raise ValueError(f"rope_attention: {name} must be (HW, {D}) with HW <= N={N}, got "
+                                 f"{tuple(table)} (q, k, v are token-major (B, N, H, D); SDPA's (B, H, N, D) "
+                                 "is q.transpose(1, 2))")
             if t.device != device:
                 raise ValueError(f"rope_attention: {name} is on {t.device} but q is on {device}")
+        if cos.shape != sin.shape:
+            raise ValueError(f"rope_attention: cos has shape {tuple(cos.shape)} but sin has "
+                             f"{tuple(sin.shape)}")
         if D % 2:
             raise ValueError(f"rope_attention: RoPE needs an even head dim, got {D}")
     if mask_logits is not None:
