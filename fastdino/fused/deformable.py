@@ -41,10 +41,10 @@ class _FusedMSDeformAttn(ForwardCache):
     require grad, no kernel for the device or the inputs' layout) or a pinned "ref"."""
 
     def _fastdino_choose(self, query: Tensor, value_input: Tensor, shapes, level_start_index,
-                         reference_points,
-                         fp32: bool, bf16: bool) -> Optional[str]:
-        """ms_deform_attn's backend for this call, decided before the projections: `Like` stands for
-        the values and the raw offsets and logits in the dtypes `_fastdino_core` gives them."""
+                         reference_points: Tensor, fp32: bool, bf16: bool) -> Optional[str]:
+        """ms_deform_attn's backend for this call, decided before anything is computed: `Like` stands
+        for the values, the raw offsets and logits in the dtypes `_fastdino_forward` gives them, the
+        fp32 reference points and level shapes not made yet (`shapes` a function)."""
         B, Lq, _ = query.shape
         H, L, P = self.n_heads, self.n_levels, self.n_points
         act = activation_dtype(query)
@@ -54,8 +54,10 @@ class _FusedMSDeformAttn(ForwardCache):
         backend = fused_backend(
             self._fastdino_backend, MS_DEFORM_ATTN,
             Like(query.device, values, (B, value_input.shape[1], H, self.value_proj.out_features // H), grad),
-            shapes, level_start_index, Like(query.device, offsets, (B, Lq, H, L, P, 2), grad),
-            Like(query.device, offsets, (B, Lq, H, L, P), grad), reference_points)
+            Like(query.device, torch.int64, (L, 2)) if callable(shapes) else shapes, level_start_index,
+            Like(query.device, offsets, (B, Lq, H, L, P, 2), grad),
+            Like(query.device, offsets, (B, Lq, H, L, P), grad),
+            Like(reference_points.device, torch.float32, reference_points.shape))
         return None if backend == "ref" else backend
 
     def _fastdino_bf16(self, x: Tensor) -> bool:
@@ -70,14 +72,16 @@ class _FusedMSDeformAttn(ForwardCache):
         takes their raw offsets and logits and does the softmax and the location arithmetic in its
         kernel. `fp32`: the original's fp32 cast under CUDA autocast; under the bf16 policy values
         are sampled in bf16, the offset and logit projections run in fp32 (softmax and locations are
-        fp32 inside the kernel either way)."""
+        fp32 inside the kernel either way). `shapes`: the (L, 2) level shapes, or a function that makes
+        them, called only where the kernel runs."""
         bf16 = self._fastdino_bf16(query)
         fp32 = fp32 and not bf16
-        reference_points = reference_points.float().contiguous()
         backend = self._fastdino_choose(query, value_input, shapes, level_start_index, reference_points,
                                         fp32, bf16)
         if backend is None:
             return None
+        shapes = shapes() if callable(shapes) else shapes
+        reference_points = reference_points.float().contiguous()
         B, Lq, _ = query.shape
         S = value_input.shape[1]
         H, L, P = self.n_heads, self.n_levels, self.n_points
@@ -121,17 +125,16 @@ class FusedMask2FormerPixelDecoderEncoderMultiscaleDeformableAttention(_FusedMSD
     """transformers' Mask2Former pixel-decoder deformable attention; returns (output, weights)."""
 
     def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
-                encoder_attention_mask=None,
-                position_embeddings=None, reference_points=None, spatial_shapes_list=None,
-                level_start_index=None,
-                output_attentions=False):
+                encoder_attention_mask=None, position_embeddings=None, reference_points=None,
+                spatial_shapes_list=None, level_start_index=None, output_attentions=False):
         query = hidden_states if position_embeddings is None else hidden_states + position_embeddings
-        # The (L, 2) shapes on the device, copied there once per pyramid.
-        key = (tuple(tuple(int(v) for v in s) for s in spatial_shapes_list), query.device)
-        shapes = self._cached(key, lambda: torch.tensor(key[0], dtype=torch.int64, device=query.device))
+
+        def shapes():  # the (L, 2) shapes on the device, copied there once per pyramid
+            key = (tuple(tuple(int(v) for v in s) for s in spatial_shapes_list), query.device)
+            return self._cached(key, lambda: torch.tensor(key[0], dtype=torch.int64, device=query.device))
+
         out = self._fastdino_forward(query, encoder_hidden_states, reference_points, shapes,
-                                     level_start_index,
-                                     attention_mask, need_weights=output_attentions)
+                                     level_start_index, attention_mask, need_weights=output_attentions)
         if out is None:
             return super().forward(hidden_states, attention_mask, encoder_hidden_states,
                                    encoder_attention_mask,

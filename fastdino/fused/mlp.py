@@ -58,8 +58,8 @@ class _FusedMlp:
         """mlp(x), or residual + layer_scale(mlp(x)); None when the original modules must run."""
         if torch.is_autocast_enabled(x.device.type):
             return None
-        dropouts = (getattr(self, n, None) for n in self._fastdino_dropouts)
-        if self.training and any(getattr(d, "p", 0.0) > 0 for d in dropouts):
+        if self.training and any(getattr(getattr(self, n, None), "p", 0.0) > 0
+                                 for n in self._fastdino_dropouts):
             return None
         gamma = layer_scale_gamma(layer_scale)
         if residual is not None and (residual.dtype != x.dtype

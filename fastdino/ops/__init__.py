@@ -2,8 +2,8 @@
 
 `OPS` is the one list of ops ({name: its `Op`}), read by `fastdino info`, the sm_90 compile check
 and the benchmarks; each op's kernels are `fastdino.kernels.<name>`, its C++ sources
-`csrc/<name>.*`. (The submodules share the functionals' names: reach an op's module through
-`OPS[name].module` or `import fastdino.ops.<name> as m`.)
+`csrc/<name>.*`. (The submodules share the functionals' names: reach an op's module with
+`import fastdino.ops.<name> as m`.)
 """
 
 from .add_layer_norm import OP as _ADD_LAYER_NORM

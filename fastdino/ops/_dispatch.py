@@ -9,7 +9,6 @@ picks (or validates a pinned backend) once and runs. A fused module decides once
 tensors it will pass with `Like`.
 """
 
-import sys
 from typing import Callable, Optional
 
 import torch
@@ -51,11 +50,6 @@ class Op:
                  example: Callable):
         self.name, self.check, self.reasons, self.run, self.example = name, check, reasons, run, example
         self.priority = priority
-
-    @property
-    def module(self):
-        """The op's module, fastdino.ops.<name> (its docstring gives the measured priorities)."""
-        return sys.modules[self.run.__module__]
 
     def pick(self, *args) -> tuple[str, dict[str, list[str]]]:
         """The first backend of priority[device] that can run `args`, and why each one before it could not."""
@@ -150,3 +144,16 @@ def layout_reasons(named, stride_along: Optional[str] = None) -> list[str]:
         elif t.stride(-1) != 1:
             why.append(f"{name} has stride {t.stride(-1)} along {stride_along} (needs 1)")
     return why
+
+
+def check_queries(op: str, q, layout: str):
+    """The queries of an attention op: 4-D in `layout`, a head dim, floating point (ValueError
+    naming q otherwise). Returns q.shape."""
+    shape = q.shape
+    if len(shape) != 4:
+        raise ValueError(f"{op}: q must be {layout}, got shape {tuple(shape)}")
+    if shape[3] == 0:
+        raise ValueError(f"{op}: q has head dim 0 (shape {tuple(shape)}, read as {layout})")
+    if not q.is_floating_point():
+        raise ValueError(f"{op}: q must be floating point, got {q.dtype}")
+    return shape

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .. import _ext
 from ..kernels.masked_attention import MAX_HEAD_DIM, masked_attention_fwd
-from ._dispatch import Like, Op, kernel_reasons, layout_reasons
+from ._dispatch import Like, Op, check_queries, kernel_reasons, layout_reasons
 
 PRIORITY = {"cuda": ("triton", "cuda", "ref"), "cpu": ("ref",)}  # see the module docstring
 
@@ -56,14 +56,8 @@ def masked_attention_ref(q: Tensor, k: Tensor, v: Tensor, mask_logits: Optional[
 
 def check(q, k, v, mask_logits=None, scale=None):
     """Shape and device errors every backend shares (ValueError naming the argument)."""
-    shape, kshape, device = q.shape, k.shape, q.device  # read once: every tensor attribute costs a call
-    if len(shape) != 4:
-        raise ValueError(f"masked_attention: q must be (B, Lq, H, D), got shape {tuple(shape)}")
-    B, Lq, H, D = shape
-    if D == 0:
-        raise ValueError(f"masked_attention: q has head dim 0 (shape {tuple(shape)}, read as (B, Lq, H, D))")
-    if not q.is_floating_point():
-        raise ValueError(f"masked_attention: q must be floating point, got {q.dtype}")
+    B, Lq, H, D = check_queries("masked_attention", q, "(B, Lq, H, D)")
+    kshape, device = k.shape, q.device  # read once: every tensor attribute costs a call
     if len(kshape) != 4 or (kshape[0], kshape[2], kshape[3]) != (B, H, D):
         raise ValueError(f"masked_attention: k must be (B={B}, Lk, H={H}, D={D}), got shape {tuple(kshape)}")
     if v.shape != kshape:

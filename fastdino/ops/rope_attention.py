@@ -36,7 +36,7 @@ from torch import Tensor
 
 from .. import _ext
 from ..kernels.rope_attention import FP32_MAX_HEAD_DIM, HEAD_DIMS, rope_attention_fwd
-from ._dispatch import Like, Op, kernel_reasons, layout_reasons
+from ._dispatch import Like, Op, check_queries, kernel_reasons, layout_reasons
 
 PRIORITY = {"cuda": ("cuda", "triton", "ref"), "cpu": ("ref",)}  # see the module docstring
 
@@ -76,14 +76,9 @@ def rope_attention_ref(q, k, v, cos=None, sin=None, scale=None, mask_logits=None
 
 def check(q, k, v, cos=None, sin=None, mask_logits=None, scale=None):
     """Shape and device errors of every backend (ValueError naming the argument)."""
-    shape, device = q.shape, q.device  # read once: every tensor attribute costs a call
-    if len(shape) != 4:
-        raise ValueError(f"rope_attention: q must be (B, N, H, D), got shape {tuple(shape)}")
+    shape = check_queries("rope_attention", q, "(B, N, H, D)")
     B, N, _, D = shape
-    if D == 0:
-        raise ValueError(f"rope_attention: q has head dim 0 (shape {tuple(shape)}, read as (B, N, H, D))")
-    if not q.is_floating_point():
-        raise ValueError(f"rope_attention: q must be floating point, got {q.dtype}")
+    device = q.device  # read once: every tensor attribute costs a call
     for name, t in (("k", k), ("v", v)):
         if t.shape != shape:
             raise ValueError(f"rope_attention: {name} has shape {tuple(t.shape)} but q has {tuple(shape)}")
