@@ -14,8 +14,10 @@
 namespace fastdino {
 namespace {
 
-// One task per (batch, query): the mask row is tested once for all heads, then each head's
-// scores are computed over the open keys only, softmaxed in fp32 and applied to v.
+// One task per (batch, query): the mask row is tested once for all heads, then each head's scores
+// are softmaxed in fp32 and applied to v. A blocked key is scored and weighted 0, as the models'
+// additive -inf mask does, so a NaN or Inf in its key or value row reaches the output exactly as in
+// nn.MultiheadAttention (NaN + -inf = NaN, 0 * Inf = NaN).
 template <typename T, typename TM>
 void masked_attention_rows_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const std::optional<at::Tensor>& mask_logits, double scale, at::Tensor& out) {
@@ -27,39 +29,38 @@ void masked_attention_rows_cpu(const at::Tensor& q, const at::Tensor& k, const a
   const int64_t smb = mask_logits ? mask_logits->stride(0) : 0, smq = mask_logits ? mask_logits->stride(1) : 0;
   T* op = out.mutable_data_ptr<T>();
   const float sc = static_cast<float>(scale);
+  const float inf = std::numeric_limits<float>::infinity();
   at::parallel_for(0, B * Lq, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> keys(Lk);
-    std::vector<float> qrow(D), s(Lk), acc(D);
+    std::vector<float> bias(Lk), qrow(D), s(Lk), acc(D);
     for (int64_t bq = begin; bq < end; ++bq) {
       const int64_t b = bq / Lq, i = bq % Lq;
-      int64_t n = 0;
+      bool open = mp == nullptr;
       if (mp != nullptr) {
         const TM* row = mp + b * smb + i * smq;
         for (int64_t j = 0; j < Lk; ++j) {
-          if (!mask_blocked(row[j])) keys[n++] = j;
+          const bool blocked = mask_blocked(row[j]);
+          bias[j] = blocked ? -inf : 0.0f;
+          open = open || !blocked;
         }
       }
-      if (n == 0) {  // no mask, or every key blocked: the row attends to all keys
-        for (int64_t j = 0; j < Lk; ++j) keys[j] = j;
-        n = Lk;
-      }
+      if (!open || mp == nullptr) std::fill(bias.begin(), bias.end(), 0.0f);  // every key blocked: all open
       for (int64_t h = 0; h < H; ++h) {
         const T* qh = qp + b * q.stride(0) + i * q.stride(1) + h * q.stride(2);
         for (int64_t d = 0; d < D; ++d) qrow[d] = static_cast<float>(qh[d]);
-        float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t t = 0; t < n; ++t) {
-          const T* kr = kp + b * k.stride(0) + keys[t] * k.stride(1) + h * k.stride(2);
+        float mx = -inf;
+        for (int64_t j = 0; j < Lk; ++j) {
+          const T* kr = kp + b * k.stride(0) + j * k.stride(1) + h * k.stride(2);
           float dot = 0.0f;
           for (int64_t d = 0; d < D; ++d) dot += qrow[d] * static_cast<float>(kr[d]);
-          s[t] = dot * sc;
-          mx = std::max(mx, s[t]);
+          s[j] = dot * sc + bias[j];
+          mx = std::max(mx, s[j]);  // NaN scores are skipped here and make the sum NaN below
         }
         float sum = 0.0f;
         std::fill(acc.begin(), acc.end(), 0.0f);
-        for (int64_t t = 0; t < n; ++t) {
-          const float p = std::exp(s[t] - mx);
+        for (int64_t j = 0; j < Lk; ++j) {
+          const float p = std::exp(s[j] - mx);
           sum += p;
-          const T* vr = vp + b * v.stride(0) + keys[t] * v.stride(1) + h * v.stride(2);
+          const T* vr = vp + b * v.stride(0) + j * v.stride(1) + h * v.stride(2);
           for (int64_t d = 0; d < D; ++d) acc[d] += p * static_cast<float>(vr[d]);
         }
         T* o = op + ((bq * H) + h) * D;

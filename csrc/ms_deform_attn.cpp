@@ -15,8 +15,7 @@ namespace fastdino {
 namespace {
 
 template <typename T, typename TL>
-void ms_deform_attn_rows_cpu(const at::Tensor& value, const at::Tensor& shapes, const at::Tensor& starts,
-                             const at::Tensor& loc, const at::Tensor& attw, const std::optional<at::Tensor>& ref,
+void ms_deform_attn_rows_cpu(const at::Tensor& value, const at::Tensor& shapes, const at::Tensor& loc, const at::Tensor& attw, const std::optional<at::Tensor>& ref,
                              at::Tensor& out) {
   const int64_t B = value.size(0), S = value.size(1), Hh = value.size(2), Dh = value.size(3);
   const int64_t Lq = loc.size(1);
@@ -25,7 +24,6 @@ void ms_deform_attn_rows_cpu(const at::Tensor& value, const at::Tensor& shapes, 
   const TL* lp = loc.const_data_ptr<TL>();
   const TL* ap = attw.const_data_ptr<TL>();
   const int64_t* sp = shapes.const_data_ptr<int64_t>();
-  const int64_t* st = starts.const_data_ptr<int64_t>();
   // Reference points (B or 1, Lq, L, R): batch stride 0 when one set serves the whole batch.
   const float* rp = ref ? ref->const_data_ptr<float>() : nullptr;
   const int R = ref ? static_cast<int>(ref->size(3)) : 0;
@@ -44,9 +42,9 @@ void ms_deform_attn_rows_cpu(const at::Tensor& value, const at::Tensor& shapes, 
         };
         if (rp) {
           const float* r = rp + b * ref_b + (bq - b * Lq) * L * R;
-          ms_deform_attn_offset_samples(r, R, lp + qh * L * P * 2, ap + qh * L * P, sp, st, L, P, S, add_row);
+          ms_deform_attn_offset_samples(r, R, lp + qh * L * P * 2, ap + qh * L * P, sp, L, P, S, add_row);
         } else {
-          ms_deform_attn_samples(lp + qh * L * P * 2, ap + qh * L * P, sp, st, L, P, S, add_row);
+          ms_deform_attn_samples(lp + qh * L * P * 2, ap + qh * L * P, sp, L, P, S, add_row);
         }
         for (int64_t d = 0; d < Dh; ++d) o[qh * Dh + d] = static_cast<T>(acc[d]);
       }
@@ -66,10 +64,10 @@ at::Tensor ms_deform_attn_cpu(const at::Tensor& value, const at::Tensor& spatial
   const bool fp32_loc = sampling_locations.scalar_type() == at::kFloat;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_cpu", [&] {
     if (fp32_loc) {
-      ms_deform_attn_rows_cpu<scalar_t, float>(value, spatial_shapes, level_start_index, sampling_locations,
+      ms_deform_attn_rows_cpu<scalar_t, float>(value, spatial_shapes, sampling_locations,
                                                attention_weights, reference_points, out);
     } else {
-      ms_deform_attn_rows_cpu<scalar_t, scalar_t>(value, spatial_shapes, level_start_index, sampling_locations,
+      ms_deform_attn_rows_cpu<scalar_t, scalar_t>(value, spatial_shapes, sampling_locations,
                                                   attention_weights, reference_points, out);
     }
   });

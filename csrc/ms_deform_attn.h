@@ -18,19 +18,21 @@
 namespace fastdino {
 
 // The four bilinear corners of one sample: row offsets (y * W + x) into the level and their weights;
-// a corner outside the map gets weight 0 and offset 0 (a valid address, never read for its value).
+// a corner outside the map gets offset -1 (never read). A corner inside is read even where its weight
+// is 0, as grid_sample does: a NaN or Inf value there reaches the output (0 * Inf = NaN).
 struct Corners {
   int64_t off[4];
   float w[4];
 };
 
-C10_HOST_DEVICE inline Corners bilinear_corners(float loc_x, float loc_y, int64_t H, int64_t W) {
-  const float x = loc_x * static_cast<float>(W) - 0.5f;
-  const float y = loc_y * static_cast<float>(H) - 0.5f;
+// v - v is 0 for a finite v and NaN for an infinite or NaN one (no fast-math in this build).
+C10_HOST_DEVICE inline bool is_finite(float v) { return v - v == 0.0f; }
+
+C10_HOST_DEVICE inline Corners bilinear_corners(float x, float y, int64_t H, int64_t W) {
   const float xf = floorf(x), yf = floorf(y);
   const float fx = x - xf, fy = y - yf;
   Corners c;
-  // Locations far outside [0, 1] (or NaN) give coordinates that need not fit an int: test in float.
+  // Locations far outside [0, 1] give coordinates that need not fit an int: test in float.
   const float x_max = static_cast<float>(W - 1), y_max = static_cast<float>(H - 1);
   const bool x_in[2] = {xf >= 0.0f && xf <= x_max, xf + 1.0f >= 0.0f && xf + 1.0f <= x_max};
   const bool y_in[2] = {yf >= 0.0f && yf <= y_max, yf + 1.0f >= 0.0f && yf + 1.0f <= y_max};
@@ -39,38 +41,54 @@ C10_HOST_DEVICE inline Corners bilinear_corners(float loc_x, float loc_y, int64_
   for (int i = 0; i < 4; ++i) {
     const int dy = i >> 1, dx = i & 1;
     const bool in = y_in[dy] && x_in[dx];
-    c.w[i] = in ? wy[dy] * wx[dx] : 0.0f;
-    c.off[i] = in ? (static_cast<int64_t>(yf) + dy) * W + static_cast<int64_t>(xf) + dx : 0;
+    c.w[i] = wy[dy] * wx[dx];
+    c.off[i] = in ? (static_cast<int64_t>(yf) + dy) * W + static_cast<int64_t>(xf) + dx : -1;
   }
   return c;
 }
 
 // One sample of weight `a` at (loc_x, loc_y) in a level of H x W rows starting at `start`: add_row(row, weight)
-// for each valid corner. Rows outside [0, S) (shapes that disagree with value's length) are skipped, so a
-// bad spatial_shapes tensor reads nothing out of bounds without a host-side check.
+// for each corner inside the map. Rows outside [0, S) (shapes or starts that disagree with value's length)
+// are skipped, so bad level tensors read nothing out of bounds without a host-side check. NaN and Inf
+// follow F.grid_sample (what the models run): a non-finite location, or a non-finite weight on a sample
+// whose corners all fall outside the map, makes the query-head's output NaN.
 template <typename AddRow>
 C10_HOST_DEVICE inline void ms_deform_attn_sample(float loc_x, float loc_y, float a, int64_t H, int64_t W,
                                                   int64_t start, int64_t S, AddRow& add_row) {
-  const Corners c = bilinear_corners(loc_x, loc_y, H, W);
+  const float x = loc_x * static_cast<float>(W) - 0.5f, y = loc_y * static_cast<float>(H) - 0.5f;
+  if (!is_finite(x) || !is_finite(y)) {
+    if (S > 0) add_row(0, NAN);
+    return;
+  }
+  const Corners c = bilinear_corners(x, y, H, W);
+  bool read = false;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int64_t row = start + c.off[i];
-    if (c.w[i] != 0.0f && row >= 0 && row < S) add_row(row, a * c.w[i]);
+    if (c.off[i] >= 0 && row >= 0 && row < S) {
+      add_row(row, a * c.w[i]);
+      read = true;
+    }
   }
+  if (!read && !is_finite(a) && S > 0) add_row(0, NAN);  // grid_sample: a * 0
 }
 
 // One query-head's output: sum over levels and points of weight * bilinear sample, accumulated by
-// `add_row(row, weight)` (fp32) from sampling locations and softmaxed weights.
+// `add_row(row, weight)` (fp32) from sampling locations and softmaxed weights. Levels are packed in
+// order: each one's first row is derived from the shapes here, never read from level_start_index,
+// so kernels and reference agree on one layout whatever index a caller passes.
 template <typename TL, typename AddRow>
-C10_HOST_DEVICE inline void ms_deform_attn_samples(const TL* loc, const TL* attw, const int64_t* shapes,
-                                                   const int64_t* starts, int L, int P, int64_t S, AddRow add_row) {
+C10_HOST_DEVICE inline void ms_deform_attn_samples(const TL* loc, const TL* attw, const int64_t* shapes, int L, int P,
+                                                   int64_t S, AddRow add_row) {
+  int64_t start = 0;
   for (int l = 0; l < L; ++l) {
-    const int64_t H = shapes[2 * l], W = shapes[2 * l + 1], start = starts[l];
+    const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
     for (int p = 0; p < P; ++p) {
       const int s = l * P + p;
       ms_deform_attn_sample(static_cast<float>(loc[2 * s]), static_cast<float>(loc[2 * s + 1]),
                             static_cast<float>(attw[s]), H, W, start, S, add_row);
     }
+    start += H * W;
   }
 }
 
@@ -80,16 +98,17 @@ C10_HOST_DEVICE inline void ms_deform_attn_samples(const TL* loc, const TL* attw
 // in the order Deformable DETR computes them.
 template <typename TL, typename AddRow>
 C10_HOST_DEVICE inline void ms_deform_attn_offset_samples(const float* ref, int R, const TL* off, const TL* logits,
-                                                          const int64_t* shapes, const int64_t* starts, int L, int P,
-                                                          int64_t S, AddRow add_row) {
+                                                          const int64_t* shapes, int L, int P, int64_t S,
+                                                          AddRow add_row) {
   const int n = L * P;
   float m = -INFINITY;
   for (int s = 0; s < n; ++s) m = fmaxf(m, static_cast<float>(logits[s]));
   float sum = 0.0f;
   for (int s = 0; s < n; ++s) sum += expf(static_cast<float>(logits[s]) - m);
   const float inv = 1.0f / sum;
+  int64_t start = 0;  // packed levels, as in ms_deform_attn_samples
   for (int l = 0; l < L; ++l) {
-    const int64_t H = shapes[2 * l], W = shapes[2 * l + 1], start = starts[l];
+    const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
     const float* r = ref + l * R;
     for (int p = 0; p < P; ++p) {
       const int s = l * P + p;
@@ -98,6 +117,7 @@ C10_HOST_DEVICE inline void ms_deform_attn_offset_samples(const float* ref, int 
       const float ly = R == 2 ? r[1] + oy / static_cast<float>(H) : r[1] + oy / static_cast<float>(P) * r[3] * 0.5f;
       ms_deform_attn_sample(lx, ly, expf(static_cast<float>(logits[s]) - m) * inv, H, W, start, S, add_row);
     }
+    start += H * W;
   }
 }
 

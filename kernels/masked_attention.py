@@ -8,7 +8,9 @@ Two launches, no (B * heads, Q, HW) boolean mask anywhere:
    statistics). For each key block it loads the BLOCK_M x BLOCK_N tile of logits (one mask shared
    by every head) and blocks a key where sigmoid(logit), rounded to the logits' dtype, is below 0.5:
    the models' own test (not `logit < 0`: in bfloat16 they differ for logits in (-2^-8, 0)), done
-   as one comparison with a per-dtype threshold.
+   as one comparison with a per-dtype threshold. A blocked key's score gets -inf added, as the
+   models' additive mask, and its value row is weighted 0: NaN and Inf in blocked keys and values
+   reach the output exactly as in nn.MultiheadAttention.
 
 q, k, v are read in place, token-major (B, L, heads, D) with any batch, token and head strides, so
 the projections' outputs (sequence-first or batch-first) are never transposed or copied. Head dims
@@ -109,17 +111,17 @@ def _masked_attention_fwd_kernel(
         if UPCAST:
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        keep = n_ok[None, :]
+        s = tl.where(n_ok[None, :], s, float("-inf"))
         if MASK:
             x = tl.load(M + offs_m.to(tl.int64)[:, None] * stride_mq + offs_n[None, :],
                         mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-            keep = keep & (lift[:, None] | ~_blocked(x))
-        s = tl.where(keep, s, float("-inf"))
+            # added, not substituted, as the models' -inf mask: a NaN or +Inf score of a blocked key stays NaN
+            s += tl.where(~lift[:, None] & _blocked(x), float("-inf"), 0.0)
         v = tl.load(V + offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :],
                     mask=n_ok[:, None] & d_ok[None, :],
                     other=0.0)
         acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, v, UPCAST, PRECISION, True)
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    out = acc / l_i[:, None]  # l = 0 only where every open score is -inf: NaN, as softmax gives
     o_off = offs_m.to(tl.int64)[:, None] * stride_on + offs_d[None, :]
     tl.store(O + o_off, out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 

@@ -4,9 +4,10 @@ One program takes BLOCK_Q queries of one (batch, head) and all Dh channels of th
 (BLOCK_D >= Dh, masked). For each of the L * P samples it computes the four bilinear corners
 (F.grid_sample, align_corners=False, zero padding: out-of-map corners contribute 0), gathers their
 value rows as (BLOCK_Q, BLOCK_D) tiles and accumulates weight * corner weight * value in fp32; the
-output is written once, so there are no atomics. The level shapes and start offsets are read from
-the device tensors (no host synchronisation); rows outside [0, S) are never read, so shapes that
-disagree with value's length cannot read out of bounds.
+output is written once, so there are no atomics. The level shapes are read from the device tensor
+(no host synchronisation) and each level's first row is derived from them (levels packed in order,
+level_start_index is never read); rows outside [0, S) are never read, so shapes that disagree with
+value's length cannot read out of bounds. NaN and Inf follow F.grid_sample (see the op's docstring).
 
 Given reference points (R = 2 or 4 coordinates per level), LOC and ATTW hold the module's raw
 sampling offsets and attention logits: a first pass over the L * P logits of each query gives the
@@ -21,8 +22,7 @@ import triton.language as tl
 @triton.jit
 def _ms_deform_attn_fwd_kernel(
     V,  # (B, S, Hh, Dh) value, contiguous
-    SHAPES,  # (L, 2) int64: (H_l, W_l)
-    STARTS,  # (L,) int64: first row of each level
+    SHAPES,  # (L, 2) int64: (H_l, W_l), levels packed in order
     LOC,  # (B, Lq, Hh, L, P, 2) sampling locations in [0, 1] (x, y), contiguous
     ATTW,  # (B, Lq, Hh, L, P) attention weights, contiguous
     REF,  # R > 0: (B or 1, Lq, L, R) fp32 reference points; LOC then holds offsets and ATTW logits
@@ -54,6 +54,7 @@ def _ms_deform_attn_fwd_kernel(
         ref_q = REF + b.to(tl.int64) * stride_ref_b + q * (L * R)
 
     acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
+    lost = q < 0  # rows that grid_sample makes NaN (see below)
     # A runtime loop over the L * P samples, not pipelined: unrolled or multi-stage, the compiler
     # keeps many gathers in flight and spills.
     for s in tl.range(L * P, num_stages=1):
@@ -61,7 +62,9 @@ def _ms_deform_attn_fwd_kernel(
         Hl = tl.load(SHAPES + 2 * l).to(tl.float32)
         Wl_i = tl.load(SHAPES + 2 * l + 1)
         Wl = Wl_i.to(tl.float32)
-        start = tl.load(STARTS + l)
+        start = 0  # the rows of the levels before l
+        for j in tl.static_range(L - 1):
+            start += tl.where(j < l, tl.load(SHAPES + 2 * j) * tl.load(SHAPES + 2 * j + 1), 0)
         lx = tl.load(LOC + (qh * (L * P) + s) * 2, mask=q_ok, other=0.0).to(tl.float32)
         ly = tl.load(LOC + (qh * (L * P) + s) * 2 + 1, mask=q_ok, other=0.0).to(tl.float32)
         a = tl.load(ATTW + qh * (L * P) + s, mask=q_ok, other=0.0).to(tl.float32)
@@ -83,6 +86,7 @@ def _ms_deform_attn_fwd_kernel(
         y0 = tl.floor(y)
         fx = x - x0
         fy = y - y0
+        read = q < 0  # no corner read yet
         for corner in tl.static_range(4):
             dy = corner // 2
             dx = corner % 2
@@ -94,10 +98,15 @@ def _ms_deform_attn_fwd_kernel(
             row = (start + tl.where(ok, cy, 0.0).to(tl.int64) * Wl_i + tl.where(ok, cx,
                                                                                 0.0).to(tl.int64)).to(tl.int32)
             ok = ok & (row >= 0) & (row < S)
+            read = read | ok
             # (row * Hh) * Dh with Dh constexpr: the compiler sees rows aligned to Dh and vectorises.
             vals = tl.load(v_head + ((row * Hh) * Dh)[:, None] + d[None, :], mask=ok[:, None] & d_ok[None, :],
                            other=0.0)
-            acc += (a * w)[:, None] * vals.to(tl.float32)
+            # an off-map corner adds exactly 0; an in-map one is read even at weight 0, as grid_sample
+            acc += tl.where(ok, a * w, 0.0)[:, None] * vals.to(tl.float32)
+        # grid_sample's NaN: a non-finite location, or a non-finite weight times a sample of no corner
+        lost = lost | ((x - x) != 0.0) | ((y - y) != 0.0) | (((a - a) != 0.0) & ~read)
+    acc = tl.where(lost[:, None], float("nan"), acc)
     out = OUT + qh[:, None] * Dh + d[None, :]
     tl.store(out, acc.to(OUT.dtype.element_ty), mask=q_ok[:, None] & d_ok[None, :])
 
@@ -110,7 +119,7 @@ def ms_deform_attn_config(Dh: int) -> tuple[int, int, int]:
     return block_q, block_d, 4
 
 
-def ms_deform_attn_fwd(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, out,
+def ms_deform_attn_fwd(value, spatial_shapes, sampling_locations, attention_weights, out,
                        reference_points=None):
     """Launch on validated, contiguous arguments (see fastdino/ops/ms_deform_attn.py)."""
     B, S, Hh, Dh = value.shape
@@ -123,7 +132,7 @@ def ms_deform_attn_fwd(value, spatial_shapes, level_start_index, sampling_locati
     block_q, block_d, num_warps = ms_deform_attn_config(Dh)
     grid = (triton.cdiv(Lq, block_q), B * Hh)
     _ms_deform_attn_fwd_kernel[grid](
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+        value, spatial_shapes, sampling_locations, attention_weights,
         sampling_locations if ref is None else ref, out, Lq, S, Hh, stride_ref_b,
         Dh=Dh, L=L, P=P, R=R, BLOCK_Q=block_q, BLOCK_D=block_d, num_warps=num_warps,
     )
@@ -144,7 +153,7 @@ def compile_configs():
             for R in (0, 2, 4) if L == 4 else (0, 2):
                 block_q, block_d, num_warps = ms_deform_attn_config(Dh)
                 ldtype = dtype if (R == 2 and dtype == "bf16") else "fp32"
-                signature = {"V": f"*{dtype}", "SHAPES": "*i64", "STARTS": "*i64", "LOC": f"*{ldtype}",
+                signature = {"V": f"*{dtype}", "SHAPES": "*i64", "LOC": f"*{ldtype}",
                              "ATTW": f"*{ldtype}", "REF": "*fp32", "OUT": f"*{dtype}", "Lq": "i32",
                              "S": "i32",
                              "Hh": "i32", "stride_ref_b": "i32"}
@@ -153,7 +162,7 @@ def compile_configs():
                 # Fresh allocations are 16-byte aligned, and launch specialises on it: compile the same.
                 order = list(_ms_deform_attn_fwd_kernel.arg_names)
                 attrs = {(order.index(n),): [["tt.divisibility", 16]]
-                         for n in ("V", "SHAPES", "STARTS", "LOC", "ATTW", "REF", "OUT")}
+                         for n in ("V", "SHAPES", "LOC", "ATTW", "REF", "OUT")}
                 configs.append((_ms_deform_attn_fwd_kernel, signature, constexprs, dict(num_warps=num_warps),
                                 attrs))
     return configs

@@ -94,7 +94,9 @@ def _attend_block(
         # M*K < 2**31
         logit = tl.load(ML + offs_m[:, None] * stride_mq + col[None, :] * stride_mk, mask=ruled,
                         other=1.0).to(tl.float32)  # exact; the interpreter compares raw bf16 bits otherwise
-        s = tl.where(ruled & ~(logit > 0), float("-inf"), s)  # NaN blocks, as `logit > 0` is False
+        # NaN blocks, as `logit > 0` is False; -inf is added, as the models' additive mask, so a NaN or
+        # +Inf score of a blocked key stays NaN
+        s += tl.where(ruled & ~(logit > 0), float("-inf"), 0.0)
     v_off = offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :]
     vm = (n_ok[:, None] & d_ok[None, :]) if MASK_N else d_ok[None, :]
     v = tl.load(V + v_off, mask=vm, other=0.0)

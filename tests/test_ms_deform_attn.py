@@ -328,3 +328,34 @@ def test_value_length_float_shapes_and_integer_values_are_named(backend):
         ms_deform_attn(value, shapes.float(), starts, loc, w, backend=backend)
     with pytest.raises(ValueError, match="value must be floating point, got torch.int32"):
         ms_deform_attn(value.int(), shapes, starts, loc, w, backend=backend)
+
+
+@requires_ext
+def test_kernels_derive_level_starts_from_the_shapes():
+    # On CUDA tensors the index cannot be checked without a host sync. The kernels never read it:
+    # each level's first row comes from the shapes (packed levels), so a wrong index, here passed to
+    # the C++ op directly past the Python checks, changes nothing and reads nothing out of bounds.
+    value, shapes, starts, loc, w = make_inputs(2, 7, 2, 4, [(4, 5), (2, 3)], device="cpu")
+    expected = ms_deform_attn_ref(value, shapes, starts, loc, w)
+    for wrong in ([0, 1000], [6, 0], [-50, 3]):
+        out = torch.ops.fastdino.ms_deform_attn(value, shapes, torch.tensor(wrong), loc, w, None)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_shapes_past_the_value_read_nothing_beyond_it(backend):
+    # Level shapes held on the device that cover more rows than value has (unchecked there): rows
+    # past S are never read, so the result is the reference's on value padded with zero rows.
+    value, shapes, starts, loc, w = make_inputs(1, 9, 2, 4, [(4, 5), (2, 3)])
+    big = torch.tensor([[4, 5], [3, 3]], device=DEVICE)  # 29 rows
+    starts = torch.tensor([0, 20], device=DEVICE)
+    padded = torch.cat([value, value.new_zeros(1, 3, 2, 4)], dim=1)
+    expected = ms_deform_attn_ref(padded, big, starts, loc, w)
+    if backend == "triton":
+        from fastdino.kernels.ms_deform_attn import ms_deform_attn_fwd
+
+        out = torch.empty(1, 9, 8, device=DEVICE)
+        ms_deform_attn_fwd(value, big, loc, w, out)
+    else:
+        out = torch.ops.fastdino.ms_deform_attn(value, big, starts, loc, w, None)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)

@@ -4,10 +4,11 @@
 // time and stops at the first open key; a row with none is flagged (the decoder lifts its mask).
 // masked_attention_kernel: one warp per (batch, query, head), kWarps queries of one (batch, head)
 // per block so their k and v rows are shared through L1. Each step scores 32 keys, one per lane
-// (the query row, pre-scaled, in shared memory; the lane's key row in VEC-wide loads), updates
-// the online softmax with two warp reductions, then walks only the open keys of the step
-// (a ballot) to accumulate p * v with lanes on channels: a blocked key costs one logit load, its
-// k and v rows are never read. No atomics; the logits stay on the device.
+// (the query row, pre-scaled, in shared memory; the lane's key row in VEC-wide loads), adds -inf
+// to the scores of blocked keys (the models' additive mask, so a NaN or +Inf score stays NaN),
+// updates the online softmax with two warp reductions, then walks the step's keys to accumulate
+// p * v with lanes on channels (a blocked key's p is 0, and 0 * Inf = NaN as in
+// nn.MultiheadAttention). No atomics; the logits stay on the device.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -86,9 +87,9 @@ __global__ void masked_attention_kernel(const T* __restrict__ q, const T* __rest
   for (int c = 0; c < DPL; ++c) acc[c] = 0.0f;
   for (int64_t j0 = 0; j0 < Lk; j0 += 32) {
     const int64_t j = j0 + lane;
-    const bool open = j < Lk && (!masked || !mask_blocked(mr[j]));
+    const bool valid = j < Lk;
     float s = -INFINITY;
-    if (open) {
+    if (valid) {
       const T* kr = kb + j * st.kn;
       float dot = 0.0f;
       for (int d = 0; d < D; d += VEC) {
@@ -96,18 +97,17 @@ __global__ void masked_attention_kernel(const T* __restrict__ q, const T* __rest
 #pragma unroll
         for (int e = 0; e < VEC; ++e) dot += qs[d + e] * static_cast<float>(x.v[e]);
       }
-      s = dot;
+      s = masked && mask_blocked(mr[j]) ? dot - INFINITY : dot;
     }
-    const float step_max = warp_max(s);
-    if (step_max == -INFINITY) continue;  // warp-uniform: no open key in this step
-    const float m_new = fmaxf(mx, step_max);
-    const float alpha = expf(mx - m_new);  // 0 while nothing was open (mx = -inf)
-    const float p = open ? expf(s - m_new) : 0.0f;
+    const float m_new = fmaxf(mx, warp_max(s));  // fmaxf skips NaN; a NaN p makes l NaN below
+    const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // nothing open yet: exp gives 0, not NaN
+    const float alpha = expf(mx - m_use);
+    const float p = valid ? expf(s - m_use) : 0.0f;
     l = l * alpha + warp_sum(p);
 #pragma unroll
     for (int c = 0; c < DPL; ++c) acc[c] *= alpha;
-    for (unsigned ballot = __ballot_sync(kFull, open); ballot != 0; ballot &= ballot - 1) {
-      const int src = __ffs(ballot) - 1;
+    const int n = static_cast<int>(Lk - j0 < 32 ? Lk - j0 : 32);
+    for (int src = 0; src < n; ++src) {
       const float pj = __shfl_sync(kFull, p, src);
       const T* vr = vb + (j0 + src) * st.vn;
 #pragma unroll

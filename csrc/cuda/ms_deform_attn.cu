@@ -4,7 +4,8 @@
 // cached logits rather than sharing them through memory), gathers VEC channels of
 // each valid corner with one vector load (16 bytes when Dh allows), accumulates in fp32 and writes
 // its channels once: no atomics, no shared memory, and the level shapes are read from the device
-// tensors, so nothing synchronises with the host. Neighbouring threads hold neighbouring channels
+// tensor (each level's first row derived from them: levels packed in order), so nothing
+// synchronises with the host. Neighbouring threads hold neighbouring channels
 // and heads of one query, so a corner's row is fetched in a few wide transactions.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
@@ -24,7 +25,7 @@ struct alignas(sizeof(T) * VEC) Pack {
 
 template <typename T, typename TL, int VEC>
 __global__ void ms_deform_attn_kernel(const T* __restrict__ value, const int64_t* __restrict__ shapes,
-                                      const int64_t* __restrict__ starts, const TL* __restrict__ loc,
+                                      const TL* __restrict__ loc,
                                       const TL* __restrict__ attw, const float* __restrict__ ref, int R,
                                       int64_t ref_b, T* __restrict__ out, int64_t threads, int64_t Lq, int64_t S,
                                       int Hh, int Dh, int L, int P) {
@@ -48,9 +49,9 @@ __global__ void ms_deform_attn_kernel(const T* __restrict__ value, const int64_t
   if (ref != nullptr) {
     const int64_t q = qh / Hh - b * Lq;
     ms_deform_attn_offset_samples(ref + b * ref_b + q * L * R, R, loc + qh * L * P * 2, attw + qh * L * P, shapes,
-                                  starts, L, P, S, add_row);
+                                  L, P, S, add_row);
   } else {
-    ms_deform_attn_samples(loc + qh * L * P * 2, attw + qh * L * P, shapes, starts, L, P, S, add_row);
+    ms_deform_attn_samples(loc + qh * L * P * 2, attw + qh * L * P, shapes, L, P, S, add_row);
   }
   Pk o;
 #pragma unroll
@@ -59,7 +60,7 @@ __global__ void ms_deform_attn_kernel(const T* __restrict__ value, const int64_t
 }
 
 template <typename T, typename TL, int VEC>
-void launch(const at::Tensor& value, const at::Tensor& shapes, const at::Tensor& starts, const at::Tensor& loc,
+void launch(const at::Tensor& value, const at::Tensor& shapes, const at::Tensor& loc,
             const at::Tensor& attw, const std::optional<at::Tensor>& ref, at::Tensor& out) {
   const int64_t B = value.size(0), S = value.size(1), Lq = loc.size(1);
   const int Hh = value.size(2), Dh = value.size(3), L = loc.size(3), P = loc.size(4);
@@ -69,7 +70,7 @@ void launch(const at::Tensor& value, const at::Tensor& shapes, const at::Tensor&
   constexpr int kThreads = 256;
   const auto blocks = static_cast<unsigned>((threads + kThreads - 1) / kThreads);
   ms_deform_attn_kernel<T, TL, VEC><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      value.const_data_ptr<T>(), shapes.const_data_ptr<int64_t>(), starts.const_data_ptr<int64_t>(),
+      value.const_data_ptr<T>(), shapes.const_data_ptr<int64_t>(),
       loc.const_data_ptr<TL>(), attw.const_data_ptr<TL>(), ref ? ref->const_data_ptr<float>() : nullptr, R, ref_b,
       out.mutable_data_ptr<T>(), threads, Lq, S, Hh, Dh, L, P);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -77,15 +78,15 @@ void launch(const at::Tensor& value, const at::Tensor& shapes, const at::Tensor&
 
 // The widest pack (at most 16 bytes) that divides Dh, given 16-byte aligned value and out.
 template <typename T, typename TL>
-void launch_widest(const at::Tensor& value, const at::Tensor& shapes, const at::Tensor& starts, const at::Tensor& loc,
+void launch_widest(const at::Tensor& value, const at::Tensor& shapes, const at::Tensor& loc,
                    const at::Tensor& attw, const std::optional<at::Tensor>& ref, at::Tensor& out) {
   constexpr int kMax = 16 / sizeof(T);
   const int Dh = value.size(3);
   const bool aligned = reinterpret_cast<uintptr_t>(value.const_data_ptr()) % 16 == 0;
-  if (aligned && Dh % kMax == 0) return launch<T, TL, kMax>(value, shapes, starts, loc, attw, ref, out);
-  if (aligned && Dh % 4 == 0) return launch<T, TL, 4>(value, shapes, starts, loc, attw, ref, out);
-  if (aligned && Dh % 2 == 0) return launch<T, TL, 2>(value, shapes, starts, loc, attw, ref, out);
-  launch<T, TL, 1>(value, shapes, starts, loc, attw, ref, out);
+  if (aligned && Dh % kMax == 0) return launch<T, TL, kMax>(value, shapes, loc, attw, ref, out);
+  if (aligned && Dh % 4 == 0) return launch<T, TL, 4>(value, shapes, loc, attw, ref, out);
+  if (aligned && Dh % 2 == 0) return launch<T, TL, 2>(value, shapes, loc, attw, ref, out);
+  launch<T, TL, 1>(value, shapes, loc, attw, ref, out);
 }
 
 }  // namespace
@@ -103,10 +104,10 @@ at::Tensor ms_deform_attn_cuda(const at::Tensor& value, const at::Tensor& spatia
   const bool fp32_loc = sampling_locations.scalar_type() == at::kFloat;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_cuda", [&] {
     if (fp32_loc) {
-      launch_widest<scalar_t, float>(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+      launch_widest<scalar_t, float>(value, spatial_shapes, sampling_locations, attention_weights,
                                      reference_points, out);
     } else if constexpr (!std::is_same_v<scalar_t, float>) {
-      launch_widest<scalar_t, scalar_t>(value, spatial_shapes, level_start_index, sampling_locations,
+      launch_widest<scalar_t, scalar_t>(value, spatial_shapes, sampling_locations,
                                         attention_weights, reference_points, out);
     }
   });

@@ -20,6 +20,11 @@ Backends:
 Neither kernel form has been timed on a GPU yet against cuBLAS + eager epilogues, so dispatch does
 not pick them: they run only when pinned (``backend=...``), and the patched MLP modules run their
 original forward. benchmarks/bench_fused_linear.py is the measurement that will decide.
+
+NaN and Inf: every backend computes GELU as 0.5 * y * (1 + erf(y / sqrt(2))), nn.GELU's formula on
+CUDA, so GELU(+Inf) = +Inf and GELU(-Inf) = GELU(NaN) = NaN. torch's vectorised CPU GELU gives NaN
+at +Inf (its scalar path, for the tail of a row, gives +Inf): there fastdino deliberately differs
+and gives +Inf (tests/test_fused_linear.py pins it).
 """
 
 from typing import Optional
@@ -38,8 +43,8 @@ PRIORITY = {"cuda": ("ref",), "cpu": ("ref",)}  # unmeasured kernel: see the mod
 def fused_linear_ref(x, weight, bias=None, act=None, weight2=None, bias2=None, residual=None, gamma=None):
     """Reference (and fallback): the unfused PyTorch ops, in fp32, rounded once to x.dtype."""
     y = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
-    if act == "gelu":
-        y = F.gelu(y)
+    if act == "gelu":  # F.gelu's formula, written out: its CPU vector path gives NaN at +Inf
+        y = 0.5 * y * (1.0 + torch.erf(y * 0.7071067811865476))
     elif act == "swiglu":
         y = F.silu(y) * F.linear(x.float(), weight2.float(), None if bias2 is None else bias2.float())
     if residual is not None:
@@ -57,6 +62,8 @@ def check(x, weight, bias=None, act=None, weight2=None, bias2=None, residual=Non
                          f"{tuple(wshape)} for x {tuple(shape)}")
     if not x.is_floating_point():
         raise ValueError(f"fused_linear: x must be floating point, got {x.dtype}")
+    if shape[-1] == 0:
+        raise ValueError(f"fused_linear: x has no input features (shape {tuple(shape)})")
     N = wshape[0]
     if (act == "swiglu") != (weight2 is not None):
         raise ValueError("fused_linear: weight2 is required by act='swiglu' and only by it")

@@ -13,21 +13,29 @@ projections' outputs are read in place; any head dim up to 128 (2, 24, 32 occur)
 
 Backends: ``triton`` (kernels/masked_attention.py: flash-style, the logits tile loaded next to each
 key block), ``cuda`` and ``cpu`` (fastdino._C, csrc/masked_attention.*: one warp per query row on
-the GPU, its 32 lanes scoring 32 keys at a time and skipping the value rows of blocked keys; a
-row loop on the CPU), ``ref`` (the models' own mask construction, then SDPA). On CUDA tensors the
-priority (triton, cuda, ref) follows the design: the Triton kernel runs its products on tensor
-cores, the C++ kernel on CUDA cores; neither is timed yet (benchmarks/bench_masked_attention.py).
-On CPU tensors the reference runs: with 2 threads, fp32, one cross-attention layer with its
-projections (Q 100, 16 heads) took 4.5 / 18.8 / 561 ms against the C++ kernel's 12.8 / 59.0 /
-1125 ms at (HW, C) = (1024, 256), (4096, 256), (4096, 2048); the C++ CPU kernel is kept as the
-compile-friendly form and runs when pinned. Forward only: with grad the reference runs.
+the GPU, its 32 lanes scoring 32 keys at a time; a row loop on the CPU), ``ref`` (the models' own
+mask construction, then nn.MultiheadAttention's math, which the decoders run: torch's CPU SDPA
+would give 0, not NaN, for a query row whose every score is NaN). On CUDA tensors the priority
+(triton, cuda, ref) follows the design: the Triton kernel runs its products on tensor cores, the
+C++ kernel on CUDA cores; neither is timed yet (benchmarks/bench_masked_attention.py). On CPU
+tensors the reference is picked, so a patched decoder runs its own modules: with 2 threads, fp32,
+one cross-attention layer with its projections (Q 100, 16 heads) took 4.5 / 18.8 / 561 ms against
+the C++ kernel's 12.8 / 59.0 / 1125 ms at (HW, C) = (1024, 256), (4096, 256), (4096, 2048) (the
+kernel then skipped blocked keys; it now reads them, see below); the C++ CPU kernel is kept as the
+compile-friendly form and runs when pinned. Forward kernels: with grad
+dispatch picks the reference; a pinned kernel backend recomputes the reference for the backward
+(ops/_dispatch.py).
+
+NaN and Inf as in nn.MultiheadAttention with the decoders' mask, on every backend: a blocked key's
+score gets -inf added (so a NaN or +Inf score stays NaN and poisons its row's softmax) and its
+value row is weighted 0 (so a NaN or Inf value gives NaN in that channel); a NaN mask logit leaves
+its key open (sigmoid(NaN) < 0.5 is False).
 """
 
 import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _ext
@@ -45,13 +53,16 @@ def blocked_keys(mask_logits: Tensor) -> Tensor:
 
 def masked_attention_ref(q: Tensor, k: Tensor, v: Tensor, mask_logits: Optional[Tensor] = None,
                          scale: Optional[float] = None) -> Tensor:
-    """Reference (and fallback): the models' mask construction, then F.scaled_dot_product_attention
-    in q's dtype. Returns (B, Lq, H, D)."""
-    mask = None if mask_logits is None else ~blocked_keys(mask_logits)[:, None]  # True = attend
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=mask,
-                                         scale=scale)
-    return out.transpose(1, 2)
+    """Reference (and fallback): the models' mask construction, then nn.MultiheadAttention's math
+    path (what the decoders run: they ask for the attention weights) in q's dtype: scores plus an
+    additive -inf mask, softmax, product with v. Returns (B, Lq, H, D)."""
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, L, D)
+    scores = qh @ kh.transpose(-2, -1) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if mask_logits is not None:
+        blocked = blocked_keys(mask_logits)[:, None]
+        scores = scores + torch.zeros(blocked.shape, dtype=scores.dtype, device=q.device).masked_fill(
+            blocked, float("-inf"))
+    return (scores.softmax(-1) @ vh).transpose(1, 2)
 
 
 def check(q, k, v, mask_logits=None, scale=None):

@@ -3,8 +3,14 @@
     out[b, q, h*Dh:(h+1)*Dh] = sum_{l, p} attention_weights[b, q, h, l, p]
                                * bilinear(value_l[b, :, h], sampling_locations[b, q, h, l, p])
 
-value (B, S, heads, Dh) holds the L levels' maps flattened one after the other (level l is
-rows level_start_index[l] .. + H_l * W_l, spatial_shapes[l] = (H_l, W_l)); sampling_locations
+value (B, S, heads, Dh) holds the L levels' maps flattened and packed one after the other (level l
+is the H_l * W_l rows after those of the levels before it, spatial_shapes[l] = (H_l, W_l)), as
+every model lays them out. level_start_index, the models' argument, must hold those first rows:
+it is checked where it lives on the CPU; the kernels and the reference derive the starts from
+spatial_shapes and never read it, so they agree on one layout, and on CUDA tensors (no check
+without a host synchronisation) no index and no shapes can make a kernel read outside value: rows
+outside [0, S) are skipped. The reference reads the shapes on the host and raises where they do
+not cover S. sampling_locations
 (B, Lq, heads, L, P, 2) are (x, y) in [0, 1]; attention_weights (B, Lq, heads, L, P) are already
 softmaxed. Bilinear sampling is F.grid_sample's (align_corners=False, zero padding): what the
 dinov3 ViT-Adapter, its Mask2Former pixel decoder and transformers' Mask2Former compute with
@@ -12,6 +18,13 @@ grid_sample, in fp32. The kernels read value in fp32, fp16 or bf16, locations an
 or value's dtype (fp32 keeps sub-pixel positions on large maps), accumulate in fp32 and return
 (B, Lq, heads * Dh) in value's dtype. Level shapes stay on the device: no host synchronisation,
 so a patched decoder can be captured in a CUDA graph.
+
+NaN and Inf follow F.grid_sample on the CPU, on every backend and device: a sample whose location
+is NaN or +-Inf makes its query-head's output NaN (whatever its weight), in-map corners are read
+even at bilinear weight 0 (a NaN or Inf value there gives NaN), and a NaN weight gives NaN. (CUDA's
+grid_sample differs for infinite locations: it skips them and gives 0; the reference applies the
+CPU rule on every device.) Infinite attention weights, which no softmax gives, are outside the
+rule: the kernels weight each corner by weight * bilinear weight, grid_sample the bilinear sum.
 
 With ``reference_points`` (B or 1, Lq, L, 2 or 4) the two steps the modules run around the
 sampling are fused into the kernels: ``sampling_locations`` then holds the raw output of the
@@ -30,7 +43,9 @@ batch 1, 2 threads (pixel decoder at 512^2, 16 heads, Dh 24: 87 vs 192 ms; Dh 12
 1067 ms; adapter extractor, Dh 12: 16 vs 34 ms). Neither GPU kernel has been timed yet, so on
 CUDA tensors the priority (cuda, triton, ref) follows the design: the C++ kernel's packed loads
 against the Triton kernel's masked head-wide tiles. benchmarks/bench_ms_deform_attn.py measures
-both. Forward only: with grad the reference runs.
+both. Forward kernels: with grad
+dispatch picks the reference; a pinned kernel backend recomputes the reference for the backward
+(ops/_dispatch.py).
 """
 
 from typing import Optional, Sequence, Union
@@ -66,6 +81,7 @@ def ms_deform_attn_ref(value: Tensor, spatial_shapes: Shapes, level_start_index:
             reference_points.to(acc), sampling_locations.to(acc), attention_weights.to(acc),
             spatial_shapes.to(acc) if isinstance(spatial_shapes, Tensor) else value.new_tensor(shapes,
                                                                                                dtype=acc))
+    check_levels(shapes, S)  # for CUDA-held shapes too, now read on the host
     starts = [0]
     for h, w in shapes[:-1]:
         starts.append(starts[-1] + h * w)
@@ -79,7 +95,20 @@ def ms_deform_attn_ref(value: Tensor, spatial_shapes: Shapes, level_start_index:
     stacked = torch.stack(sampled, dim=-2).flatten(-2)  # (B*Hh, Dh, Lq, L*P)
     weights = attention_weights.to(acc).transpose(1, 2).reshape(B * Hh, 1, Lq, L * P)
     out = (stacked * weights).sum(-1).view(B, Hh * Dh, Lq).transpose(1, 2)
+    # grid_sample's CPU rule on every device: a non-finite location makes its query-head NaN
+    lost = ~torch.isfinite(grids).all(-1).flatten(-2).all(-1)  # (B, Lq, Hh)
+    out = out.reshape(B, Lq, Hh, Dh).masked_fill(lost[..., None], float("nan")).view(B, Lq, Hh * Dh)
     return out.to(value.dtype).contiguous()
+
+
+def check_levels(shapes, S: int):
+    """The level shapes, read on the host, against value's length S (ValueError naming spatial_shapes)."""
+    if any(h < 1 or w < 1 for h, w in shapes):
+        raise ValueError(f"ms_deform_attn: spatial_shapes must be positive (H, W), got {shapes}")
+    covered = sum(h * w for h, w in shapes)
+    if covered != S:
+        raise ValueError(f"ms_deform_attn: spatial_shapes cover {covered} rows but value has S={S} "
+                         f"(the levels {shapes} flattened one after the other)")
 
 
 def offset_locations(reference_points: Tensor, sampling_offsets: Tensor, attention_logits: Tensor,
@@ -131,10 +160,8 @@ def check(value, spatial_shapes, level_start_index, sampling_locations, attentio
         if len(shapes) != L or not integral:
             raise ValueError(f"ms_deform_attn: spatial_shapes must be L={L} pairs of int (H, W), "
                              f"got {spatial_shapes!r}")
-    covered = None if shapes is None else sum(h * w for h, w in shapes)
-    if covered is not None and covered != S:
-        raise ValueError(f"ms_deform_attn: spatial_shapes cover {covered} rows but value has S={S} "
-                         f"(the levels {shapes} flattened one after the other)")
+    if shapes is not None:
+        check_levels(shapes, S)
     if level_start_index is not None:
         if tuple(level_start_index.shape) != (L,):
             raise ValueError(f"ms_deform_attn: level_start_index must be (L={L},), "
@@ -225,7 +252,7 @@ def ms_deform_attn_triton(value: Tensor, spatial_shapes: Tensor, level_start_ind
         raise ValueError(f"ms_deform_attn (Triton kernel): {'; '.join(errors)}")
     B, S, Hh, Dh = value.shape
     out = torch.empty((B, sampling_locations.shape[1], Hh * Dh), dtype=value.dtype, device=value.device)
-    ms_deform_attn_fwd(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, out,
+    ms_deform_attn_fwd(value, spatial_shapes, sampling_locations, attention_weights, out,
                        reference_points)
     return out
 

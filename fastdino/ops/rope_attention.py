@@ -16,7 +16,13 @@ M + K <= N is required, so each masked row keeps its N - K >= M open prefix keys
 ever empty: unlike Mask2Former (masked_attention) there is no fully-blocked-row rule. The dense
 (B, heads, N, N) additive mask the models build is never made: the Triton kernel reads the logits
 tile next to each key block, the C++ form runs the M masked rows as a second ATen attention with a
-(B, 1, M, N) boolean mask.
+(B, 1, M, N) boolean mask. A blocked key's score gets -inf added, as the models' additive mask:
+a NaN or +Inf score there stays NaN, and its value row is weighted 0 (0 * Inf = NaN), on every
+backend.
+The C++ form and the reference call torch's SDPA, as the models do; the Triton kernel computes
+eager attention's NaN for a query row whose every score is NaN (a NaN in q), where torch's CPU
+SDPA gives 0: there, on CPU tensors only (the Triton interpreter), the two differ by design
+(tests/test_nan_inf.py pins it).
 
 Backends: ``cuda`` and ``cpu`` (fastdino._C: one C++ pass that rotates q and k, then ATen's
 scaled_dot_product_attention, i.e. flash attention on the GPU), ``triton`` (the flash-style kernel
@@ -24,7 +30,9 @@ in kernels/rope_attention.py, RoPE applied on load), ``ref``. On CUDA tensors th
 cuda, triton, ref, by measurement (benchmarks/bench_rope_attention.py, H100, bf16, ViT-S/L shapes):
 the C++ form ran at 0.66-0.90x of SDPA without RoPE and 2-12x of SDPA with eager RoPE, the Triton
 kernel at 0.24-0.41x of SDPA (157 TFLOP/s at most against SDPA's 390). On CPU tensors the
-reference runs unless a backend is pinned. Forward only: with grad the reference runs.
+reference runs unless a backend is pinned. Forward kernels: with grad
+dispatch picks the reference; a pinned kernel backend recomputes the reference for the backward
+(ops/_dispatch.py).
 """
 
 import math
