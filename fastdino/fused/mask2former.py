@@ -119,10 +119,10 @@ def _attention_like(x: Tensor, norm_weight: Tensor, heads: int, grad: bool = Fal
 
 def _decoder_backend(decoder: nn.Module, x: Tensor, norm_weight: Tensor, heads: int) -> Optional[str]:
     """masked_attention's backend for every attention of one decoder forward, decided once: a
-    pinned kernel backend, or (no dropout in training, no grad) the kernel masked_attention picks;
-    None: the original forward runs (also for a pinned "ref")."""
+    pinned kernel backend, or (no grad) the kernel masked_attention picks; None: the original
+    forward runs (for a pinned "ref", and with dropout in training, pinned or not)."""
     pinned = decoder._fastdino_backend
-    if pinned is None and _dropout_active(decoder):  # transformers' cross_attn carries config.dropout
+    if _dropout_active(decoder):  # transformers' cross_attn carries config.dropout
         return None
     args = _attention_like(x, norm_weight, heads, needs_grad(x, norm_weight))
     backend = fused_backend(pinned, MASKED_ATTENTION, *args)

@@ -2,16 +2,21 @@
 
 An op is an `Op`: its priority per device type, one `check` of its arguments (ValueError naming the
 argument, whatever the backend), one `reasons(backend, *args)` (why that backend cannot run these
-arguments: device, dtype, sizes, layout) and one `run(backend, *args)`; kernels are forward-only,
-so an argument that requires grad rules out every backend but "ref". Calling the op checks once,
-picks (or validates a pinned backend) once and runs. A fused module decides once per call with
-`choose` and then calls `run`; where it decides before its projections exist, it describes the
-tensors it will pass with `Like`.
+arguments: device, dtype, sizes, layout) and one `run(backend, *args)`. Calling the op checks
+once, picks (or validates a pinned backend) once and runs. A fused module decides once per call
+with `choose` and then calls `run`; where it decides before its projections exist, it describes
+the tensors it will pass with `Like`.
+
+Gradients: the kernels are forward kernels. Where an argument requires grad, dispatch picks the
+reference (so unpinned training runs the models' own code), while a pinned kernel backend runs its
+kernel forward under `RecomputeRef`, whose backward recomputes the op through its reference under
+autograd: the gradients are the reference's, at the cost of a second (reference) forward.
 """
 
 from typing import Callable, Optional
 
 import torch
+from torch import Tensor
 
 from .. import _ext
 
@@ -48,8 +53,14 @@ class Op:
 
     def __init__(self, name: str, priority: dict, check: Callable, reasons: Callable, run: Callable,
                  example: Callable):
-        self.name, self.check, self.reasons, self.run, self.example = name, check, reasons, run, example
+        self.name, self.check, self.reasons, self.kernel, self.example = name, check, reasons, run, example
         self.priority = priority
+
+    def run(self, backend: str, *args):
+        """Run `backend` on checked arguments; with grad, a kernel backend's backward is the reference's."""
+        if backend != "ref" and _grad_reasons(args):
+            return RecomputeRef.apply(self, backend, *args)
+        return self.kernel(backend, *args)
 
     def pick(self, *args) -> tuple[str, dict[str, list[str]]]:
         """The first backend of priority[device] that can run `args`, and why each one before it could not."""
@@ -64,11 +75,11 @@ class Op:
 
     def choose(self, backend: Optional[str], *args) -> str:
         """The backend that runs `args`: the pick when `backend` is None; a pinned one only if it can
-        (ValueError with the reasons otherwise); "ref" always."""
+        (ValueError with the reasons otherwise; with grad its backward is the reference's); "ref" always."""
         if backend is None:
             return self.pick(*args)[0]
         if backend != "ref":
-            why = self.reasons(backend, *args) + _grad_reasons(args)
+            why = self.reasons(backend, *args)
             if why:
                 raise ValueError(f"{self.name}: backend {backend!r} cannot run: {'; '.join(why)}")
         return backend
@@ -80,7 +91,7 @@ class Op:
             return self.run("ref", *args)
         if backend is None:
             backend = self.pick(*args)[0]
-        elif backend in _NATIVE and args[0].device.type == backend and not _grad_reasons(args):
+        elif backend in _NATIVE and args[0].device.type == backend:
             # A registered C++ op checks dtypes and layouts itself (it can be called directly), so a
             # call pinned to it runs at once; the reasons only explain a refusal.
             try:
@@ -123,8 +134,41 @@ def _kernel_reasons(backend: str, device_type: str, dtype: torch.dtype) -> list[
 
 def _grad_reasons(args) -> list[str]:
     if torch.is_grad_enabled() and any(getattr(a, "requires_grad", False) for a in args):
-        return ["inputs require grad (kernels are forward-only)"]
+        return ["inputs require grad (the reference runs; a pinned kernel backend uses it for the backward)"]
     return []
+
+
+class RecomputeRef(torch.autograd.Function):
+    """A kernel forward whose backward is the reference's: the saved inputs go through the op's
+    reference again under autograd, and its gradients are returned. Outputs and gradients match the
+    reference within the kernel's tolerance."""
+
+    @staticmethod
+    def forward(ctx, op: Op, backend: str, *args):
+        ctx.op, ctx.args = op, [None if isinstance(a, Tensor) else a for a in args]
+        ctx.tensors = [i for i, a in enumerate(args) if isinstance(a, Tensor)]
+        ctx.save_for_backward(*(args[i] for i in ctx.tensors))
+        out = op.kernel(backend, *args)
+        ctx.single = isinstance(out, Tensor)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        args = list(ctx.args)
+        for i, t in zip(ctx.tensors, ctx.saved_tensors):
+            args[i] = t.detach().requires_grad_(t.requires_grad)
+        wanted = [i for i in ctx.tensors if args[i].requires_grad]
+        with torch.enable_grad():
+            out = ctx.op.kernel("ref", *args)
+        outs = (out,) if ctx.single else tuple(out)
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+        found = torch.autograd.grad([o for o, _ in pairs], [args[i] for i in wanted], [g for _, g in pairs],
+                                    allow_unused=True) if pairs else [None] * len(wanted)
+        result = [None] * (2 + len(args))
+        for i, g in zip(wanted, found):
+            result[2 + i] = g
+        return tuple(result)
 
 
 def layout_reasons(named, stride_along: Optional[str] = None) -> list[str]:

@@ -14,7 +14,8 @@ slower than PyTorch's vectorised eager ops, so it serves as the CPU check of the
 math and as a pinned backend (``backend="cpu"``; ``"triton"`` under TRITON_INTERPRET=1).
 The CUDA kernel goes before Triton because its C++ launch costs a few microseconds against
 Triton's Python launch; the GPU benchmark (benchmarks/bench_add_layer_norm.py) is what decides.
-Kernels are forward-only: when an input requires grad the reference runs (autograd through it).
+Forward kernels: with grad dispatch picks the reference; a pinned kernel backend recomputes the
+reference for the backward (ops/_dispatch.py).
 """
 
 from typing import Optional
