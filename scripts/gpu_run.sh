@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # On a machine with an NVIDIA GPU, in one call: build fastdino._C with its CUDA kernels, run the
-# whole test suite on the GPU, run the kernel benchmarks, the backbone and segmentation-head
-# benchmarks and the demo, and write the results to OUT_DIR:
-#   build.log info.txt tests.log benchmarks.json benchmarks.md backbone.json backbone.md
+# whole test suite on the GPU, every CUDA C++ and Triton kernel under compute-sanitizer, the kernel
+# benchmarks, the backbone and segmentation-head benchmarks and the demo, and write the results to
+# OUT_DIR:
+#   build.log info.txt tests.log sanitizer.log benchmarks.json benchmarks.md backbone.json backbone.md
 #   segmentation.json segmentation.md demo.txt
-# Usage: scripts/gpu_run.sh OUT_DIR   (needs torch with CUDA, nvcc, pytest, pytest-benchmark, transformers, scipy)
-#   STAGES=build,tests,kernels,backbone,segmentation,demo (default: all) runs a subset, e.g. to split
-#   the work; BACKBONE_ARGS and SEGMENTATION_ARGS override the arguments of
+# Usage: scripts/gpu_run.sh OUT_DIR   (needs torch with CUDA, nvcc, compute-sanitizer, pytest,
+#   pytest-benchmark, hypothesis, transformers, scipy)
+#   STAGES=build,tests,sanitizer,kernels,backbone,segmentation,demo (default: all) runs a subset, e.g.
+#   to split the work; SANITIZER_TOOLS (default memcheck,racecheck,initcheck,synccheck) chooses the
+#   compute-sanitizer tools; BACKBONE_ARGS and SEGMENTATION_ARGS override the arguments of
 #   benchmarks/bench_backbone.py and benchmarks/bench_segmentation.py.
 set -uo pipefail
 OUT=${1:?usage: scripts/gpu_run.sh OUT_DIR}
@@ -14,7 +17,8 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-STAGES=",${STAGES:-build,tests,kernels,backbone,segmentation,demo},"
+STAGES=",${STAGES:-build,tests,sanitizer,kernels,backbone,segmentation,demo},"
+SANITIZER_TOOLS=${SANITIZER_TOOLS:-memcheck,racecheck,initcheck,synccheck}
 BACKBONE_ARGS=${BACKBONE_ARGS:---models vits16,vitb16,vitl16 --resolutions 512,1024 --batches 1,32 --limit max-autotune:vitl16:512:32}
 SEGMENTATION_ARGS=${SEGMENTATION_ARGS:-}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-8}
@@ -32,6 +36,21 @@ if [[ $STAGES == *,tests,* ]]; then
   echo "== tests"
   $PY -m pytest -p no:cacheprovider -q -rs tests >"$OUT/tests.log" 2>&1 || status=1
   tail -5 "$OUT/tests.log"
+fi
+if [[ $STAGES == *,sanitizer,* ]]; then
+  # scripts/sanitize.py runs each op pinned to each kernel backend at small odd shapes, every dtype
+  # and input form. Without the caching allocator every tensor is its own allocation, so memcheck
+  # sees a read past a tensor's end rather than into a neighbour in the same cached block.
+  SANITIZER=${COMPUTE_SANITIZER:-$CUDA_HOME/bin/compute-sanitizer}
+  : >"$OUT/sanitizer.log"
+  for tool in ${SANITIZER_TOOLS//,/ }; do
+    echo "== compute-sanitizer --tool $tool" | tee -a "$OUT/sanitizer.log"
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool "$tool" --error-exitcode 1 --print-limit 50 \
+      $PY scripts/sanitize.py >"$OUT/sanitizer.tmp" 2>&1 || status=1
+    grep -E "SUMMARY|^FAIL" "$OUT/sanitizer.tmp"
+    cat "$OUT/sanitizer.tmp" >>"$OUT/sanitizer.log"
+  done
+  rm -f "$OUT/sanitizer.tmp"
 fi
 if [[ $STAGES == *,kernels,* ]]; then
   echo "== kernel benchmarks"
