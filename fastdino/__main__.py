@@ -7,7 +7,11 @@ import sys
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="fastdino")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("info", help="print the build and the backend table")
+    info_cmd = sub.add_parser("info", help="print the build and the backend table")
+    info_cmd.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                          help="the device the table is for (default: cuda where available, else cpu)")
+    info_cmd.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
+                          help="the activation dtype the table is for (default: bfloat16)")
     demo = sub.add_parser("demo", help="patch a DINOv3 ViT-S/16, check outputs, time original vs patched")
     from .demo import add_arguments
 
@@ -16,7 +20,7 @@ def main(argv=None):
     if args.cmd == "info":
         from .info import info
 
-        info()
+        info(device=args.device, dtype=args.dtype)
         return 0
     from .demo import run
 

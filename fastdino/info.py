@@ -46,12 +46,19 @@ def backend_table(device=None, dtype=torch.bfloat16) -> list[tuple[str, str, str
     return rows
 
 
-def info(file=None) -> str:
-    """Print and return the build description and the backend table."""
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def info(file=None, device=None, dtype: str = "bfloat16") -> str:
+    """Print and return the build description and the backend table for `device` (default: cuda
+    where available, else cpu) and `dtype` (a name in DTYPES). The table describes what dispatch
+    would do with tensors there; no tensor is made, so a device this machine lacks is fine."""
+    if dtype not in DTYPES:
+        raise ValueError(f"fastdino info: dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     lines = [f"{k:<26} {v}" for k, v in build_info().items()]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    lines += ["", f"backends on {device}, bfloat16:"]
-    lines += [f"  {op:<16} {b:<7} {status}" for op, b, status in backend_table()]
+    lines += ["", f"backends on {device.type}, {dtype}:"]
+    lines += [f"  {op:<16} {b:<7} {status}" for op, b, status in backend_table(device, DTYPES[dtype])]
     text = "\n".join(lines)
     print(text, file=file)
     return text

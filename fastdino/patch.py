@@ -18,8 +18,22 @@ _FUSED_CLASSES: dict[tuple[type, type], type] = {}
 def _fused_class(mixin: type, original: type) -> type:
     key = (mixin, original)
     if key not in _FUSED_CLASSES:
-        _FUSED_CLASSES[key] = type(mixin.__name__, (mixin, original), {"_fastdino_original_class": original})
+        _FUSED_CLASSES[key] = type(mixin.__name__, (mixin, original), {"_fastdino_original_class": original,
+                                                                      "__reduce_ex__": _reduce_fused})
     return _FUSED_CLASSES[key]
+
+
+def _reduce_fused(module: nn.Module, protocol: int):
+    """Pickle (torch.save, copy.deepcopy) a swapped module as its mixin and original class, both
+    importable, plus its state: the fused class is made at run time, so it has no importable name."""
+    cls = type(module)
+    return _new_fused, (cls.__bases__[0], cls._fastdino_original_class), module.__getstate__()
+
+
+def _new_fused(mixin: type, original: type) -> nn.Module:
+    """An empty instance of the fused class of (mixin, original); pickle then restores its state."""
+    cls = _fused_class(mixin, original)
+    return cls.__new__(cls)
 
 
 @dataclass
@@ -28,6 +42,12 @@ class Swapped:
     original: str
     fused: str
     backend: str  # what the module's main op selects for its current parameter device and dtype
+
+
+@dataclass
+class Changed:
+    path: str
+    change: str  # e.g. "backend None -> 'cpu'"
 
 
 @dataclass
@@ -41,13 +61,17 @@ class Skipped:
 class PatchReport:
     swapped: list[Swapped] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
-    already_patched: list[str] = field(default_factory=list)
+    already_patched: list[str] = field(default_factory=list)  # patched before, with these options
+    changed: list[Changed] = field(default_factory=list)  # patched before, now with the new options
     notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
-        lines = [f"fastdino.patch: {len(self.swapped)} swapped, {len(self.skipped)} left alone"]
+        lines = [f"fastdino.patch: {len(self.swapped)} swapped, "
+                 + (f"{len(self.changed)} changed, " if self.changed else "")
+                 + f"{len(self.skipped)} left alone"]
         lines += [f"  swapped  {s.path or '<root>'}: {s.original} -> {s.fused} [{s.backend}]"
                   for s in self.swapped]
+        lines += [f"  changed  {c.path or '<root>'}: {c.change}" for c in self.changed]
         lines += [f"  left     {s.path or '<root>'} ({s.cls}): {'; '.join(s.reasons)}" for s in self.skipped]
         if self.already_patched:
             lines.append(f"  already patched: {len(self.already_patched)} modules")
@@ -58,7 +82,11 @@ class PatchReport:
 def patch(model: nn.Module, backend: Optional[str] = None, precision: Optional[str] = None) -> PatchReport:
     """Swap every recognised module of `model` for its fused form, in place.
 
-    Parameters, buffers and state_dict keys are unchanged; calling it again is a no-op.
+    Parameters, buffers and state_dict keys are unchanged. On a patched model it applies the new
+    options to the modules patched before (report.changed) and swaps what they now cover (the
+    precision regions of precision="bf16"; regions of a precision no longer asked for go back to
+    their original class); with the same options it changes nothing. A patched model pickles
+    (torch.save, copy.deepcopy) and loads back patched wherever fastdino is installed.
     `backend` pins the kernel backend of every fused op ("cuda", "triton", "cpu" or "ref").
     `precision`: None keeps every module's precision. "bf16" also runs the fp32 regions that
     dominate a segmentor's cost in bf16 under autocast (dinov3's pixel decoder, which the
@@ -76,7 +104,7 @@ def patch(model: nn.Module, backend: Optional[str] = None, precision: Optional[s
         report.notes.append(f"C++/CUDA kernels unavailable: {_ext.EXT_ERROR}")
     for path, module in model.named_modules():
         if hasattr(type(module), "_fastdino_original_class"):
-            report.already_patched.append(path)
+            _repatch(path, module, backend, precision, report)
             continue
         rule = next((r for r in RULES if type(module).__name__ == r.class_name
                      and r.precision in (None, precision)), None)
@@ -106,15 +134,40 @@ def patch(model: nn.Module, backend: Optional[str] = None, precision: Optional[s
     return report
 
 
+def _repatch(path: str, module: nn.Module, backend: Optional[str], precision: Optional[str],
+             report: PatchReport):
+    """A module patched before: the new options, or its original class where its rule is a
+    precision region that `precision` no longer asks for."""
+    mixin = type(module).__bases__[0]
+    rule = next((r for r in RULES if r.mixin is mixin), None)
+    if rule is not None and rule.precision is not None and rule.precision != precision:
+        _restore(module)
+        change = f"precision {rule.precision!r} -> {precision!r}: its original forward again"
+        report.changed.append(Changed(path, change))
+        return
+    old = (module._fastdino_backend, getattr(module, "_fastdino_precision", None))
+    if old == (backend, precision):
+        report.already_patched.append(path)
+        return
+    module._fastdino_backend, module._fastdino_precision = backend, precision
+    module.__dict__.pop("_fastdino_cache", None)
+    change = [f"{what} {a!r} -> {b!r}" for what, a, b in (("backend", old[0], backend),
+                                                          ("precision", old[1], precision)) if a != b]
+    report.changed.append(Changed(path, ", ".join(change)))
+
+
+def _restore(module: nn.Module):
+    module.__class__ = type(module)._fastdino_original_class
+    del module._fastdino_backend
+    module.__dict__.pop("_fastdino_cache", None)
+    module.__dict__.pop("_fastdino_precision", None)
+
+
 def unpatch(model: nn.Module) -> int:
     """Restore the original class of every module `patch` swapped; returns how many."""
     restored = 0
     for module in model.modules():
-        original = getattr(type(module), "_fastdino_original_class", None)
-        if original is not None:
-            module.__class__ = original
-            del module._fastdino_backend
-            module.__dict__.pop("_fastdino_cache", None)
-            module.__dict__.pop("_fastdino_precision", None)
+        if hasattr(type(module), "_fastdino_original_class"):
+            _restore(module)
             restored += 1
     return restored
