@@ -2,13 +2,22 @@
 say how far apart their outputs are, per output, and for segmentation outputs how many pixels
 get the same class."""
 
+import contextlib
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
+from .ops import OPS
 from .patch import PatchReport, patch, unpatch
+
+# The relative error (Frobenius norms) a patched output may have against the original, by the
+# output's dtype: fp32 kernels differ from PyTorch in summation order only; 16-bit outputs by a few
+# roundings. Under precision="bf16" regions compute in bf16, so every output gets the bf16 bound.
+REL_TOL = {torch.float64: 1e-6, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+AGREEMENT_FLOOR = 0.99  # share of pixels whose argmax class must agree
 
 # (class logits, mask logits) pairs of Mask2Former-style outputs: (B, Q, K + 1) and (B, Q, H, W)
 MASK_CLASSIFICATION_PAIRS = (("pred_logits", "pred_masks"), ("class_queries_logits", "masks_queries_logits"))
@@ -22,6 +31,11 @@ class OutputError:
     max_abs: float
     mean_abs: float
     rel: float  # |patched - original| / |original|, Frobenius norms
+    tol: float  # the bound on rel this output is held to
+
+    @property
+    def ok(self) -> bool:
+        return self.rel <= self.tol  # False for NaN too
 
 
 @dataclass
@@ -38,6 +52,34 @@ class VerifyReport:
     patch: PatchReport
     errors: list[OutputError] = field(default_factory=list)
     agreement: list[Agreement] = field(default_factory=list)
+    ran: dict = field(default_factory=dict)  # {(op, backend): calls} in the patched run
+    agreement_floor: float = AGREEMENT_FLOOR
+
+    @property
+    def passed(self) -> bool:
+        """Every output within its tolerance and every argmax agreement at or above the floor."""
+        agree = all(a.share >= self.agreement_floor for a in self.agreement)
+        return agree and all(e.ok for e in self.errors)
+
+    def verdict(self) -> str:
+        """One line: PASS or FAIL, against what."""
+        bounds = ", ".join(sorted({f"{e.dtype} rel err <= {e.tol:g}" for e in self.errors}))
+        floor = f"; argmax agreement >= {100 * self.agreement_floor:g}%" if self.agreement else ""
+        failures = [f"{e.name or '<output>'} rel err {e.rel:.3g} > {e.tol:g}"
+                    for e in self.errors if not e.ok]
+        failures += [f"{a.name} agreement {100 * a.share:.3f}%" for a in self.agreement
+                     if a.share < self.agreement_floor]
+        if self.passed:
+            return f"verify: PASS ({len(self.errors)} outputs; {bounds}{floor})"
+        return f"verify: FAIL: {'; '.join(failures)} (bounds: {bounds}{floor})"
+
+    def kernels(self) -> str:
+        """Which fastdino backends ran in the patched run, with call counts."""
+        if not self.ran:
+            return ("kernels: none ran; the patched modules ran the model's own code (dispatch picks the "
+                    "reference on this device and dtype: `fastdino info` says why)")
+        return "kernels: " + ", ".join(f"{op} on {backend} ({n} calls)"
+                                       for (op, backend), n in self.ran.items())
 
     @property
     def worst_rel(self) -> float:
@@ -48,10 +90,12 @@ class VerifyReport:
         return min((a.share for a in self.agreement), default=None)
 
     def __str__(self) -> str:
-        lines = ["| output | shape | dtype | max abs err | mean abs err | rel err |",
-                 "|---|---|---|---:|---:|---:|"]
+        lines = [self.verdict(), self.kernels(), str(self.patch).splitlines()[0], "",
+                 "| output | shape | dtype | max abs err | mean abs err | rel err | bound |",
+                 "|---|---|---|---:|---:|---:|---:|"]
         lines += [f"| {e.name or '<output>'} | {tuple(e.shape)} | {e.dtype} | {e.max_abs:.3e} | "
-                  f"{e.mean_abs:.3e} | {e.rel:.3e} |" for e in self.errors]
+                  f"{e.mean_abs:.3e} | {e.rel:.3e} | {e.tol:g}{'' if e.ok else ' FAIL'} |"
+                  for e in self.errors]
         lines += [f"argmax agreement {a.name}: {100 * a.share:.3f}% of {a.pixels} pixels (original map: "
                   f"{a.classes} classes, the largest on {100 * a.majority:.1f}%)" for a in self.agreement]
         return "\n".join(lines)
@@ -107,27 +151,58 @@ def _agreements(ref: dict[str, Tensor], out: dict[str, Tensor]) -> list[Agreemen
     return found
 
 
-def verify(model: nn.Module, inputs, backend: Optional[str] = None,
-           precision: Optional[str] = None) -> VerifyReport:
+@contextlib.contextmanager
+def _counting_runs(counts: Counter):
+    """Count every op's run calls by (op, backend) while the patched model runs."""
+    def counted(op, run):
+        def run_and_count(backend, *args):
+            counts[(op.name, backend)] += 1
+            return run(backend, *args)
+        return run_and_count
+
+    saved = {name: op.__dict__.get("run") for name, op in OPS.items()}
+    for op in OPS.values():
+        op.run = counted(op, op.run)
+    try:
+        yield
+    finally:
+        for name, op in OPS.items():
+            if saved[name] is None:
+                del op.run
+            else:
+                op.run = saved[name]
+
+
+def verify(model: nn.Module, inputs, backend: Optional[str] = None, precision: Optional[str] = None,
+           rel_tol: Optional[dict] = None, agreement_floor: float = AGREEMENT_FLOOR) -> VerifyReport:
     """Run `model` unpatched and patched (fastdino.patch with `backend` and `precision`) on `inputs`
     (a tensor, a tuple of positional arguments or a dict of keyword arguments) and report, per
     output tensor, the max and mean absolute error and the relative error against the original;
     for Mask2Former/EoMT outputs (class and mask logits) and (B, classes, H, W) logits maps, the
-    share of pixels whose argmax class agrees. The model is left patched with these options.
+    share of pixels whose argmax class agrees; which kernels ran; and a verdict: PASS where every
+    output's relative error is within `rel_tol[dtype]` (default REL_TOL; the bf16 bound for every
+    output under precision="bf16") and every agreement is at least `agreement_floor`
+    (`report.passed`). The model is left patched with these options.
     """
+    tolerances = {**REL_TOL, **(rel_tol or {})}
     unpatch(model)
     ref = _run(model, inputs)
-    report = VerifyReport(patch=patch(model, backend=backend, precision=precision))
-    out = _run(model, inputs)
+    report = VerifyReport(patch=patch(model, backend=backend, precision=precision),
+                          agreement_floor=agreement_floor)
+    counts: Counter = Counter()
+    with _counting_runs(counts):
+        out = _run(model, inputs)
+    report.ran = dict(counts)
     for name, r in ref.items():
         o = out[name]
         if not r.is_floating_point():
             continue
         diff = (o.double() - r.double()).abs()
         norm = r.double().norm().item()
+        tol = tolerances.get(torch.bfloat16 if precision == "bf16" else r.dtype, tolerances[torch.float32])
         report.errors.append(OutputError(name, tuple(r.shape), str(r.dtype).replace("torch.", ""),
                                          diff.max().item() if diff.numel() else 0.0,
                                          diff.mean().item() if diff.numel() else 0.0,
-                                         diff.norm().item() / norm if norm else diff.norm().item()))
+                                         diff.norm().item() / norm if norm else diff.norm().item(), tol))
     report.agreement = _agreements(ref, out)
     return report

@@ -176,6 +176,23 @@ def test_verify_measures_differences():
     assert report.agreement[0].classes == int((counts > 0).sum())
     assert report.agreement[0].majority == pytest.approx(counts.max().item() / 64)
     assert "argmax agreement" in str(report) and "the largest on" in str(report)
+    assert not report.passed and str(report).startswith("verify: FAIL: <output> rel err")
+    assert "kernels: none ran" in str(report)
+
+
+def test_verify_gives_a_verdict_and_the_kernels_that_ran():
+    from test_patch import hf_vit
+
+    model = hf_vit().to(DEVICE)
+    pinned = DEVICE.type if fastdino._ext.BUILD[DEVICE.type] else "triton"
+    inputs = {"pixel_values": torch.randn(1, 3, 64, 64, device=DEVICE)}
+    report = fastdino.verify(model, inputs, backend=pinned)
+    text = str(report).splitlines()
+    assert report.passed and text[0].startswith("verify: PASS (") and "float32 rel err <= 0.0001" in text[0]
+    assert text[1].startswith("kernels: ") and f"rope_attention on {pinned} (2 calls)" in text[1], text[1]
+    assert text[2].startswith("fastdino.patch: 7 swapped")
+    strict = fastdino.verify(model, inputs, backend=pinned, rel_tol={torch.float32: 0.0})
+    assert not strict.passed and "rel err" in strict.verdict() and "> 0" in strict.verdict()
 
 
 def test_semantic_map_follows_mask2former_inference():
