@@ -1,6 +1,8 @@
 """`fastdino.patch(model)`: recognise DINOv3 modules by class name and structure, swap them for
 their fused forms in place, and report what was swapped and what was left alone and why."""
 
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -16,10 +18,14 @@ _FUSED_CLASSES: dict[tuple[type, type], type] = {}
 
 
 def _fused_class(mixin: type, original: type) -> type:
+    """The class a swapped module takes: the mixin's forward over the original class, named after
+    the original with the mixin's first word (FusedDINOv3ViTLayer, CachedRopePositionEmbedding,
+    Bf16MSDeformAttnPixelDecoder)."""
     key = (mixin, original)
     if key not in _FUSED_CLASSES:
-        _FUSED_CLASSES[key] = type(mixin.__name__, (mixin, original), {"_fastdino_original_class": original,
-                                                                      "__reduce_ex__": _reduce_fused})
+        name = re.match(r"_?([A-Z][a-z0-9]*)", mixin.__name__).group(1) + original.__name__
+        _FUSED_CLASSES[key] = type(name, (mixin, original), {"_fastdino_original_class": original,
+                                                            "__reduce_ex__": _reduce_fused})
     return _FUSED_CLASSES[key]
 
 
@@ -42,6 +48,7 @@ class Swapped:
     original: str
     fused: str
     backend: str  # what the module's main op selects for its current parameter device and dtype
+    pinned: bool = False  # backend= chose it
 
 
 @dataclass
@@ -65,18 +72,54 @@ class PatchReport:
     changed: list[Changed] = field(default_factory=list)  # patched before, now with the new options
     notes: list[str] = field(default_factory=list)
 
+    where: str = ""  # the model's parameters: device and dtype
+
     def __str__(self) -> str:
-        lines = [f"fastdino.patch: {len(self.swapped)} swapped, "
-                 + (f"{len(self.changed)} changed, " if self.changed else "")
-                 + f"{len(self.skipped)} left alone"]
-        lines += [f"  swapped  {s.path or '<root>'}: {s.original} -> {s.fused} [{s.backend}]"
-                  for s in self.swapped]
+        """A summary: what runs how, counted by class; what was left alone, counted by reason."""
+        if not (self.swapped or self.changed or self.skipped or self.already_patched):
+            looked_for = sorted({r.class_name for r in RULES})
+            return ("fastdino.patch: nothing to patch in this model. fastdino recognises these classes (by "
+                    f"name and structure): {', '.join(looked_for)}")
+        head = f"fastdino.patch: {len(self.swapped)} modules swapped"
+        head += f", {len(self.changed)} changed" if self.changed else ""
+        head += f", {len(self.already_patched)} already patched" if self.already_patched else ""
+        head += f", {len(self.skipped)} left alone" + (f" ({self.where})" if self.where else "")
+        lines = [head]
+        for (backend, pinned), classes in _grouped(self.swapped).items():
+            runs = (f"run on the pinned backend {backend!r}" if pinned
+                    else _RUNS.get(backend, f"run fastdino kernels on {backend}"))
+            lines.append(f"  {runs}: {classes}")
+        if self.changed:
+            lines.append(f"  changed: {', '.join(sorted({c.change for c in self.changed}))}")
+        reasons = Counter((s.cls, "; ".join(s.reasons)) for s in self.skipped)
+        lines += [f"  left alone: {n} {cls}: {why}" for (cls, why), n in reasons.items()]
+        lines += [f"  note: {n}" for n in self.notes]
+        if self.swapped or self.skipped:
+            lines.append("  report.details() lists every module")
+        return "\n".join(lines)
+
+    def details(self) -> str:
+        """Every module: path, original and fused class, what it runs on; every module left alone."""
+        lines = [f"  swapped  {s.path or '<root>'}: {s.original} -> {s.fused} [{s.backend}]"
+                 for s in self.swapped]
         lines += [f"  changed  {c.path or '<root>'}: {c.change}" for c in self.changed]
         lines += [f"  left     {s.path or '<root>'} ({s.cls}): {'; '.join(s.reasons)}" for s in self.skipped]
-        if self.already_patched:
-            lines.append(f"  already patched: {len(self.already_patched)} modules")
-        lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+# What a swapped module's report backend means, in words.
+_RUNS = {"ref": "run the model's own code (no kernel is picked for this device and dtype: `fastdino info` "
+                "says why)",
+         "cache": "cache their RoPE tables per image size",
+         "bf16": "run as bf16 regions under autocast (precision='bf16')"}
+
+
+def _grouped(swapped: list) -> dict:
+    """{(report backend, pinned): "2 DINOv3ViTLayer, 1 ..."} in order of first appearance."""
+    counts: dict = {}
+    for s in swapped:
+        counts.setdefault((s.backend, s.pinned), Counter())[s.original] += 1
+    return {b: ", ".join(f"{n} {cls}" for cls, n in c.items()) for b, c in counts.items()}
 
 
 def patch(model: nn.Module, backend: Optional[str] = None, precision: Optional[str] = None) -> PatchReport:
@@ -100,6 +143,9 @@ def patch(model: nn.Module, backend: Optional[str] = None, precision: Optional[s
     if precision not in PRECISIONS:
         raise ValueError(f"fastdino.patch: precision must be one of {PRECISIONS}, got {precision!r}")
     report = PatchReport()
+    param = next(model.parameters(), None)
+    if param is not None:
+        report.where = f"parameters on {param.device.type}, {str(param.dtype).replace('torch.', '')}"
     if not _ext.HAS_EXT:
         report.notes.append(f"C++/CUDA kernels unavailable: {_ext.EXT_ERROR}")
     for path, module in model.named_modules():
@@ -118,19 +164,19 @@ def patch(model: nn.Module, backend: Optional[str] = None, precision: Optional[s
         module.__class__ = _fused_class(rule.mixin, original)
         module._fastdino_backend = backend
         module._fastdino_precision = precision  # e.g. values in bf16 where a bf16 region's autocast is on
-        shown = backend if backend is not None and rule.pinnable else rule.backend(module)
-        report.swapped.append(Swapped(path, original.__name__, type(module).__name__, shown))
-    if backend is None and any(s.backend == "ref" for s in report.swapped):
-        report.notes.append(
-            "[ref]: dispatch prefers no kernel for these modules on the model's current device and dtype "
-            "(`fastdino info` says why), so they run the model's own code until it moves to one that has a "
-            "kernel; backend= pins one")
+        pinned = backend is not None and rule.pinnable
+        report.swapped.append(Swapped(path, original.__name__, type(module).__name__,
+                                      backend if pinned else rule.backend(module), pinned))
     regions = [s.path or "<root>" for s in report.swapped if s.backend == "bf16"]
-    if precision == "bf16":
+    if precision == "bf16" and regions:
         report.notes.append(
-            f"precision bf16: {', '.join(regions) or 'no region found'} run under bf16 autocast (matmuls and "
-            "convolutions in bf16; softmax, normalisation statistics, deformable sampling offsets, locations "
-            "and weights in fp32; outputs returned in fp32); everything else keeps its precision")
+            f"precision bf16: {', '.join(regions)} run under bf16 autocast (matmuls and convolutions in "
+            "bf16; softmax, normalisation statistics, deformable sampling offsets, locations and weights in "
+            "fp32; outputs returned in fp32); everything else keeps its precision")
+    elif precision == "bf16":
+        bf16_classes = sorted({r.class_name for r in RULES if r.precision == "bf16"})
+        report.notes.append(f"precision bf16 changes nothing here: it applies to {', '.join(bf16_classes)}, "
+                            "and this model has none (patched before with it: see changed)")
     return report
 
 

@@ -126,14 +126,16 @@ def test_patch_again_applies_the_new_backend_and_reports_it():
     second = fastdino.patch(model, backend=PINNED)
     assert not second.swapped and len(second.changed) == len(first.swapped)
     assert all(c.change == f"backend None -> {PINNED!r}" for c in second.changed)
-    assert f"{len(second.changed)} changed" in str(second) and "changed  model.layer.0:" in str(second)
+    text = str(second)
+    assert f"{len(second.changed)} changed" in text and f"changed: backend None -> {PINNED!r}" in text
+    assert f"changed  model.layer.0: backend None -> {PINNED!r}" in second.details()
     with torch.no_grad(), op_runs("rope_attention") as calls:
         run(model)
     backends = {op_args("rope_attention", c)["backend"] for c in calls["rope_attention"].call_args_list}
     assert backends == {PINNED}
     third = fastdino.patch(model, backend=PINNED)
     assert not third.changed and len(third.already_patched) == len(first.swapped)
-    assert "already patched" in str(third)
+    assert f"{len(first.swapped)} already patched" in str(third)
 
 
 def test_patch_again_with_another_precision_swaps_and_restores_its_regions():

@@ -76,7 +76,8 @@ def test_bf16_policy_on_the_official_adapter():
     keys = {k: (v.data_ptr(), v.dtype) for k, v in model.state_dict().items()}
     report = fastdino.patch(model, precision="bf16")
     root = [s for s in report.swapped if s.path == ""]
-    assert [(s.original, s.fused, s.backend) for s in root] == [("DINOv3_Adapter", "Bf16Forward", "bf16")]
+    assert [(s.original, s.fused, s.backend) for s in root] == [("DINOv3_Adapter", "Bf16DINOv3_Adapter",
+                                                                 "bf16")]
     assert {k: (v.data_ptr(), v.dtype) for k, v in model.state_dict().items()} == keys
     with torch.no_grad(), op_runs("ms_deform_attn") as ops:
         out = run()
@@ -146,7 +147,7 @@ def test_verify_hf_mask2former_default_and_bf16(backbone):
     side = 32 if backbone == "swin" else 8  # mask logits at 1/4 (Swin) or 1/16 (ViT taps) of 128
     assert exact.agreement[0].pixels == 2 * side * side and exact.min_agreement == 1.0
     bf16 = fastdino.verify(model, inputs, precision="bf16")
-    assert any(s.fused == "Bf16Forward" and s.path == "model.pixel_level_module.decoder"
+    assert any(s.fused == "Bf16Mask2FormerPixelDecoder" and s.path == "model.pixel_level_module.decoder"
                for s in bf16.patch.swapped)
     assert 1e-4 < bf16.worst_rel <= 0.1, str(bf16)
     assert bf16.min_agreement >= 0.995, str(bf16)  # the policy's floor on random-init models
@@ -190,7 +191,7 @@ def test_verify_gives_a_verdict_and_the_kernels_that_ran():
     text = str(report).splitlines()
     assert report.passed and text[0].startswith("verify: PASS (") and "float32 rel err <= 0.0001" in text[0]
     assert text[1].startswith("kernels: ") and f"rope_attention on {pinned} (2 calls)" in text[1], text[1]
-    assert text[2].startswith("fastdino.patch: 7 swapped")
+    assert text[2].startswith("fastdino.patch: 7 modules swapped")
     strict = fastdino.verify(model, inputs, backend=pinned, rel_tol={torch.float32: 0.0})
     assert not strict.passed and "rel err" in strict.verdict() and "> 0" in strict.verdict()
 
