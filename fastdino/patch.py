@@ -23,10 +23,20 @@ def _fused_class(mixin: type, original: type) -> type:
     Bf16MSDeformAttnPixelDecoder)."""
     key = (mixin, original)
     if key not in _FUSED_CLASSES:
+        attrs = {"_fastdino_original_class": original, "__reduce_ex__": _reduce_fused}
         name = re.match(r"_?([A-Z][a-z0-9]*)", mixin.__name__).group(1) + original.__name__
-        _FUSED_CLASSES[key] = type(name, (mixin, original), {"_fastdino_original_class": original,
-                                                            "__reduce_ex__": _reduce_fused})
+        if _keeps_class_name(original):
+            # transformers keys on the class of a model: its output-recording registry on
+            # str(type(model)), save_pretrained's config "architectures" and the loss on its name
+            name = original.__name__
+            attrs.update(__module__=original.__module__, __qualname__=original.__qualname__)
+        _FUSED_CLASSES[key] = type(name, (mixin, original), attrs)
     return _FUSED_CLASSES[key]
+
+
+def _keeps_class_name(original: type) -> bool:
+    """A transformers model class (a PreTrainedModel): its fused class takes its names."""
+    return any(c.__name__ == "PreTrainedModel" for c in original.__mro__)
 
 
 def _reduce_fused(module: nn.Module, protocol: int):
@@ -165,8 +175,10 @@ def patch(model: nn.Module, backend: Optional[str] = None, precision: Optional[s
         module._fastdino_backend = backend
         module._fastdino_precision = precision  # e.g. values in bf16 where a bf16 region's autocast is on
         pinned = backend is not None and rule.pinnable
-        report.swapped.append(Swapped(path, original.__name__, type(module).__name__,
-                                      backend if pinned else rule.backend(module), pinned))
+        # a class that keeps its name (transformers models) is reported by the fused forward it runs
+        fused = rule.mixin.__name__ if _keeps_class_name(original) else type(module).__name__
+        shown = backend if pinned else rule.backend(module)
+        report.swapped.append(Swapped(path, original.__name__, fused, shown, pinned))
     regions = [s.path or "<root>" for s in report.swapped if s.backend == "bf16"]
     if precision == "bf16" and regions:
         report.notes.append(

@@ -49,6 +49,16 @@ def needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def transformers_records(key: str) -> bool:
+    """Whether transformers (5.x) records `key` ("attentions", ...) of the forward now running: its
+    hooks read what the modules return, so a fused attention, which returns no weights, must run
+    the original there."""
+    capturing = sys.modules.get("transformers.utils.output_capturing")
+    collector = getattr(capturing, "_active_collector", None)
+    collected = collector.get() if collector is not None else None
+    return bool(collected) and key in collected
+
+
 def activation_dtype(x: Tensor) -> torch.dtype:
     """The dtype the projections of x produce: autocast's where it is on."""
     dev = x.device.type

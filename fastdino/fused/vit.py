@@ -25,6 +25,7 @@ from .common import (
     residual_layer_norm,
     seam_backend,
     seam_reasons,
+    transformers_records,
 )
 from .mlp import mlp_residual
 
@@ -113,9 +114,11 @@ class FusedDINOv3ViTAttention:
         rope = self._fastdino_rope and position_embeddings is not None
         cos, sin = position_embeddings if rope else (None, None)
         backend = None
-        if not _attention_fallback(self.training, self.dropout, mask=attention_mask is not None,
-                                   no_rope=self._fastdino_rope and position_embeddings is None,
-                                   weights=kwargs.get("output_attentions")):
+        weights = kwargs.get("output_attentions") or transformers_records("attentions")
+        no_rope = self._fastdino_rope and position_embeddings is None
+        masked = attention_mask is not None
+        if not _attention_fallback(self.training, self.dropout, mask=masked, no_rope=no_rope,
+                                   weights=weights):
             backend = _attention_backend(self, hidden_states, self.num_heads, self.q_proj.weight, cos, sin,
                                          fastdino_mask_logits)
         if backend is None:
