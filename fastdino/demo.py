@@ -3,6 +3,7 @@ that patched and original outputs agree, and time original vs patched on the bes
 
 import statistics
 import time
+from collections import Counter
 
 import torch
 
@@ -19,37 +20,64 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
 def add_arguments(parser):
     parser.add_argument("--weights",
-                        help="a Hugging Face model directory or id, or a state_dict file (.pth/.safetensors)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+                        help="a transformers model directory, or a DINOv3 ViT state_dict file (.pth/.pt/.bin/"
+                             ".safetensors) in transformers' or the official dinov3 key layout, ViT-S/B/L/16")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda where available)")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"],
                         help="default: bf16 on cuda, fp32 on cpu")
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--iters", type=int, help="timed iterations (default: 50 on cuda, 5 on cpu)")
+    parser.add_argument("--iters", type=int,
+                        help="timed iterations per round (default: 20 on cuda, 3 on cpu)")
+    parser.add_argument("--rounds", type=int, default=5, help="original/patched timing rounds, alternating")
     parser.add_argument("--backend", choices=["cuda", "triton", "cpu", "ref"], help="pin the kernel backend")
 
 
+class DemoError(Exception):
+    """A problem with the demo's arguments or machine, said in one line."""
+
+
 def build_model(weights=None):
+    """ViT-S/16 at random init, or the model `weights` describe (see fastdino.checkpoints)."""
+    import os
+
     from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    from .checkpoints import ACCEPTED, load_state, vit_from_state_dict
 
     if weights is None:
         torch.manual_seed(0)
         return DINOv3ViTModel(DINOv3ViTConfig(**VITS16))
-    if weights.endswith((".pth", ".pt", ".bin", ".safetensors")):
-        model = DINOv3ViTModel(DINOv3ViTConfig(**VITS16))
-        if weights.endswith(".safetensors"):
-            from safetensors.torch import load_file
+    if os.path.isfile(weights):
+        try:
+            return vit_from_state_dict(load_state(weights))
+        except ValueError as e:
+            raise DemoError(str(e)) from None
+    if os.path.isdir(weights):
+        return DINOv3ViTModel.from_pretrained(weights)
+    try:  # a hub id only from the local Hugging Face cache: no waiting on the network
+        return DINOv3ViTModel.from_pretrained(weights, local_files_only=True)
+    except OSError:
+        raise DemoError(f"--weights {weights}: no such file or directory, and not in the local Hugging Face "
+                        f"cache (download it first, e.g. `huggingface-cli download {weights}`). The demo "
+                        f"accepts {ACCEPTED}") from None
 
-            state = load_file(weights)
-        else:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
-        return model
-    return DINOv3ViTModel.from_pretrained(weights)
+
+def _device(name):
+    name = name or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = ("this torch is a CPU build (torch.version.cuda is None)" if torch.version.cuda is None
+               else "no CUDA device is visible")
+        raise DemoError(f"--device {name}: {why}; run on --device cpu, or install a CUDA build of torch")
+    if device.type not in ("cuda", "cpu"):
+        raise DemoError(f"--device {name}: the demo runs on cuda or cpu")
+    return device
 
 
 def _time(fn, device, iters):
-    for _ in range(3):
+    """Median ms of `iters` calls after 2 warm-up calls (CUDA events on the GPU, wall clock on CPU)."""
+    for _ in range(2):
         fn()
     times = []
     for _ in range(iters):
@@ -69,33 +97,61 @@ def _time(fn, device, iters):
 
 def run(args) -> int:
     import fastdino
+    from fastdino.verify import _counting_runs
 
-    device = torch.device(args.device)
+    try:
+        device = _device(args.device)
+        model = build_model(args.weights)
+    except DemoError as e:
+        print(f"fastdino demo: {e}")
+        return 2
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
         args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     ]
-    iters = args.iters or (50 if device.type == "cuda" else 5)
-    model = build_model(args.weights).to(device=device, dtype=dtype).eval()
+    iters = args.iters or (20 if device.type == "cuda" else 3)
+    model = model.to(device=device, dtype=dtype).eval()
+    cfg = model.config
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    source = f"weights {args.weights}" if args.weights else "random init"
+    print(f"model: DINOv3 ViT ({cfg.hidden_size} wide, {cfg.num_hidden_layers} layers, "
+          f"{cfg.num_attention_heads} heads{', SwiGLU' if cfg.use_gated_mlp else ''}), {source}")
+    print(f"input: {args.batch} x 3 x {args.resolution} x {args.resolution}, "
+          f"{str(dtype).replace('torch.', '')}, on {name}\n")
     torch.manual_seed(1)
     pixels = torch.randn(args.batch, 3, args.resolution, args.resolution, device=device, dtype=dtype)
 
+    forward = lambda: model(pixel_values=pixels).last_hidden_state  # noqa: E731
+    ran = Counter()
     with torch.inference_mode():
-        forward = lambda: model(pixel_values=pixels).last_hidden_state  # noqa: E731
         ref = forward().float()
-        t_orig = _time(forward, device, iters)
         report = fastdino.patch(model, backend=args.backend)
         print(report)
-        out = forward().float()
-        t_fused = _time(forward, device, iters)
+        with _counting_runs(ran):
+            out = forward().float()
+        times = {"original": [], "patched": []}
+        for _ in range(args.rounds):  # alternate, so drift hits both alike
+            fastdino.unpatch(model)
+            times["original"].append(_time(forward, device, iters))
+            fastdino.patch(model, backend=args.backend)
+            times["patched"].append(_time(forward, device, iters))
 
     rel = ((out - ref).norm() / ref.norm()).item()
     ok = rel <= TOLERANCE[dtype]
     print(f"\noutputs: max |patched - original| = {(out - ref).abs().max().item():.3e}, "
           f"relative = {rel:.3e} (tolerance {TOLERANCE[dtype]:.0e}): {'OK' if ok else 'MISMATCH'}")
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"\nDINOv3 ViT-S/16, {args.resolution}x{args.resolution}, batch {args.batch}, {dtype}, {name}, "
-          f"median of {iters}")
-    print(f"{'variant':<12}{'ms/batch':>10}{'img/s':>10}{'speed-up':>10}")
-    for label, t in (("original", t_orig), ("patched", t_fused)):
-        print(f"{label:<12}{t:>10.2f}{args.batch * 1e3 / t:>10.1f}{t_orig / t:>9.2f}x")
+    if ran:
+        print("ran: " + ", ".join(f"{op} on {backend} ({n} calls)" for (op, backend), n in ran.items()))
+    else:
+        print("ran: the model's own modules (no fastdino kernel is picked on this device and dtype; "
+              "`fastdino info` says why, --backend pins one)")
+    ratios = [o / p for o, p in zip(times["original"], times["patched"])]
+    print(f"\ntimes: median ms per batch of {iters} calls, in each of {args.rounds} alternating rounds")
+    for label, ts in times.items():
+        print(f"  {label:<9} {statistics.median(ts):9.2f} ms  (rounds: {min(ts):.2f} to {max(ts):.2f})  "
+              f"{args.batch * 1e3 / statistics.median(ts):8.1f} img/s")
+    print(f"  original / patched: {statistics.median(ratios):.2f}x "
+          f"(rounds: {min(ratios):.2f}x to {max(ratios):.2f}x)")
+    if device.type == "cpu":
+        print("\nOn CPU fastdino is not a speed-up: its kernels are for NVIDIA GPUs, and a ratio within the "
+              "spread of the rounds above is noise. Run on a GPU to see what it does.")
     return 0 if ok else 1
