@@ -59,6 +59,7 @@ class Swapped:
     fused: str
     backend: str  # what the module's main op selects for its current parameter device and dtype
     pinned: bool = False  # backend= chose it
+    op: Optional[str] = None  # the fastdino op the module runs
 
 
 @dataclass
@@ -125,11 +126,12 @@ _RUNS = {"ref": "run the model's own code (no kernel is picked for this device a
 
 
 def _grouped(swapped: list) -> dict:
-    """{(report backend, pinned): "2 DINOv3ViTLayer, 1 ..."} in order of first appearance."""
+    """{(report backend, pinned): "2 DINOv3ViTLayer (add_layer_norm), ..."} in order of first appearance."""
     counts: dict = {}
     for s in swapped:
-        counts.setdefault((s.backend, s.pinned), Counter())[s.original] += 1
-    return {b: ", ".join(f"{n} {cls}" for cls, n in c.items()) for b, c in counts.items()}
+        counts.setdefault((s.backend, s.pinned), Counter())[(s.original, s.op)] += 1
+    return {b: ", ".join(f"{n} {cls}" + (f" ({op})" if op else "") for (cls, op), n in c.items())
+            for b, c in counts.items()}
 
 
 def patch(model: nn.Module, backend: Optional[str] = None, precision: Optional[str] = None) -> PatchReport:
@@ -178,7 +180,8 @@ def patch(model: nn.Module, backend: Optional[str] = None, precision: Optional[s
         # a class that keeps its name (transformers models) is reported by the fused forward it runs
         fused = rule.mixin.__name__ if _keeps_class_name(original) else type(module).__name__
         shown = backend if pinned else rule.backend(module)
-        report.swapped.append(Swapped(path, original.__name__, fused, shown, pinned))
+        report.swapped.append(Swapped(path, original.__name__, fused, shown, pinned,
+                                      getattr(rule.mixin, "_fastdino_op", None)))
     regions = [s.path or "<root>" for s in report.swapped if s.backend == "bf16"]
     if precision == "bf16" and regions:
         report.notes.append(

@@ -225,10 +225,12 @@ def test_report_paths_follow_the_model_and_patch_twice_is_a_noop():
     assert text[0] == "fastdino.patch: 7 modules swapped, 0 left alone (parameters on cpu, float32)"
     assert text[1] == "  cache their RoPE tables per image size: 1 DINOv3ViTRopePositionEmbedding"
     assert text[2].startswith("  run the model's own code (no kernel is picked for this device and dtype")
-    assert text[2].endswith(": 2 DINOv3ViTLayer, 2 DINOv3ViTAttention, 2 DINOv3ViTMLP")
+    assert text[2].endswith(": 2 DINOv3ViTLayer (add_layer_norm), 2 DINOv3ViTAttention (rope_attention), "
+                            "2 DINOv3ViTMLP (fused_linear)")
     assert "DINOv3ViTLayer -> FusedDINOv3ViTLayer [ref]" in first.details()
     pinned = str(fastdino.patch(hf_vit(), backend="ref"))
-    assert "run on the pinned backend 'ref': 2 DINOv3ViTLayer" in pinned and "own code" not in pinned
+    assert "run on the pinned backend 'ref': 2 DINOv3ViTLayer (add_layer_norm)" in pinned
+    assert "own code" not in pinned
     second = fastdino.patch(model)
     assert second.swapped == [] and second.already_patched == paths
     assert fastdino.unpatch(model) == 7 and fastdino.unpatch(model) == 0

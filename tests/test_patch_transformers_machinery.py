@@ -108,3 +108,64 @@ def test_training_step_with_labels(backend):
     assert grads.keys() == ref_grads.keys()
     for n, g in grads.items():
         torch.testing.assert_close(g, ref_grads[n], atol=1e-4, rtol=1e-3, msg=n)
+
+
+# -- every transformers family fastdino patches: DINOv3ViT, Mask2Former (and EoMT above) ---------
+
+
+def hf_family(name):
+    """(model, pixels, the output fields compared) of a tiny random-init transformers model."""
+    if name == "dinov3-vit":
+        from test_patch import hf_vit
+
+        return hf_vit().to(DEVICE), torch.randn(2, 3, 64, 64, device=DEVICE), ("last_hidden_state",)
+    from test_patch_masked_attention import hf_mask2former
+
+    model, _ = hf_mask2former()
+    return model, torch.randn(2, 3, 96, 64, device=DEVICE), ("masks_queries_logits", "class_queries_logits")
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=str)
+@pytest.mark.parametrize("family", ["dinov3-vit", "mask2former"])
+def test_family_keeps_recording_saving_and_batching(family, backend, tmp_path):
+    # (their training step, with a pinned backend and with the default: tests/test_grad.py)
+    model, pixels, fields = hf_family(family)
+    if family == "dinov3-vit":
+        model.set_attn_implementation("eager")
+    kwargs = dict(output_hidden_states=True, output_attentions=family == "dinov3-vit")
+    ref = outputs(model, pixels, **kwargs)
+    fastdino.patch(model, backend=backend)
+    out = outputs(model, pixels, **kwargs)
+    recorded = (("hidden_states", "attentions") if family == "dinov3-vit" else
+                ("encoder_hidden_states", "pixel_decoder_hidden_states", "transformer_decoder_hidden_states"))
+    for field in recorded:
+        got, want = getattr(out, field), getattr(ref, field)
+        assert want and [t.shape for t in got] == [t.shape for t in want], field
+    for field in fields:
+        torch.testing.assert_close(getattr(out, field), getattr(ref, field), atol=1e-4, rtol=1e-4)
+    # save_pretrained: the original architecture, loads back as the original class
+    model.save_pretrained(tmp_path)
+    architectures = json.loads((tmp_path / "config.json").read_text())["architectures"]
+    assert architectures == [ref_model_class(model).__name__]
+    loaded = ref_model_class(model).from_pretrained(tmp_path).to(DEVICE).eval()
+    if family == "mask2former":
+        from test_patch_masked_attention import _mixed_masks
+
+        loaded.model.pixel_level_module.decoder.mask_projection.register_forward_hook(_mixed_masks)
+    torch.testing.assert_close(getattr(outputs(loaded, pixels), fields[0]), getattr(out, fields[0]),
+                               atol=1e-4, rtol=1e-4)
+    # batching: each image alone gives its row of the batch (without the test's mask hook, which
+    # normalises over the batch)
+    if family == "mask2former":
+        model.model.pixel_level_module.decoder.mask_projection._forward_hooks.clear()
+    batched = outputs(model, pixels)
+    for i in range(pixels.shape[0]):
+        single = outputs(model, pixels[i:i + 1])
+        for field in fields:
+            torch.testing.assert_close(getattr(single, field), getattr(batched, field)[i:i + 1], atol=1e-4,
+                                       rtol=1e-4)
+
+
+def ref_model_class(model):
+    """The class transformers sees: a swapped root's original, else the model's own."""
+    return getattr(type(model), "_fastdino_original_class", type(model))

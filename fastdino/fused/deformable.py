@@ -40,6 +40,8 @@ class _FusedMSDeformAttn(ForwardCache):
     kernel. The original forward runs where ms_deform_attn would pick its reference (inputs that
     require grad, no kernel for the device or the inputs' layout) or a pinned "ref"."""
 
+    _fastdino_op = "ms_deform_attn"  # what the patch report names
+
     def _fastdino_choose(self, query: Tensor, value_input: Tensor, shapes, level_start_index,
                          reference_points: Tensor, fp32: bool, bf16: bool) -> Optional[str]:
         """ms_deform_attn's backend for this call, decided before anything is computed: `Like` stands

@@ -47,6 +47,8 @@ class FusedEomtForUniversalSegmentation:
     attention was left unpatched.
     """
 
+    _fastdino_op = "rope_attention"  # what the patch report names
+
     def _fastdino_runs(self, mask_labels, class_labels, kwargs) -> bool:
         cfg = self.config
         if self.training or mask_labels is not None or class_labels is not None or kwargs:

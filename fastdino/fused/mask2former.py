@@ -150,6 +150,8 @@ class FusedMask2FormerMaskedAttentionDecoder:
     training, inputs that require grad, or where masked_attention would pick its reference.
     """
 
+    _fastdino_op = "masked_attention"  # what the patch report names
+
     def _fastdino_predict(self, output: Tensor, pixel_embeddings: Tensor, size) -> tuple[Tensor, Tensor]:
         """The mask predictor's (mask logits at 1/4, logits resized to `size` as (B, Q, HW))."""
         mask_embeddings = self.mask_predictor.mask_embedder(output.transpose(0, 1))
@@ -255,6 +257,8 @@ class FusedMultiScaleMaskedTransformerDecoder:
     The original forward runs with dropout in training, inputs that require grad, or where
     masked_attention would pick its reference.
     """
+
+    _fastdino_op = "masked_attention"  # what the patch report names
 
     def _fastdino_heads(self, output: Tensor, mask_features: Tensor, size):
         """forward_prediction_heads with the resized mask logits, (B, Q, HW), in place of the mask."""

@@ -51,6 +51,8 @@ class _FusedMlp:
     active in training.
     """
 
+    _fastdino_op = "fused_linear"  # what the patch report names
+
     _fastdino_dropouts: tuple = ()
 
     def _fastdino_mlp(self, x: Tensor, residual: Optional[Tensor] = None,

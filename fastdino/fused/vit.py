@@ -64,6 +64,8 @@ class FusedDINOv3ViTLayer:
     MLP seam through add_layer_norm. Extra keyword arguments go to the attention, as the original
     passes them (the fused EoMT model sends `fastdino_mask_logits` this way)."""
 
+    _fastdino_op = "add_layer_norm"  # what the patch report names
+
     def forward(self, hidden_states, attention_mask=None, position_embeddings=None, **kwargs):
         if self.training and not isinstance(self.drop_path, nn.Identity):
             return super().forward(
@@ -104,6 +106,8 @@ class FusedDINOv3ViTAttention:
     rope_attention on their outputs. `fastdino_mask_logits` (B, Q, HW) is EoMT's query-to-patch
     mask from the fused EoMT model; rope_attention reads it instead of a dense N x N mask (the
     original forward gets the dense mask)."""
+
+    _fastdino_op = "rope_attention"  # what the patch report names
 
     _fastdino_out = "o_proj"
     _fastdino_scale = "scaling"
@@ -153,6 +157,8 @@ class CachedDINOv3ViTRopePositionEmbedding(ForwardCache):
 class FusedSelfAttentionBlock:
     """dinov3's SelfAttentionBlock with the attention -> MLP seam through add_layer_norm."""
 
+    _fastdino_op = "add_layer_norm"  # what the patch report names
+
     def _forward_list(self, x_list, rope_list=None):
         if self.training and self.sample_drop_ratio > 0.0:
             return super()._forward_list(x_list, rope_list=rope_list)
@@ -182,6 +188,8 @@ def self_attention_reasons(module: nn.Module) -> list[str]:
 
 class FusedSelfAttention:
     """dinov3's SelfAttention: qkv GEMM, then rope_attention on strided views of its output."""
+
+    _fastdino_op = "rope_attention"  # what the patch report names
 
     def forward(self, x, attn_bias=None, rope=None):
         drop = getattr(self.attn_drop, "p", 0.0) if hasattr(self, "attn_drop") else 0.0
@@ -248,6 +256,8 @@ class FusedEvaAttention:
     queries) the original forward runs.
     """
 
+    _fastdino_op = "rope_attention"  # what the patch report names
+
     def forward(self, x, rope=None, attn_mask=None, is_causal=False):
         B, N, C = x.shape
         misplaced = rope is not None and (rope.dim() != 2 or N - rope.shape[0] != self.num_prefix_tokens)
@@ -268,6 +278,8 @@ class FusedEvaAttention:
 
 class FusedEvaBlock:
     """timm's EvaBlock with the attention -> MLP seam (gamma_1, norm2) through add_layer_norm."""
+
+    _fastdino_op = "add_layer_norm"  # what the patch report names
 
     def forward(self, x, rope=None, attn_mask=None, is_causal=False):
         stochastic = not (isinstance(self.drop_path1, nn.Identity) and isinstance(self.drop_path2,

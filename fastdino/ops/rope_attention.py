@@ -70,6 +70,8 @@ def query_key_mask(mask_logits: Tensor, N: int) -> Tensor:
 def rope_attention_ref(q, k, v, cos=None, sin=None, scale=None, mask_logits=None):
     """Reference (and fallback): rope_ref on q and k, then F.scaled_dot_product_attention; with
     mask_logits, the first M rows again with query_key_mask."""
+    if q.numel() == 0:  # nothing to attend (torch 2.11's CPU SDPA dies of SIGFPE on zero heads)
+        return q.new_empty(q.shape)
     if cos is not None:
         q, k = rope_ref(q, cos, sin), rope_ref(k, cos, sin)
     kt, vt = k.transpose(1, 2), v.transpose(1, 2)
