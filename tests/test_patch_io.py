@@ -167,3 +167,11 @@ def test_info_reports_the_backends_for_a_device_and_dtype(device, dtype, capsys)
         assert all("device=cpu (needs cuda)" in " ".join(r[2:]) for r in rows if r[1] == "cuda")
     with pytest.raises(SystemExit):
         main(["info", "--dtype", "float64"])
+
+
+def test_a_model_with_nothing_to_patch_is_told_what_fastdino_looks_for():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU())
+    report = fastdino.patch(model)
+    text = str(report)
+    assert not report.swapped and text.startswith("fastdino.patch: nothing to patch in this model.")
+    assert "DINOv3ViTLayer" in text and "MSDeformAttn" in text and "Mask2FormerMaskedAttentionDecoder" in text
