@@ -54,7 +54,6 @@ def _ms_deform_attn_fwd_kernel(
         ref_q = REF + b.to(tl.int64) * stride_ref_b + q * (L * R)
 
     acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
-    lost = q < 0  # rows that grid_sample makes NaN (see below)
     # A runtime loop over the L * P samples, not pipelined: unrolled or multi-stage, the compiler
     # keeps many gathers in flight and spills.
     for s in tl.range(L * P, num_stages=1):
@@ -86,7 +85,6 @@ def _ms_deform_attn_fwd_kernel(
         y0 = tl.floor(y)
         fx = x - x0
         fy = y - y0
-        read = q < 0  # no corner read yet
         for corner in tl.static_range(4):
             dy = corner // 2
             dx = corner % 2
@@ -98,15 +96,13 @@ def _ms_deform_attn_fwd_kernel(
             row = (start + tl.where(ok, cy, 0.0).to(tl.int64) * Wl_i + tl.where(ok, cx,
                                                                                 0.0).to(tl.int64)).to(tl.int32)
             ok = ok & (row >= 0) & (row < S)
-            read = read | ok
             # (row * Hh) * Dh with Dh constexpr: the compiler sees rows aligned to Dh and vectorises.
             vals = tl.load(v_head + ((row * Hh) * Dh)[:, None] + d[None, :], mask=ok[:, None] & d_ok[None, :],
                            other=0.0)
-            # an off-map corner adds exactly 0; an in-map one is read even at weight 0, as grid_sample
-            acc += tl.where(ok, a * w, 0.0)[:, None] * vals.to(tl.float32)
-        # grid_sample's NaN: a non-finite location, or a non-finite weight times a sample of no corner
-        lost = lost | ((x - x) != 0.0) | ((y - y) != 0.0) | (((a - a) != 0.0) & ~read)
-    acc = tl.where(lost[:, None], float("nan"), acc)
+            # An off-map corner loads 0: it adds 0, or NaN where a * w is not finite (a NaN or
+            # infinite location makes w NaN; a NaN weight), as grid_sample's NaN. An in-map corner is
+            # read even at weight 0, as grid_sample reads it.
+            acc += (a * w)[:, None] * vals.to(tl.float32)
     out = OUT + qh[:, None] * Dh + d[None, :]
     tl.store(out, acc.to(OUT.dtype.element_ty), mask=q_ok[:, None] & d_ok[None, :])
 
