@@ -43,7 +43,7 @@ void masked_attention_rows_cpu(const at::Tensor& q, const at::Tensor& k, const a
           open = open || !blocked;
         }
       }
-      if (!open || mp == nullptr) std::fill(bias.begin(), bias.end(), 0.0f);  // every key blocked: all open
+      if (!open) std::fill(bias.begin(), bias.end(), 0.0f);  // every key blocked: all open
       for (int64_t h = 0; h < H; ++h) {
         const T* qh = qp + b * q.stride(0) + i * q.stride(1) + h * q.stride(2);
         for (int64_t d = 0; d < D; ++d) qrow[d] = static_cast<float>(qh[d]);

@@ -15,8 +15,8 @@ namespace fastdino {
 namespace {
 
 template <typename T, typename TL>
-void ms_deform_attn_rows_cpu(const at::Tensor& value, const at::Tensor& shapes, const at::Tensor& loc, const at::Tensor& attw, const std::optional<at::Tensor>& ref,
-                             at::Tensor& out) {
+void ms_deform_attn_rows_cpu(const at::Tensor& value, const at::Tensor& shapes, const at::Tensor& loc,
+                             const at::Tensor& attw, const std::optional<at::Tensor>& ref, at::Tensor& out) {
   const int64_t B = value.size(0), S = value.size(1), Hh = value.size(2), Dh = value.size(3);
   const int64_t Lq = loc.size(1);
   const int L = static_cast<int>(loc.size(3)), P = static_cast<int>(loc.size(4));

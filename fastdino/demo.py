@@ -97,7 +97,7 @@ def _time(fn, device, iters):
 
 def run(args) -> int:
     import fastdino
-    from fastdino.verify import _counting_runs
+    from fastdino.verify import counting_runs, ran_summary
 
     try:
         device = _device(args.device)
@@ -126,7 +126,7 @@ def run(args) -> int:
         ref = forward().float()
         report = fastdino.patch(model, backend=args.backend)
         print(report)
-        with _counting_runs(ran):
+        with counting_runs(ran):
             out = forward().float()
         times = {"original": [], "patched": []}
         for _ in range(args.rounds):  # alternate, so drift hits both alike
@@ -139,11 +139,7 @@ def run(args) -> int:
     ok = rel <= TOLERANCE[dtype]
     print(f"\noutputs: max |patched - original| = {(out - ref).abs().max().item():.3e}, "
           f"relative = {rel:.3e} (tolerance {TOLERANCE[dtype]:.0e}): {'OK' if ok else 'MISMATCH'}")
-    if ran:
-        print("ran: " + ", ".join(f"{op} on {backend} ({n} calls)" for (op, backend), n in ran.items()))
-    else:
-        print("ran: the model's own modules (no fastdino kernel is picked on this device and dtype; "
-              "`fastdino info` says why, --backend pins one)")
+    print("kernels: " + ran_summary(ran))
     ratios = [o / p for o, p in zip(times["original"], times["patched"])]
     print(f"\ntimes: median ms per batch of {iters} calls, in each of {args.rounds} alternating rounds")
     for label, ts in times.items():

@@ -75,11 +75,7 @@ class VerifyReport:
 
     def kernels(self) -> str:
         """Which fastdino backends ran in the patched run, with call counts."""
-        if not self.ran:
-            return ("kernels: none ran; the patched modules ran the model's own code (dispatch picks the "
-                    "reference on this device and dtype: `fastdino info` says why)")
-        return "kernels: " + ", ".join(f"{op} on {backend} ({n} calls)"
-                                       for (op, backend), n in self.ran.items())
+        return "kernels: " + ran_summary(self.ran)
 
     @property
     def worst_rel(self) -> float:
@@ -151,8 +147,16 @@ def _agreements(ref: dict[str, Tensor], out: dict[str, Tensor]) -> list[Agreemen
     return found
 
 
+def ran_summary(ran: dict) -> str:
+    """{(op, backend): calls} in words, or that no op ran (the model's own code did)."""
+    if not ran:
+        return ("none ran; the patched modules ran the model's own code (dispatch picks the reference on "
+                "this device and dtype: `fastdino info` says why, backend= pins one)")
+    return ", ".join(f"{op} on {backend} ({n} calls)" for (op, backend), n in ran.items())
+
+
 @contextlib.contextmanager
-def _counting_runs(counts: Counter):
+def counting_runs(counts: Counter):
     """Count every op's run calls by (op, backend) while the patched model runs."""
     def counted(op, run):
         def run_and_count(backend, *args):
@@ -190,7 +194,7 @@ def verify(model: nn.Module, inputs, backend: Optional[str] = None, precision: O
     report = VerifyReport(patch=patch(model, backend=backend, precision=precision),
                           agreement_floor=agreement_floor)
     counts: Counter = Counter()
-    with _counting_runs(counts):
+    with counting_runs(counts):
         out = _run(model, inputs)
     report.ran = dict(counts)
     for name, r in ref.items():

@@ -22,9 +22,9 @@ tensors the reference is picked, so a patched decoder runs its own modules: with
 one cross-attention layer with its projections (Q 100, 16 heads) took 4.5 / 18.8 / 561 ms against
 the C++ kernel's 12.8 / 59.0 / 1125 ms at (HW, C) = (1024, 256), (4096, 256), (4096, 2048) (the
 kernel then skipped blocked keys; it now reads them, see below); the C++ CPU kernel is kept as the
-compile-friendly form and runs when pinned. Forward kernels: with grad
-dispatch picks the reference; a pinned kernel backend recomputes the reference for the backward
-(ops/_dispatch.py).
+compile-friendly form and runs when pinned.
+Forward kernels: with grad dispatch picks the reference; a pinned kernel backend recomputes the
+reference for the backward (ops/_dispatch.py).
 
 NaN and Inf as in nn.MultiheadAttention with the decoders' mask, on every backend: a blocked key's
 score gets -inf added (so a NaN or +Inf score stays NaN and poisons its row's softmax) and its

@@ -43,9 +43,9 @@ batch 1, 2 threads (pixel decoder at 512^2, 16 heads, Dh 24: 87 vs 192 ms; Dh 12
 1067 ms; adapter extractor, Dh 12: 16 vs 34 ms). Neither GPU kernel has been timed yet, so on
 CUDA tensors the priority (cuda, triton, ref) follows the design: the C++ kernel's packed loads
 against the Triton kernel's masked head-wide tiles. benchmarks/bench_ms_deform_attn.py measures
-both. Forward kernels: with grad
-dispatch picks the reference; a pinned kernel backend recomputes the reference for the backward
-(ops/_dispatch.py).
+both.
+Forward kernels: with grad dispatch picks the reference; a pinned kernel backend recomputes the
+reference for the backward (ops/_dispatch.py).
 """
 
 from typing import Optional, Sequence, Union

@@ -30,9 +30,9 @@ in kernels/rope_attention.py, RoPE applied on load), ``ref``. On CUDA tensors th
 cuda, triton, ref, by measurement (benchmarks/bench_rope_attention.py, H100, bf16, ViT-S/L shapes):
 the C++ form ran at 0.66-0.90x of SDPA without RoPE and 2-12x of SDPA with eager RoPE, the Triton
 kernel at 0.24-0.41x of SDPA (157 TFLOP/s at most against SDPA's 390). On CPU tensors the
-reference runs unless a backend is pinned. Forward kernels: with grad
-dispatch picks the reference; a pinned kernel backend recomputes the reference for the backward
-(ops/_dispatch.py).
+reference runs unless a backend is pinned.
+Forward kernels: with grad dispatch picks the reference; a pinned kernel backend recomputes the
+reference for the backward (ops/_dispatch.py).
 """
 
 import math
