@@ -34,6 +34,8 @@ TORCH_LIBRARY(fastdino, m) {
   // Fake (meta) implementations are registered in Python, in fastdino/ops/<op>.py.
   m.def("add_layer_norm(Tensor x, Tensor branch, Tensor? gamma, Tensor weight, Tensor bias, float eps) "
         "-> (Tensor, Tensor)");
+  m.def("dwconv_layer_norm(Tensor x, Tensor weight, Tensor? bias, Tensor norm_weight, Tensor norm_bias, float eps) "
+        "-> Tensor");
   m.def("fused_linear(Tensor x, Tensor weight, Tensor? bias, str? act, Tensor? weight2, Tensor? bias2, "
         "Tensor? residual, Tensor? gamma) -> Tensor");
   m.def("masked_attention(Tensor q, Tensor k, Tensor v, Tensor? mask_logits, float scale) -> Tensor");

@@ -8,6 +8,8 @@ and the benchmarks; each op's kernels are `fastdino.kernels.<name>`, its C++ sou
 
 from .add_layer_norm import OP as _ADD_LAYER_NORM
 from .add_layer_norm import add_layer_norm, add_layer_norm_ref
+from .dwconv_layer_norm import OP as _DWCONV_LAYER_NORM
+from .dwconv_layer_norm import dwconv_layer_norm, dwconv_layer_norm_ref
 from .fused_linear import OP as _FUSED_LINEAR
 from .fused_linear import fused_linear, fused_linear_ref
 from .masked_attention import OP as _MASKED_ATTENTION
@@ -18,8 +20,8 @@ from .rope_attention import OP as _ROPE_ATTENTION
 from .rope_attention import rope_attention, rope_attention_ref
 
 OPS = {op.name: op for op in (_ADD_LAYER_NORM, _ROPE_ATTENTION, _FUSED_LINEAR, _MS_DEFORM_ATTN,
-                              _MASKED_ATTENTION)}
+                              _MASKED_ATTENTION, _DWCONV_LAYER_NORM)}
 
-__all__ = ["OPS", "add_layer_norm", "add_layer_norm_ref", "fused_linear", "fused_linear_ref",
+__all__ = ["OPS", "add_layer_norm", "add_layer_norm_ref", "dwconv_layer_norm", "dwconv_layer_norm_ref", "fused_linear", "fused_linear_ref",
            "masked_attention", "masked_attention_ref", "ms_deform_attn", "ms_deform_attn_ref",
            "rope_attention", "rope_attention_ref"]
