@@ -58,7 +58,9 @@ def info(file=None, device=None, dtype: str = "bfloat16") -> str:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     lines = [f"{k:<26} {v}" for k, v in build_info().items()]
     lines += ["", f"backends on {device.type}, {dtype}:"]
-    lines += [f"  {op:<16} {b:<7} {status}" for op, b, status in backend_table(device, DTYPES[dtype])]
+    table = backend_table(device, DTYPES[dtype])
+    width = max(len(op) for op, _, _ in table)
+    lines += [f"  {op:<{width}} {b:<7} {status}" for op, b, status in table]
     text = "\n".join(lines)
     print(text, file=file)
     return text

@@ -122,6 +122,7 @@ class PatchReport:
 _RUNS = {"ref": "run the model's own code (no kernel is picked for this device and dtype: `fastdino info` "
                 "says why)",
          "cache": "cache their RoPE tables per image size",
+         "fold": "fold their BatchNorm into the 1x1 conv (cached per parameter version)",
          "bf16": "run as bf16 regions under autocast (precision='bf16')"}
 
 
@@ -165,7 +166,7 @@ def patch(model: nn.Module, backend: Optional[str] = None, precision: Optional[s
             _repatch(path, module, backend, precision, report)
             continue
         rule = next((r for r in RULES if type(module).__name__ == r.class_name
-                     and r.precision in (None, precision)), None)
+                     and r.precision in (None, precision) and (r.matches is None or r.matches(module))), None)
         if rule is None:
             continue
         reasons = rule.reasons(module)

@@ -24,6 +24,9 @@ class Rule:
     backend: Callable[[nn.Module], str]  # what the report says it runs on its current parameters
     pinnable: bool = True  # False: a pinned backend does not apply (caches, precision regions)
     precision: Optional[str] = None  # swapped only under patch(model, precision=...)
+    # For a generic class name (dinov3's ConvNeXt "Block"): only modules for which this is True are
+    # considered, the others are neither swapped nor reported.
+    matches: Optional[Callable[[nn.Module], bool]] = None
 
 
 def fused_backend(pinned: Optional[str], op: Op, *args) -> Optional[str]:

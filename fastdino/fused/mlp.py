@@ -12,10 +12,12 @@ from .common import Rule, children_reasons, fused_backend, layer_scale_gamma, li
 
 
 def is_exact_gelu(act: nn.Module) -> bool:
-    """nn.GELU() or transformers' GELUActivation ("gelu"), both erf GELU; not the tanh forms."""
+    """nn.GELU(), transformers' GELUActivation ("gelu") or timm's GELU (timm.layers.activations, what
+    its ConvNeXt blocks get for "gelu"), all erf GELU; not the tanh forms."""
     if type(act) is nn.GELU:
         return act.approximate == "none"
-    return type(act).__name__ == "GELUActivation"
+    name, module = type(act).__name__, type(act).__module__
+    return name == "GELUActivation" or (name == "GELU" and module.startswith("timm."))
 
 
 def is_silu(act: nn.Module) -> bool:
@@ -40,15 +42,41 @@ def mlp_reasons(linears, act=None, act_check=None, act_kind="", identity=()):
     return reasons
 
 
+def fused_mlp(pinned: Optional[str], x: Tensor, w: Tensor, b: Optional[Tensor], act: str,
+              w2: Optional[Tensor], b2: Optional[Tensor], out: nn.Linear, residual: Optional[Tensor] = None,
+              gamma: Optional[Tensor] = None) -> Optional[Tensor]:
+    """``[residual + gamma *] out(act(x @ w^T + b [, x @ w2^T + b2]))`` as two fused_linear calls,
+    or None where the modules must run: fused_linear picks its reference (the default until its
+    kernels are timed; also a pinned "ref"), autocast is on (the Linears would run in another
+    dtype), or the unfused add would promote. A non-contiguous residual (a ConvNeXt block's NCHW
+    input seen as NHWC) is made contiguous for the epilogue."""
+    if torch.is_autocast_enabled(x.device.type):
+        return None
+    if residual is not None and (residual.dtype != x.dtype or (gamma is not None and gamma.dtype != x.dtype)):
+        return None  # promotion in the unfused add: leave it to the original ops
+    backend = fused_backend(pinned, FUSED_LINEAR, x, w, b, act, w2, b2)
+    if backend in (None, "ref"):
+        return None
+    if residual is not None and not residual.is_contiguous():
+        residual = residual.contiguous()
+    # One decision for both GEMMs: the second reads the first's output (described by Like).
+    hidden = Like(x.device, x.dtype, (*x.shape[:-1], w.shape[0]))
+    second = (hidden, out.weight, out.bias, None, None, None, residual, gamma)
+    if pinned is not None:
+        FUSED_LINEAR.choose(pinned, *second)  # a pinned backend runs or says why not
+    elif FUSED_LINEAR.reasons(backend, *second):
+        return None
+    h = FUSED_LINEAR.run(backend, x, w, b, act, w2, b2)
+    return FUSED_LINEAR.run(backend, h, out.weight, out.bias, None, None, None, residual, gamma)
+
+
 class _FusedMlp:
     """An MLP whose input projection(s) and activation run as one fused_linear, and whose output
     projection can take the block's LayerScale + residual into its epilogue (`mlp_residual`).
 
     Subclasses give `_fastdino_parts()`: (weight, bias, act, weight2, bias2) of the input side,
     the output nn.Linear, and the dropouts that are no-ops in eval. The original forward runs
-    whenever fused_linear would pick its reference (the default until its kernels are timed; also
-    a pinned "ref"), under autocast (the Linears would run in another dtype), or with dropout
-    active in training.
+    where `fused_mlp` says so, or with dropout active in training.
     """
 
     _fastdino_op = "fused_linear"  # what the patch report names
@@ -58,29 +86,11 @@ class _FusedMlp:
     def _fastdino_mlp(self, x: Tensor, residual: Optional[Tensor] = None,
                       layer_scale=None) -> Optional[Tensor]:
         """mlp(x), or residual + layer_scale(mlp(x)); None when the original modules must run."""
-        if torch.is_autocast_enabled(x.device.type):
-            return None
         if self.training and any(getattr(getattr(self, n, None), "p", 0.0) > 0
                                  for n in self._fastdino_dropouts):
             return None
-        gamma = layer_scale_gamma(layer_scale)
-        if residual is not None and (residual.dtype != x.dtype
-                                     or (gamma is not None and gamma.dtype != x.dtype)):
-            return None  # promotion in the unfused add: leave it to the original ops
-        w, b, act, w2, b2, out = self._fastdino_parts()
-        pinned = self._fastdino_backend
-        backend = fused_backend(pinned, FUSED_LINEAR, x, w, b, act, w2, b2)
-        if backend in (None, "ref"):
-            return None
-        # One decision for both GEMMs: the second reads the first's output (described by Like).
-        hidden = Like(x.device, x.dtype, (*x.shape[:-1], w.shape[0]))
-        second = (hidden, out.weight, out.bias, None, None, None, residual, gamma)
-        if pinned is not None:
-            FUSED_LINEAR.choose(pinned, *second)  # a pinned backend runs or says why not
-        elif FUSED_LINEAR.reasons(backend, *second):
-            return None
-        h = FUSED_LINEAR.run(backend, x, w, b, act, w2, b2)
-        return FUSED_LINEAR.run(backend, h, out.weight, out.bias, None, None, None, residual, gamma)
+        return fused_mlp(self._fastdino_backend, x, *self._fastdino_parts(), residual,
+                         layer_scale_gamma(layer_scale))
 
     def forward(self, x):
         y = self._fastdino_mlp(x)
