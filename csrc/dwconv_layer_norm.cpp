@@ -34,13 +34,17 @@ void dwconv_layer_norm_rows(const T* x, const T* weight, const T* bias, const T*
         for (int64_t w = 0; w < W; ++w) acc[w * C + c] = bs[c];
         for (int64_t dy = 0; dy < K; ++dy) {
           const int64_t hh = h + dy - P;
-          if (hh < 0 || hh >= H) continue;
-          const T* xr = xc + hh * sx[2];
+          const bool row_in = hh >= 0 && hh < H;
+          const T* xr = xc + (row_in ? hh : 0) * sx[2];
           for (int64_t dx = 0; dx < K; ++dx) {
             const float wv = wc[dy * K + dx];
-            // output columns whose tap w + dx - P lies inside the row
-            const int64_t lo = std::max<int64_t>(0, P - dx), hi = std::min<int64_t>(W, W + P - dx);
+            // output columns whose tap w + dx - P lies inside the map; the others read the zero
+            // padding, which is multiplied as conv2d does (a NaN or Inf weight gives NaN there)
+            const int64_t lo = row_in ? std::max<int64_t>(0, P - dx) : W;
+            const int64_t hi = row_in ? std::min<int64_t>(W, W + P - dx) : W;
+            for (int64_t w = 0; w < lo; ++w) acc[w * C + c] += 0.f * wv;
             for (int64_t w = lo; w < hi; ++w) acc[w * C + c] += static_cast<float>(xr[(w + dx - P) * sx[3]]) * wv;
+            for (int64_t w = std::max(lo, hi); w < W; ++w) acc[w * C + c] += 0.f * wv;
           }
         }
       }

@@ -104,7 +104,8 @@ def dwconv_layer_norm_fwd(x, weight, bias, norm_weight, norm_bias, eps, z):
 
 
 def compile_configs():
-    """Every (signature, constexprs, options) dwconv_layer_norm_fwd can launch, for the sm_90 compile check."""
+    """Every (signature, constexprs, options) dwconv_layer_norm_fwd can launch, for the sm_90
+    compile check."""
     for block_c, (block_w, num_warps) in TILES.items():
         for dtype in ("fp32", "fp16", "bf16"):
             for has_bias in (True, False):

@@ -14,12 +14,19 @@ import sys
 
 def cases(device, torch):
     """(op name, label, function of dtype giving the op's arguments): odd sizes (1029 tokens, 97
-    channels, 1 and 3 queries, maps 3x5 and 1x1), strided views, both input forms."""
+    channels, 1 and 3 queries, maps 3x5 and 1x1), strided views, both input forms (and both
+    layouts of a ConvNeXt map)."""
     def randn(*shape, dtype=torch.float32, scale=1.0):
         return (torch.randn(*shape, device=device) * scale).to(dtype)
 
     def ln(dt, C=97, gamma=True):
         return (randn(3, 7, C, dtype=dt), randn(3, 7, C, dtype=dt), randn(C, dtype=dt) if gamma else None,
+                randn(C, dtype=dt), randn(C, dtype=dt), 1e-6)
+
+    def dwconv(dt, C=97, H=9, W=13, channels_last=False, bias=True):
+        x = randn(2, C, H, W, dtype=dt)
+        x = x.to(memory_format=torch.channels_last) if channels_last else x
+        return (x, randn(C, 1, 7, 7, dtype=dt, scale=0.2), randn(C, dtype=dt) if bias else None,
                 randn(C, dtype=dt), randn(C, dtype=dt), 1e-6)
 
     def linear(dt, act=None, residual=False):
@@ -61,6 +68,9 @@ def cases(device, torch):
         n = str(dt).split(".")[1]
         out += [("add_layer_norm", f"{n} C=97", lambda dt=dt: ln(dt)),
                 ("add_layer_norm", f"{n} C=384 no gamma", lambda dt=dt: ln(dt, 384, False)),
+                ("dwconv_layer_norm", f"{n} C=97 9x13 NCHW", lambda dt=dt: dwconv(dt)),
+                ("dwconv_layer_norm", f"{n} C=1536 3x5 channels-last no bias",
+                 lambda dt=dt: dwconv(dt, 1536, 3, 5, True, False)),
                 ("fused_linear", f"{n} gelu", lambda dt=dt: linear(dt, "gelu")),
                 ("fused_linear", f"{n} swiglu", lambda dt=dt: linear(dt, "swiglu")),
                 ("fused_linear", f"{n} residual", lambda dt=dt: linear(dt, None, True)),

@@ -17,6 +17,7 @@ SHAPES_FULL = [(2, 96, 33, 29, False, True), (2, 96, 33, 29, True, True), (1, 19
                (1, 384, 7, 7, False, True), (1, 768, 3, 5, True, True), (2, 1536, 1, 1, False, True),
                (1, 1024, 9, 6, True, False), (3, 97, 9, 11, False, True), (3, 97, 9, 11, True, False),
                (1, 1, 4, 4, False, True), (1, 100, 13, 1, True, True), (0, 96, 8, 8, False, True)]
+CPU_KERNEL = ["cpu"] if _ext.HAS_EXT and DEVICE.type == "cpu" else []  # the C++ CPU op, on a CPU run
 # Under the Triton interpreter every program runs serially on the CPU: fewer pixels.
 SHAPES_INTERP = [(2, 96, 9, 11, False, True), (1, 96, 9, 11, True, True), (1, 192, 5, 6, True, False),
                  (1, 384, 7, 7, False, True), (1, 768, 3, 5, True, True), (1, 1536, 1, 1, False, True),
@@ -100,10 +101,11 @@ def test_ref_equals_the_unfused_convnext_modules_fp32():
     with torch.no_grad():
         conv.weight.copy_(weight), conv.bias.copy_(bias), norm.weight.copy_(nw), norm.bias.copy_(nb)
         want = norm(conv(x).permute(0, 2, 3, 1))
-    torch.testing.assert_close(dwconv_layer_norm_ref(x, weight, bias, nw, nb, 1e-6), want, atol=2e-6, rtol=1e-5)
+    got = dwconv_layer_norm_ref(x, weight, bias, nw, nb, 1e-6)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["ref", "triton"] + (["cpu"] if _ext.HAS_EXT and DEVICE.type == "cpu" else []))
+@pytest.mark.parametrize("backend", ["ref", "triton"] + CPU_KERNEL)
 def test_strided_views_read_in_place(backend):
     # a crop of a larger map and an expanded batch: neither contiguous nor channels-last
     x, weight, bias, nw, nb = make_inputs(1, 96, 12, 14)
@@ -133,7 +135,8 @@ def test_dispatch_explains_each_skipped_backend():
     assert "device=cpu (needs cuda)" in why and any("float64" in r for r in why)
     assert "C=4096 > 2048" in reasons("cuda", *like_args("cuda", torch.float32, 4096))
     assert "C=8192 > 4096" in reasons("triton", *like_args("cuda", torch.float32, 8192))
-    assert "kernel size 5 (the kernels take 7x7)" in reasons("triton", *like_args("cuda", torch.float32, 64, 5))
+    why = reasons("triton", *like_args("cuda", torch.float32, 64, 5))
+    assert "kernel size 5 (the kernels take 7x7)" in why
     x, weight, bias, nw, nb = make_inputs(1, 16, 5, 5, device="cpu")
     assert "norm_bias has dtype torch.float16 != x.dtype" in reasons("triton", x, weight, bias, nw, nb.half())
 
@@ -236,7 +239,7 @@ def test_dwconv_layer_norm_compile_fullgraph(backend):
     torch.testing.assert_close(compiled(*inputs), fn(*inputs), atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("backend", ["triton"] + (["cpu"] if _ext.HAS_EXT and DEVICE.type == "cpu" else []))
+@pytest.mark.parametrize("backend", ["triton"] + CPU_KERNEL)
 def test_batch_size_changing_every_call(backend):
     # ConvNeXt runs with whatever batch arrives: nothing is tuned or cached per shape.
     x, weight, bias, nw, nb = make_inputs(7, 32, 6, 5)

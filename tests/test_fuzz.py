@@ -18,7 +18,15 @@ from helpers import DEVICE
 from test_nan_inf import assert_same_non_finite
 
 from fastdino import _ext
-from fastdino.ops import OPS, add_layer_norm, fused_linear, masked_attention, ms_deform_attn, rope_attention
+from fastdino.ops import (
+    OPS,
+    add_layer_norm,
+    dwconv_layer_norm,
+    fused_linear,
+    masked_attention,
+    ms_deform_attn,
+    rope_attention,
+)
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -89,6 +97,28 @@ def test_fuzz_add_layer_norm(data):
     weight, bias = randn((C,), dtype), randn((C,), dtype)
     what = inject(draw, {"x": x, "branch": branch, "weight": weight}, ["x", "branch", "weight"], dtype)
     compare(add_layer_norm, (x, branch, gamma, weight, bias, 1e-6), {}, dtype, f"{layout}, {what}")
+
+
+@FUZZ
+@given(st.data())
+def test_fuzz_dwconv_layer_norm(data):
+    draw = data.draw
+    # maps up to 13 (the 7x7 window, one past the CUDA tile of 8): the interpreter runs every pixel
+    maps = st.sampled_from([1, 2, 3, 7, 9, 13])
+    B, H, W, dtype = draw(st.sampled_from([1, 2, 3])), draw(maps), draw(maps), draw(DTYPES)
+    C = draw(st.sampled_from([1, 3, 17, 96, 97, 130]))
+    layout = draw(st.sampled_from(["contiguous", "channels-last", "cropped", "broadcast-batch"]))
+    x = randn((B, C, H + 2, W + 1), dtype, 2.0) + 0.5
+    x = x[:, :, 1:H + 1, :W] if layout == "cropped" else x[:, :, :H, :W].contiguous()
+    if layout == "channels-last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "broadcast-batch":
+        x = x[:1].expand(B, -1, -1, -1)
+    weight = randn((C, 1, 7, 7), dtype, 0.2)
+    bias = draw(st.sampled_from([None, "bias"])) and randn((C,), dtype)
+    nw, nb = randn((C,), dtype), randn((C,), dtype)
+    what = inject(draw, {"x": x, "weight": weight}, ["x", "weight"], dtype)
+    compare(dwconv_layer_norm, (x, weight, bias, nw, nb, 1e-6), {}, dtype, f"{layout}, {what}")
 
 
 @FUZZ
@@ -191,6 +221,8 @@ def zeros_case(name):
     samples = lambda B, Lq, P: (u(B, Lq, 2, 1, P, 2), u(B, Lq, 2, 1, P))  # noqa: E731
     return {
         "add_layer_norm rows=0": (add_layer_norm, (r(0, 8), r(0, 8), None, r(8), r(8))),
+        "dwconv_layer_norm B=0": (dwconv_layer_norm, (r(0, 8, 3, 5), r(8, 1, 7, 7), r(8), r(8), r(8))),
+        "dwconv_layer_norm H=0": (dwconv_layer_norm, (r(2, 8, 0, 5), r(8, 1, 7, 7), None, r(8), r(8))),
         "fused_linear M=0": (fused_linear, (r(0, 8), r(4, 8), None, "gelu")),
         "fused_linear N=0": (fused_linear, (r(3, 8), r(0, 8))),
         "rope_attention B=0": (rope_attention, (r(0, 5, 2, 16), r(0, 5, 2, 16), r(0, 5, 2, 16))),
@@ -213,7 +245,8 @@ ZERO_REFUSED = {  # sizes 0 that no backend can give a meaning: named errors
 }
 
 
-@pytest.mark.parametrize("name", ["add_layer_norm rows=0", "fused_linear M=0", "fused_linear N=0",
+@pytest.mark.parametrize("name", ["add_layer_norm rows=0", "dwconv_layer_norm B=0", "dwconv_layer_norm H=0",
+                                  "fused_linear M=0", "fused_linear N=0",
                                   "rope_attention B=0", "rope_attention N=0", "rope_attention H=0",
                                   "masked_attention Lq=0", "masked_attention B=0", "ms_deform_attn Lq=0",
                                   "ms_deform_attn B=0", "ms_deform_attn P=0"])

@@ -9,7 +9,14 @@ from helpers import DEVICE, op_runs
 
 import fastdino
 from fastdino import _ext
-from fastdino.ops import add_layer_norm, fused_linear, masked_attention, ms_deform_attn, rope_attention
+from fastdino.ops import (
+    add_layer_norm,
+    dwconv_layer_norm,
+    fused_linear,
+    masked_attention,
+    ms_deform_attn,
+    rope_attention,
+)
 
 KERNELS = ["triton"] + ([DEVICE.type] if _ext.BUILD[DEVICE.type] else [])
 
@@ -51,6 +58,13 @@ def test_add_layer_norm_gradients(backend):
     x, branch, gamma, weight, bias = seeded((2, 7, 48), (2, 7, 48), (48,), (48,), (48,))
     assert_grads_match("add_layer_norm", lambda *a, backend: add_layer_norm(*a, 1e-6, backend=backend),
                        (x, branch, gamma, weight, bias), backend)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_dwconv_layer_norm_gradients(backend):
+    x, weight, bias, nw, nb = seeded((2, 16, 9, 6), (16, 1, 7, 7), (16,), (16,), (16,))
+    assert_grads_match("dwconv_layer_norm", lambda *a, backend: dwconv_layer_norm(*a, 1e-6, backend=backend),
+                       (x.to(memory_format=torch.channels_last), weight, bias, nw, nb), backend)
 
 
 @pytest.mark.parametrize("backend", KERNELS)

@@ -11,7 +11,14 @@ import torch.nn.functional as F
 from helpers import DEVICE
 
 from fastdino import _ext
-from fastdino.ops import add_layer_norm, fused_linear, masked_attention, ms_deform_attn, rope_attention
+from fastdino.ops import (
+    add_layer_norm,
+    dwconv_layer_norm,
+    fused_linear,
+    masked_attention,
+    ms_deform_attn,
+    rope_attention,
+)
 from fastdino.ops.masked_attention import blocked_keys
 
 BACKENDS = ["ref", "triton"] + ([DEVICE.type] if _ext.BUILD[DEVICE.type] else [])
@@ -174,3 +181,35 @@ def test_add_layer_norm_non_finite_rows_as_layer_norm(backend):
     y_ref = x + gamma * branch
     assert_same_non_finite(f"{backend} residual", y.cpu(), y_ref.cpu())
     assert_same_non_finite(f"{backend} norm", z.cpu(), F.layer_norm(y_ref, (48,), weight, bias, 1e-6).cpu())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dwconv_layer_norm_non_finite_windows_as_conv_and_layer_norm(backend):
+    # A NaN or Inf input reaches every pixel whose 7x7 window holds it (Inf times a weight of 0 is
+    # NaN), then the LayerNorm of that pixel is NaN in every channel.
+    torch.manual_seed(0)
+    x = torch.randn(2, 24, 13, 11, device=DEVICE)
+    weight = torch.randn(24, 1, 7, 7, device=DEVICE)
+    bias, nw, nb = (torch.randn(24, device=DEVICE) for _ in range(3))
+    weight[5, 0, 3, 3] = 0.0
+    x[0, 3, 1, 2], x[1, 5, 12, 10], x[1, 9, 6, 0] = NAN, INF, -INF
+    for layout in (torch.contiguous_format, torch.channels_last):
+        xl = x.to(memory_format=layout)
+        z = dwconv_layer_norm(xl, weight, bias, nw, nb, 1e-6, backend=backend)
+        y = F.conv2d(x, weight, bias, padding=3, groups=24).permute(0, 2, 3, 1)
+        want = F.layer_norm(y, (24,), nw, nb, 1e-6)
+        assert_same_non_finite(f"{backend} {layout}", z.cpu(), want.cpu())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dwconv_layer_norm_non_finite_weight_reaches_the_border(backend):
+    # The zero padding is multiplied like any input: a NaN weight tap makes its channel NaN at every
+    # pixel, at the border too, in either layout (PyTorch's channels-last CPU conv skips padded taps).
+    torch.manual_seed(0)
+    x = torch.randn(1, 8, 3, 5, device=DEVICE)
+    weight = torch.randn(8, 1, 7, 7, device=DEVICE)
+    nw, nb = torch.randn(8, device=DEVICE), torch.randn(8, device=DEVICE)
+    weight[2, 0, 0, 0] = NAN
+    for layout in (torch.contiguous_format, torch.channels_last):
+        z = dwconv_layer_norm(x.to(memory_format=layout), weight, None, nw, nb, 1e-6, backend=backend)
+        assert torch.isnan(z).all(), f"{backend} {layout}"

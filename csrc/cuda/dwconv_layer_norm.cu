@@ -1,12 +1,16 @@
 // CUDA kernel of dwconv_layer_norm.
 //
 // Memory-bound: x is read once from DRAM and z written once. A block owns a tile of TH x kTW
-// output pixels of one image with all their channels. Channel chunk by chunk (kCC channels), it
-// stages the tile's input window, halo included ((TH + 6) x (kTW + 6) pixels), and the chunk's
-// 7x7 weights in shared memory, so each input value is fetched once per tile however many taps
-// read it; the conv outputs, rounded to T, collect in shared memory ((TH * kTW, C) floats). Then
-// one warp per pixel takes fp32 statistics over its channels and writes the pixel's C tokens,
-// coalesced. TH shrinks as C grows so that the outputs fit in 64 KB (C <= 2048).
+// output pixels of one image with all their channels. Channel chunk by chunk (CC = 256 / TH
+// channels, so that every thread has one (tile row, channel) item), it stages the tile's input
+// window, halo included ((TH + 6) x (kTW + 6) pixels), and the chunk's 7x7 weights in shared
+// memory, so each input value is fetched from global memory once per tile however many taps read
+// it. A thread then computes the kTW outputs of its row and channel from registers: per input row
+// it loads the kTW + 6 window values once and applies its 7 taps to all kTW outputs (18 shared
+// loads per output instead of 98). The conv outputs, rounded to T, collect in shared memory
+// ((TH * kTW, C) floats); then one warp per pixel takes fp32 statistics over its channels and
+// writes the pixel's C tokens, coalesced. TH shrinks as C grows so that the outputs fit in 64 KB
+// (C <= 2048). Tile sizes are set by design, not yet tuned on a GPU.
 // The window is loaded in the order of x's fastest dim (channels for channels-last, width for
 // NCHW) so that global reads coalesce either way; shared memory holds it channel-fastest, so the
 // conv's threads (consecutive channels) read consecutive banks.
@@ -23,14 +27,13 @@ namespace fastdino {
 namespace {
 
 constexpr int K = static_cast<int>(kDwconvK);
-constexpr int kTW = 8;          // tile width in pixels
-constexpr int kCC = 32;         // channels staged per chunk
+constexpr int kTW = 8;  // tile width in pixels: the outputs one thread computes
 constexpr int kThreads = 256;
 constexpr int kMaxTileBytes = 64 * 1024;  // conv outputs of one tile
 constexpr int kMaxC = kMaxTileBytes / (kTW * 4);
 
 struct Geometry {
-  int C, H, W, TH, tiles_h, tiles_w;
+  int C, H, W, TH, CC, tiles_h, tiles_w;  // CC: channels per chunk, kThreads / TH
   int64_t sb, sc, sh, sw;  // x's strides
   bool channels_fastest;   // x's fastest dim is C (channels-last)
 };
@@ -40,10 +43,10 @@ __global__ void __launch_bounds__(kThreads) dwconv_layer_norm_kernel(
     const T* __restrict__ x, const T* __restrict__ weight, const T* __restrict__ bias,
     const T* __restrict__ norm_weight, const T* __restrict__ norm_bias, T* __restrict__ z, Geometry g, float eps) {
   extern __shared__ float smem[];
-  const int TH = g.TH, HH = TH + K - 1, HW = kTW + K - 1, P = TH * kTW, C = g.C;
+  const int TH = g.TH, CC = g.CC, HH = TH + K - 1, HW = kTW + K - 1, P = TH * kTW, C = g.C;
   float* ys = smem;               // (P, C) conv outputs, rounded to T
-  float* win = ys + P * C;        // (HH, HW, kCC) input window of one chunk
-  float* wts = win + HH * HW * kCC;  // (kCC, K * K) weights of one chunk
+  float* win = ys + P * C;        // (HH, HW, CC) input window of one chunk
+  float* wts = win + HH * HW * CC;  // (CC, K * K) weights of one chunk
 
   int64_t t = blockIdx.x;
   const int tw = static_cast<int>(t % g.tiles_w);
@@ -53,8 +56,8 @@ __global__ void __launch_bounds__(kThreads) dwconv_layer_norm_kernel(
   const int h0 = th * TH, w0 = tw * kTW;
   const T* xb = x + b * g.sb;
 
-  for (int c0 = 0; c0 < C; c0 += kCC) {
-    const int cc = min(kCC, C - c0);
+  for (int c0 = 0; c0 < C; c0 += CC) {
+    const int cc = min(CC, C - c0);
     __syncthreads();  // the previous chunk's readers are done with win and wts
     const int n = HH * HW * cc;
     for (int i = threadIdx.x; i < n; i += kThreads) {
@@ -73,22 +76,34 @@ __global__ void __launch_bounds__(kThreads) dwconv_layer_norm_kernel(
       if (gy >= 0 && gy < g.H && gx >= 0 && gx < g.W) {
         v = static_cast<float>(xb[(c0 + c) * g.sc + gy * g.sh + gx * g.sw]);
       }
-      win[(py * HW + px) * kCC + c] = v;
+      win[(py * HW + px) * CC + c] = v;
     }
     for (int i = threadIdx.x; i < cc * K * K; i += kThreads) {
       wts[i] = static_cast<float>(weight[static_cast<int64_t>(c0) * K * K + i]);
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < P * cc; i += kThreads) {
-      const int c = i % cc, p = i / cc, py = p / kTW, px = p % kTW;
+    const int c = threadIdx.x % CC, py = threadIdx.x / CC;  // this thread's channel and tile row
+    if (c < cc && py < TH) {
       const float* wc = wts + c * K * K;
-      float acc = bias != nullptr ? static_cast<float>(bias[c0 + c]) : 0.f;
+      const float b0 = bias != nullptr ? static_cast<float>(bias[c0 + c]) : 0.f;
+      float acc[kTW];
+#pragma unroll
+      for (int px = 0; px < kTW; ++px) acc[px] = b0;
 #pragma unroll
       for (int dy = 0; dy < K; ++dy) {
+        float row[kTW + K - 1];
+        const float* wr = win + (py + dy) * HW * CC + c;
 #pragma unroll
-        for (int dx = 0; dx < K; ++dx) acc += win[((py + dy) * HW + px + dx) * kCC + c] * wc[dy * K + dx];
+        for (int j = 0; j < kTW + K - 1; ++j) row[j] = wr[j * CC];
+#pragma unroll
+        for (int dx = 0; dx < K; ++dx) {
+          const float w = wc[dy * K + dx];
+#pragma unroll
+          for (int px = 0; px < kTW; ++px) acc[px] += row[px + dx] * w;
+        }
       }
-      ys[p * C + c0 + c] = round_to<T>(acc);
+#pragma unroll
+      for (int px = 0; px < kTW; ++px) ys[(py * kTW + px) * C + c0 + c] = round_to<T>(acc[px]);
     }
   }
   __syncthreads();
@@ -123,8 +138,8 @@ int tile_height(int C) {
   return th;
 }
 
-size_t smem_bytes(int C, int TH) {
-  return sizeof(float) * (static_cast<size_t>(TH) * kTW * C + (TH + K - 1) * (kTW + K - 1) * kCC + kCC * K * K);
+size_t smem_bytes(int C, int TH, int CC) {
+  return sizeof(float) * (static_cast<size_t>(TH) * kTW * C + (TH + K - 1) * (kTW + K - 1) * CC + CC * K * K);
 }
 
 at::Tensor dwconv_layer_norm_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -141,6 +156,7 @@ at::Tensor dwconv_layer_norm_cuda(const at::Tensor& x, const at::Tensor& weight,
   auto z = at::empty({B, g.H, g.W, g.C}, x.options().memory_format(at::MemoryFormat::Contiguous));
   if (z.numel() == 0) return z;
   g.TH = tile_height(g.C);
+  g.CC = kThreads / g.TH;
   g.tiles_h = (g.H + g.TH - 1) / g.TH;
   g.tiles_w = (g.W + kTW - 1) / kTW;
   g.sb = x.stride(0);
@@ -150,7 +166,7 @@ at::Tensor dwconv_layer_norm_cuda(const at::Tensor& x, const at::Tensor& weight,
   g.channels_fastest = g.sc == 1 && g.C > 1;
   const int64_t blocks = B * g.tiles_h * g.tiles_w;
   TORCH_CHECK(blocks <= INT32_MAX, "dwconv_layer_norm: too many tiles (", num(blocks), ")");
-  const size_t smem = smem_bytes(g.C, g.TH);
+  const size_t smem = smem_bytes(g.C, g.TH, g.CC);
   auto stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dwconv_layer_norm_cuda", [&] {
     auto kernel = dwconv_layer_norm_kernel<scalar_t>;

@@ -22,6 +22,7 @@ from .rope_attention import rope_attention, rope_attention_ref
 OPS = {op.name: op for op in (_ADD_LAYER_NORM, _ROPE_ATTENTION, _FUSED_LINEAR, _MS_DEFORM_ATTN,
                               _MASKED_ATTENTION, _DWCONV_LAYER_NORM)}
 
-__all__ = ["OPS", "add_layer_norm", "add_layer_norm_ref", "dwconv_layer_norm", "dwconv_layer_norm_ref", "fused_linear", "fused_linear_ref",
+__all__ = ["OPS", "add_layer_norm", "add_layer_norm_ref", "dwconv_layer_norm", "dwconv_layer_norm_ref",
+           "fused_linear", "fused_linear_ref",
            "masked_attention", "masked_attention_ref", "ms_deform_attn", "ms_deform_attn_ref",
            "rope_attention", "rope_attention_ref"]

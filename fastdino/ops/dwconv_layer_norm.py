@@ -23,7 +23,9 @@ reference for the backward (ops/_dispatch.py).
 
 NaN and Inf as the unfused modules: a NaN or Inf input reaches every output pixel whose KxK window
 holds it (Inf times a zero weight is NaN), and makes that pixel's whole row of channels NaN
-through the LayerNorm statistics.
+through the LayerNorm statistics. The zero padding is multiplied like any input, so a NaN or Inf
+weight makes every pixel of its channel non-finite, at the border too: PyTorch's NCHW CPU conv
+does the same, its channels-last CPU conv skips the padded taps (there fastdino differs).
 """
 
 from typing import Optional
@@ -33,20 +35,25 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _ext
-from ..kernels.dwconv_layer_norm import K_SUPPORTED
+from ..kernels.dwconv_layer_norm import K_SUPPORTED, dwconv_layer_norm_fwd
 from ..kernels.dwconv_layer_norm import MAX_C as TRITON_MAX_C
-from ..kernels.dwconv_layer_norm import dwconv_layer_norm_fwd
 from ._dispatch import Like, Op, kernel_reasons
 
 PRIORITY = {"cuda": ("cuda", "triton", "ref"), "cpu": ("ref",)}  # see the module docstring
 CUDA_MAX_C = 2048  # csrc/cuda/dwconv_layer_norm.cu: a tile's conv outputs stay in 64 KB of shared memory
 INT32_SPAN = 2**31  # the kernels index within one image in 32 bits
+NAMES = ("weight", "bias", "norm_weight", "norm_bias")  # the arguments after x
 
 
 def dwconv_layer_norm_ref(x, weight, bias, norm_weight, norm_bias, eps):
     """Reference (and fallback): fp32 math, the conv output rounded to x.dtype before the LayerNorm."""
     C, K = x.shape[1], weight.shape[-1]
-    y = F.conv2d(x.float(), weight.float(), None if bias is None else bias.float(), padding=K // 2, groups=C)
+    if x.numel() == 0:  # conv2d refuses an empty map (its padded size is below the kernel's)
+        return _tokens(x)
+    # explicit zero padding: PyTorch's own convs disagree on whether a padded tap is multiplied
+    # (its NCHW CPU conv gives NaN there for a NaN weight, its channels-last one skips the tap)
+    xp = F.pad(x.float(), (K // 2,) * 4)
+    y = F.conv2d(xp, weight.float(), None if bias is None else bias.float(), groups=C)
     y = y.to(x.dtype).float().permute(0, 2, 3, 1)
     z = F.layer_norm(y, (C,), norm_weight.float(), norm_bias.float(), eps)
     return z.to(x.dtype).contiguous()
@@ -66,7 +73,7 @@ def check(x, weight, bias, norm_weight, norm_bias, eps=None):
     if len(wshape) != 4 or wshape[:2] != (C, 1) or wshape[2] != wshape[3] or wshape[2] % 2 == 0:
         raise ValueError(f"dwconv_layer_norm: weight must be ({C}, 1, K, K) with K odd (a depthwise conv "
                          f"of x's {C} channels), got {wshape}")
-    for name, t in (("weight", weight), ("bias", bias), ("norm_weight", norm_weight), ("norm_bias", norm_bias)):
+    for name, t in zip(NAMES, (weight, bias, norm_weight, norm_bias)):
         if t is None:
             continue
         if name != "weight" and tuple(t.shape) != (C,):
@@ -89,7 +96,7 @@ def reasons(backend, x, weight, bias, norm_weight, norm_bias, eps=None) -> list[
     span = sum((n - 1) * x.stride(d) for d, n in enumerate(x.shape) if d > 0 and n > 0)
     if span >= INT32_SPAN or x.shape[2] * x.shape[3] * C >= INT32_SPAN:
         why.append("one image spans 2**31 elements or more")
-    for name, t in (("weight", weight), ("bias", bias), ("norm_weight", norm_weight), ("norm_bias", norm_bias)):
+    for name, t in zip(NAMES, (weight, bias, norm_weight, norm_bias)):
         if t is None:
             continue
         if t.dtype != x.dtype:
@@ -147,7 +154,8 @@ if _ext.HAS_EXT:
         return _tokens(x)
 
 
-def dwconv_layer_norm(x, weight, bias, norm_weight, norm_bias, eps: float = 1e-6, backend: Optional[str] = None):
+def dwconv_layer_norm(x, weight, bias, norm_weight, norm_bias, eps: float = 1e-6,
+                      backend: Optional[str] = None):
     """Depthwise conv (``weight`` (C, 1, K, K), ``bias`` (C,) or None, padding K // 2) of x (B, C, H, W),
     then LayerNorm over channels; returns the (B, H, W, C) tokens, contiguous.
 
