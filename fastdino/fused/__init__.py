@@ -7,8 +7,8 @@ forward changes; `fastdino.unpatch` sets the original class back. A new model fa
 here with its mixins, reasons and rules, registered by one line in FAMILIES.
 """
 
-from . import deformable, eomt, mask2former, mlp, precision, vit
+from . import convnext, deformable, eomt, mask2former, mlp, precision, vit
 
 # In match order: a module is swapped by the first rule whose class name it has.
-FAMILIES = (vit, mlp, deformable, mask2former, eomt, precision)
+FAMILIES = (vit, mlp, convnext, deformable, mask2former, eomt, precision)
 RULES = tuple(rule for family in FAMILIES for rule in family.RULES)
