@@ -26,6 +26,7 @@ def _inputs():
 
     x, branch, gamma, w, b = r(2, 5, 32), r(2, 5, 32), r(32), r(32), r(32)
     aln = (x, branch, gamma, w, b, 1e-5)
+    dln = (r(1, 16, 5, 5).to(memory_format=torch.channels_last), r(16, 1, 7, 7), r(16), r(16), r(16), 1e-6)
     xl, wl, bl = r(4, 32), r(16, 32), r(16)
     q, k, v, cos, sin = r(1, 9, 2, 16), r(1, 9, 2, 16), r(1, 9, 2, 16), r(4, 16), r(4, 16)
     mq, mk, mv, logits = r(1, 5, 2, 16), r(1, 9, 2, 16), r(1, 9, 2, 16), r(1, 5, 9)
@@ -37,6 +38,9 @@ def _inputs():
         ("add_layer_norm", lambda: torch.ops.fastdino.add_layer_norm(*aln),
          lambda: ops.add_layer_norm_ref(*aln),
          lambda backend: ops.add_layer_norm(*aln, backend=backend)),
+        ("dwconv_layer_norm", lambda: torch.ops.fastdino.dwconv_layer_norm(*dln),
+         lambda: ops.dwconv_layer_norm_ref(*dln),
+         lambda backend: ops.dwconv_layer_norm(*dln, backend=backend)),
         ("fused_linear", lambda: torch.ops.fastdino.fused_linear(xl, wl, bl, "gelu", None, None, None, None),
          lambda: ops.fused_linear_ref(xl, wl, bl, "gelu"),
          lambda backend: ops.fused_linear(xl, wl, bl, "gelu", backend=backend)),

@@ -6,6 +6,10 @@
   m2f-decoder      Mask2Former's transformer decoder (Mask2FormerTransformerModule: 9 masked-attention
                    layers, hidden 256, 8 heads, 100 queries) on the pyramid of a --m2f-resolutions image
                    (levels at 1/32, 1/16, 1/8, mask features at 1/4)
+  convnext-t/s/b/l DINOv3 ConvNeXt (transformers' DINOv3ConvNextBackbone, last stage) + the linear head
+                   as dinov3 builds it (BatchNorm + 1x1 conv, 150 ADE20K classes, upsampled x4), channels-last
+                   model and input (the fair eager baseline), at --convnext-resolutions; extra variants
+                   fastdino-cuda (fused_linear pinned too)
   m2f-pixel        Mask2Former's pixel decoder (6 deformable encoder layers, 256 wide, 8 heads) on a
                    Swin-T-wide pyramid (1/4 .. 1/32) of a --m2f-resolutions image, in fp32, with the extra
                    variant fastdino-bf16 (precision="bf16"); then fastdino.verify of a whole random-init
@@ -18,6 +22,7 @@ img/s (FPS at batch 1), peak memory and each variant's error against eager. Usag
 
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -25,11 +30,18 @@ from bench_backbone import commit_meta, markdown, run_variants
 
 import fastdino
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))  # dinov3's head structure
+
 EOMT = {
     "eomt-s": dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=6),
     "eomt-l": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16),
 }
 VARIANTS = ["eager", "compile", "fastdino"]
+# dinov3's convnext_sizes: depths and widths of T, S, B, L
+CONVNEXT = {"convnext-t": ([3, 3, 9, 3], [96, 192, 384, 768]),
+            "convnext-s": ([3, 3, 27, 3], [96, 192, 384, 768]),
+            "convnext-b": ([3, 3, 27, 3], [128, 256, 512, 1024]),
+            "convnext-l": ([3, 3, 27, 3], [192, 384, 768, 1536])}
 PYRAMID = [96, 192, 384, 768]  # Swin-T's channels at 1/4 .. 1/32
 
 
@@ -42,6 +54,30 @@ def eomt(name, res, masks, dtype):
     model = EomtDinov3ForUniversalSegmentation(cfg).to("cuda", dtype).eval()
     model.attn_mask_probs.fill_(1.0 if masks == "on" else 0.0)
     return model
+
+
+class ConvNeXtLinear(torch.nn.Module):
+    """ConvNeXt backbone + dinov3's linear head (its structure: tests/models/dinov3_convnext_official.py),
+    logits upsampled to a quarter of the input as dinov3's segmentor returns them."""
+
+    def __init__(self, name):
+        super().__init__()
+        from models.dinov3_convnext_official import LinearHead
+        from transformers import DINOv3ConvNextBackbone, DINOv3ConvNextConfig
+
+        depths, dims = CONVNEXT[name]
+        cfg = DINOv3ConvNextConfig(hidden_sizes=dims, depths=depths, out_features=["stage4"])
+        self.backbone = DINOv3ConvNextBackbone(cfg)
+        self.head = LinearHead([dims[-1]], 150, batchnorm=torch.nn.BatchNorm2d)
+
+    def forward(self, pixels):
+        logits = self.head(self.backbone(pixels).feature_maps)
+        return torch.nn.functional.interpolate(logits, scale_factor=8, mode="bilinear")
+
+
+def convnext_linear(name, dtype):
+    torch.manual_seed(0)
+    return ConvNeXtLinear(name).to("cuda", dtype, memory_format=torch.channels_last).eval()
 
 
 def m2f_decoder(dtype):
@@ -77,10 +113,11 @@ def verify_bf16(res, batch):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="eomt-s,eomt-l,m2f-decoder,m2f-pixel")
+    p.add_argument("--models", default="eomt-s,eomt-l,m2f-decoder,m2f-pixel,convnext-t")
     p.add_argument("--eomt-resolutions", default="640")
     p.add_argument("--eomt-masks", default="on,off")
     p.add_argument("--m2f-resolutions", default="512,896")
+    p.add_argument("--convnext-resolutions", default="512,224")
     p.add_argument("--batches", default="1")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--iters", type=int, default=20)
@@ -112,6 +149,17 @@ def main(argv=None):
                     row = dict(model=name, resolution=res, batch=batch, dtype=str(dtype))
                     rows += run_variants(model, lambda m: m(feats, mask_features).masks_queries_logits[-1],
                                          variants, args.iters, row)
+                continue
+            if name in CONVNEXT:
+                model = convnext_linear(name, dtype)
+                for res in map(int, args.convnext_resolutions.split(",")):
+                    pixels = torch.randn(batch, 3, res, res, device="cuda", dtype=dtype)
+                    pixels = pixels.to(memory_format=torch.channels_last)
+                    row = dict(model=f"{name} + linear", resolution=res, batch=batch, dtype=str(dtype))
+                    rows += run_variants(model, lambda m: m(pixels), variants + ["fastdino-cuda"], args.iters,
+                                         row)
+                del model
+                torch.cuda.empty_cache()
                 continue
             for res in map(int, args.eomt_resolutions.split(",")):
                 for masks in args.eomt_masks.split(","):
