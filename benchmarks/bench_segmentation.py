@@ -22,26 +22,21 @@ img/s (FPS at batch 1), peak memory and each variant's error against eager. Usag
 
 import argparse
 import json
-import os
 import sys
 
 import torch
 from bench_backbone import commit_meta, markdown, run_variants
 
 import fastdino
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))  # dinov3's head structure
+from fastdino.bench.models import CONVNEXT as CONVNEXT_SIZES
+from fastdino.bench.models import ConvNeXtLinear
 
 EOMT = {
     "eomt-s": dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=6),
     "eomt-l": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16),
 }
 VARIANTS = ["eager", "compile", "fastdino"]
-# dinov3's convnext_sizes: depths and widths of T, S, B, L
-CONVNEXT = {"convnext-t": ([3, 3, 9, 3], [96, 192, 384, 768]),
-            "convnext-s": ([3, 3, 27, 3], [96, 192, 384, 768]),
-            "convnext-b": ([3, 3, 27, 3], [128, 256, 512, 1024]),
-            "convnext-l": ([3, 3, 27, 3], [192, 384, 768, 1536])}
+CONVNEXT = [f"convnext-{size}" for size in CONVNEXT_SIZES]  # + dinov3's linear head
 PYRAMID = [96, 192, 384, 768]  # Swin-T's channels at 1/4 .. 1/32
 
 
@@ -56,28 +51,10 @@ def eomt(name, res, masks, dtype):
     return model
 
 
-class ConvNeXtLinear(torch.nn.Module):
-    """ConvNeXt backbone + dinov3's linear head (its structure: tests/models/dinov3_convnext_official.py),
-    logits upsampled to a quarter of the input as dinov3's segmentor returns them."""
-
-    def __init__(self, name):
-        super().__init__()
-        from models.dinov3_convnext_official import LinearHead
-        from transformers import DINOv3ConvNextBackbone, DINOv3ConvNextConfig
-
-        depths, dims = CONVNEXT[name]
-        cfg = DINOv3ConvNextConfig(hidden_sizes=dims, depths=depths, out_features=["stage4"])
-        self.backbone = DINOv3ConvNextBackbone(cfg)
-        self.head = LinearHead([dims[-1]], 150, batchnorm=torch.nn.BatchNorm2d)
-
-    def forward(self, pixels):
-        logits = self.head(self.backbone(pixels).feature_maps)
-        return torch.nn.functional.interpolate(logits, scale_factor=8, mode="bilinear")
-
-
 def convnext_linear(name, dtype):
     torch.manual_seed(0)
-    return ConvNeXtLinear(name).to("cuda", dtype, memory_format=torch.channels_last).eval()
+    model = ConvNeXtLinear(name.split("-")[1])
+    return model.to("cuda", dtype, memory_format=torch.channels_last).eval()
 
 
 def m2f_decoder(dtype):

@@ -4,6 +4,8 @@
     report = fastdino.patch(model)   # swap supported modules in place; print(report) says what and why
     fastdino.unpatch(model)          # restore the original modules
     print(fastdino.verify(model, inputs, precision="bf16"))  # original vs patched: errors, argmax agreement
+    fast = fastdino.cuda_graph(model)  # replay the forward from CUDA graphs, one per input shape
+    results = fastdino.bench.run(model, inputs)  # variants side by side: latency, breakdown, accuracy
 """
 
 import pkgutil
@@ -20,10 +22,12 @@ except ImportError as e:
         f"fastdino imported from {__path__[0]}, which has no fastdino.kernels: this is the source tree. "
         "Install with `pip install .` and run from another directory, or use the `fastdino` command."
     ) from e
-from . import ops  # noqa: E402
+from . import bench, ops  # noqa: E402
+from .graph import GraphCaptureError, cuda_graph  # noqa: E402
 from .info import info  # noqa: E402
 from .patch import PatchReport, patch, unpatch  # noqa: E402
 from .verify import VerifyReport, verify  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["ops", "info", "patch", "unpatch", "verify", "PatchReport", "VerifyReport", "__version__"]
+__all__ = ["ops", "bench", "info", "patch", "unpatch", "verify", "cuda_graph", "GraphCaptureError",
+           "PatchReport", "VerifyReport", "__version__"]

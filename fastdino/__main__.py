@@ -1,4 +1,4 @@
-"""Command line: `python -m fastdino info` | `python -m fastdino demo [--weights PATH] ...`."""
+"""Command line: `fastdino info` | `fastdino demo [--weights PATH] ...` | `fastdino bench [--models ...]`."""
 
 import argparse
 import sys
@@ -16,12 +16,21 @@ def main(argv=None):
     from .demo import add_arguments
 
     add_arguments(demo)
+    bench = sub.add_parser("bench", help="named DINOv3 models, original vs fastdino variants: latency, "
+                                         "breakdown, accuracy; table, JSON, chart")
+    from .bench.cli import add_arguments as bench_arguments
+
+    bench_arguments(bench)
     args = parser.parse_args(argv)
     if args.cmd == "info":
         from .info import info
 
         info(device=args.device, dtype=args.dtype)
         return 0
+    if args.cmd == "bench":
+        from .bench.cli import main as bench_main
+
+        return bench_main(args)
     from .demo import run
 
     return run(args)

@@ -197,16 +197,27 @@ def verify(model: nn.Module, inputs, backend: Optional[str] = None, precision: O
     with counting_runs(counts):
         out = _run(model, inputs)
     report.ran = dict(counts)
+    report.errors, report.agreement = compare_outputs(ref, out, tolerances,
+                                                      torch.bfloat16 if precision == "bf16" else None)
+    return report
+
+
+def compare_outputs(ref: dict[str, Tensor], out: dict[str, Tensor], rel_tol: Optional[dict] = None,
+                    tol_dtype: Optional[torch.dtype] = None) -> tuple[list[OutputError], list[Agreement]]:
+    """Per floating output of `ref` (by name, as `_leaves` gives them): the errors of `out` against
+    it, each held to `rel_tol[dtype]` (REL_TOL by default; the bound of `tol_dtype` when given, e.g.
+    bf16 for a model run in bf16); and the argmax agreements of its segmentation outputs."""
+    tolerances = {**REL_TOL, **(rel_tol or {})}
+    errors = []
     for name, r in ref.items():
         o = out[name]
         if not r.is_floating_point():
             continue
         diff = (o.double() - r.double()).abs()
         norm = r.double().norm().item()
-        tol = tolerances.get(torch.bfloat16 if precision == "bf16" else r.dtype, tolerances[torch.float32])
-        report.errors.append(OutputError(name, tuple(r.shape), str(r.dtype).replace("torch.", ""),
-                                         diff.max().item() if diff.numel() else 0.0,
-                                         diff.mean().item() if diff.numel() else 0.0,
-                                         diff.norm().item() / norm if norm else diff.norm().item(), tol))
-    report.agreement = _agreements(ref, out)
-    return report
+        tol = tolerances.get(tol_dtype or r.dtype, tolerances[torch.float32])
+        errors.append(OutputError(name, tuple(r.shape), str(r.dtype).replace("torch.", ""),
+                                  diff.max().item() if diff.numel() else 0.0,
+                                  diff.mean().item() if diff.numel() else 0.0,
+                                  diff.norm().item() / norm if norm else diff.norm().item(), tol))
+    return errors, _agreements(ref, out)
