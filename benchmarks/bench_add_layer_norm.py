@@ -8,7 +8,7 @@ GB/s over the copy's GB/s is the fraction of achievable bandwidth.
 import pytest
 import torch
 import torch.nn.functional as F
-from timing import bench_device, bench_ms, cuda_timer
+from timing import bench_device, bench_ms, cuda_timer, providers, quick
 
 from fastdino.ops import add_layer_norm
 
@@ -16,7 +16,8 @@ CUDA = torch.cuda.is_available()
 # (rows, C): ViT-S/16 and ViT-L/16 at 512^2 (1029 tokens) batch 32 and 1, ViT-7B at 1024^2 batch 1.
 SHAPES = [(32 * 1029, 384), (32 * 1029, 1024), (1029, 384), (1029, 1024), (4101, 4096)] if CUDA else [(1029,
                                                                                                        384)]
-PROVIDERS = ["eager", "compile", "triton", "cuda", "copy"] if CUDA else ["eager", "cpu"]
+SHAPES = quick(SHAPES, (2, 1))  # ViT-S batch 1, ViT-L batch 32
+PROVIDERS = providers(["eager", "compile", "triton", "cuda", "copy"] if CUDA else ["eager", "cpu"])
 
 
 def eager(x, branch, gamma, weight, bias):

@@ -10,7 +10,7 @@ channels-last x, as a patched ConvNeXt stage hands its blocks.
 import pytest
 import torch
 import torch.nn.functional as F
-from timing import bench_device, bench_ms, cuda_timer
+from timing import bench_device, bench_ms, cuda_timer, providers, quick
 
 from fastdino.ops import dwconv_layer_norm
 
@@ -19,7 +19,9 @@ CUDA = torch.cuda.is_available()
 # batch 1 and 32; stage 1 at batch 32 is the bandwidth target.
 SHAPES = ([(32, 96, 128, 128), (1, 96, 128, 128), (1, 192, 64, 64), (1, 384, 32, 32), (1, 768, 16, 16),
            (32, 768, 16, 16), (1, 1536, 16, 16)] if CUDA else [(1, 96, 32, 32)])
-PROVIDERS = ["eager", "eager-cl", "compile", "triton", "cuda", "copy"] if CUDA else ["eager", "cpu"]
+SHAPES = quick(SHAPES, (0, 1))  # stage 1 of ConvNeXt-T at batch 32 (the bandwidth target) and 1
+PROVIDERS = providers(["eager", "eager-cl", "compile", "triton", "cuda", "copy"] if CUDA
+                      else ["eager", "cpu"])
 
 
 def eager(x, weight, bias, norm_weight, norm_bias):

@@ -8,7 +8,7 @@ TFLOP/s counts the GEMMs: 2 * M * N * K (twice for SwiGLU's two projections).
 import pytest
 import torch
 from test_fused_linear import make_inputs, unfused
-from timing import bench_device, bench_ms, cuda_timer
+from timing import bench_device, bench_ms, cuda_timer, providers, quick
 
 from fastdino import _ext
 from fastdino.ops.fused_linear import fused_linear
@@ -20,7 +20,9 @@ SHAPES = [("vits-fc1", 32928, 384, 1536, "gelu", False), ("vitl-fc1", 32928, 102
           ("vitl-fc2", 32928, 4096, 1024, None, True), ("vits+-swiglu", 32928, 384, 1024, "swiglu", False),
           ("vitl-fc1-b1", 1029, 1024, 4096, "gelu", False)] if CUDA else [("vits-fc1", 197, 384, 1536, "gelu",
                                                                            False)]
-PROVIDERS = (["eager", "compile", "triton"] + (["cuda"] if _ext.BUILD["cuda"] else [])) if CUDA else ["eager"]
+SHAPES = quick(SHAPES, (0, 4))  # ViT-S fc1 at batch 32, ViT-L fc1 at batch 1
+PROVIDERS = providers((["eager", "compile", "triton"] + (["cuda"] if _ext.BUILD["cuda"] else [])) if CUDA
+                      else ["eager"])
 
 
 @pytest.mark.benchmark(timer=cuda_timer)

@@ -11,7 +11,7 @@ GB/s counts the bytes that must move once: value, offsets, logits, reference poi
 import pytest
 import torch
 from test_ms_deform_attn import make_offset_inputs
-from timing import bench_ms, cuda_timer
+from timing import bench_ms, cuda_timer, providers, quick
 
 from fastdino import _ext
 from fastdino.ops.ms_deform_attn import ms_deform_attn, ms_deform_attn_ref
@@ -31,7 +31,8 @@ SHAPES = [
 ] if CUDA else [("decoder-tiny-dh24", 336, 4, 24, [(16, 16), (8, 8), (4, 4)])]
 CUDA_PROVIDERS = ["grid_sample", "compile", "triton", "triton-bf16"] + (
     ["cuda", "cuda-bf16"] if _ext.BUILD["cuda"] else [])
-PROVIDERS = CUDA_PROVIDERS if CUDA else ["grid_sample"] + (["cpu"] if _ext.HAS_EXT else [])
+SHAPES = quick(SHAPES, (0, 4))  # pixel decoder (hidden 384) and ViT-S adapter at 512^2
+PROVIDERS = providers(CUDA_PROVIDERS if CUDA else ["grid_sample"] + (["cpu"] if _ext.HAS_EXT else []))
 
 
 @pytest.mark.benchmark(timer=cuda_timer)

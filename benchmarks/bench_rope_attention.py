@@ -21,7 +21,7 @@ EoMT's masked blocks (test_bench_rope_attention_eomt: 200 queries prepended to c
 import pytest
 import torch
 import torch.nn.functional as F
-from timing import bench_device, bench_ms, cuda_timer
+from timing import bench_device, bench_ms, cuda_timer, providers, quick
 
 from fastdino.fused.vit import eomt_dense_mask
 from fastdino.ops.rope_attention import rope_attention, rope_ref
@@ -30,7 +30,8 @@ CUDA = torch.cuda.is_available()
 # (B, H, N, D): ViT-S/16 (6 heads) and ViT-L/16 (16 heads) at 512^2 (N = 1029) and 1024^2 (N = 4101).
 SHAPES = [(b, h, n, 64) for h in (6, 16) for n in (1029, 4101) for b in (1, 32)] if CUDA else [(1, 6, 197,
                                                                                                 64)]
-PROVIDERS = ["sdpa+rope", "sdpa", "flex", "triton", "cuda"] if CUDA else ["sdpa+rope", "cpu"]
+SHAPES = quick(SHAPES, (0, 4))  # ViT-S and ViT-L at 512^2, batch 1
+PROVIDERS = providers(["sdpa+rope", "sdpa", "flex", "triton", "cuda"] if CUDA else ["sdpa+rope", "cpu"])
 PREFIX = 5  # cls + 4 registers
 
 
@@ -80,7 +81,7 @@ def test_bench_rope_attention(benchmark, B, H, N, D, provider):
 
 # (B, H, queries, HW): EoMT-DINOv3 S (6 heads) and L (16 heads) at 640^2, 200 queries
 EOMT_SHAPES = [(1, 6, 200, 1600), (1, 16, 200, 1600)] if CUDA else [(1, 6, 20, 64)]
-EOMT_PROVIDERS = ["sdpa+dense", "flex", "triton", "cuda"] if CUDA else ["sdpa+dense", "cpu"]
+EOMT_PROVIDERS = providers(["sdpa+dense", "flex", "triton", "cuda"] if CUDA else ["sdpa+dense", "cpu"])
 
 
 @pytest.mark.benchmark(timer=cuda_timer)
