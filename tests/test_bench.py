@@ -71,6 +71,7 @@ def test_run_api_on_any_model_with_a_breakdown():
         assert row.error is None and row.median_ms > 0 and row.images_per_s > 0
         assert set(row.breakdown_ms) == {"stem", "block", "inner", "other"}
         assert all(ms >= 0 for ms in row.breakdown_ms.values())  # block's time excludes inner's
+        assert sum(row.breakdown_ms.values()) == pytest.approx(row.median_ms)  # shares of the latency
     assert result.row("original").max_rel_err == 0.0
     assert 0 < result.row("fastdino-bf16").max_rel_err < 3e-2  # bf16 weights and inputs
     # the bf16 variants ran on bf16 copies of the tensors: the model has exactly its fp32 weights again

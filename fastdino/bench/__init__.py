@@ -162,20 +162,27 @@ class _PartTimer:
             self.spans[(part, path)][-1][1] = self._stamp()
         return hook
 
-    def measure(self, fn: Callable, iters: int) -> dict[str, float]:
+    def _ms(self, start, end) -> float:
+        return start.elapsed_time(end) if self.device.type == "cuda" else (end - start) * 1e3
+
+    def measure(self, fn: Callable, iters: int, total_ms: float) -> dict[str, float]:
+        """Each part's median share of a call (and "other": the rest of the call), scaled so that
+        the parts add up to `total_ms`, the latency measured without hooks."""
         per_call = []
         for _ in range(iters):
             self.spans = {}
+            start = self._stamp()
             fn()
+            end = self._stamp()
             _sync(self.device)
-            inclusive = {}
-            for key, spans in self.spans.items():
-                if self.device.type == "cuda":
-                    inclusive[key] = sum(s.elapsed_time(e) for s, e in spans)
-                else:
-                    inclusive[key] = sum((e - s) * 1e3 for s, e in spans)
-            per_call.append(_exclusive(inclusive))
-        return {part: statistics.median(c.get(part, 0.0) for c in per_call) for part in self.paths}
+            inclusive = {key: sum(self._ms(s, e) for s, e in spans) for key, spans in self.spans.items()}
+            parts = _exclusive(inclusive)
+            parts["other"] = max(0.0, self._ms(start, end) - sum(parts.values()))
+            per_call.append(parts)
+        names = [*self.paths, "other"]
+        medians = {part: statistics.median(c.get(part, 0.0) for c in per_call) for part in names}
+        scale = total_ms / sum(medians.values()) if sum(medians.values()) > 0 else 0.0
+        return {part: ms * scale for part, ms in medians.items()}
 
     def remove(self):
         for h in self.handles:
@@ -258,8 +265,9 @@ def run(model: nn.Module, inputs, variants=None, components: Optional[dict] = No
     arguments, on the model's device) for each of `variants` (names of VARIANTS; default: the
     device's DEFAULT_VARIANTS) and compare each variant's outputs with the original's.
 
-    `components` ({part: [module paths]}) adds a per-part breakdown for the eager variants (a part
-    containing another part's module is reported without it; the rest of the call is "other").
+    `components` ({part: [module paths]}) adds a per-part breakdown for the eager variants, from a
+    separate pass with hooks: each part's share of a call (a part containing another part's module
+    without it; the rest of the call is "other"), scaled to add up to the median latency.
     `progress(variant)` is called before each variant. A variant that cannot run (a model that
     cannot be captured in a CUDA graph, a failed compile) gets its reason in `error`; the others
     still run. The model is unpatched first and left unpatched.
@@ -304,11 +312,9 @@ def _run_variant(variant, model, inputs, device, reference, components, iters, w
             if components and hooked is not None and variant in BREAKDOWN:
                 timer = _PartTimer(hooked, components, device)
                 try:
-                    parts = timer.measure(fn, breakdown_iters)
+                    row.breakdown_ms = timer.measure(fn, breakdown_iters, statistics.median(times))
                 finally:
                     timer.remove()
-                parts["other"] = max(0.0, statistics.median(times) - sum(parts.values()))
-                row.breakdown_ms = parts
     except Exception as e:  # noqa: BLE001 - one variant's failure is reported, the others run
         text = str(e).strip()
         row.error = f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
