@@ -22,6 +22,7 @@ import sys
 import torch
 
 import fastdino
+from fastdino.bench import times_ms
 from fastdino.info import build_info
 
 # Published configurations (dinov3-stack.md §4.1); all ViT/16 with 4 registers.
@@ -43,18 +44,7 @@ def build(name, dtype, device):
 
 
 def time_ms(fn, iters, warmup=3):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return statistics.median(times_ms(fn, torch.device("cuda"), iters, warmup))
 
 
 def graphed(model, pixels):

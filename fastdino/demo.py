@@ -2,7 +2,6 @@
 that patched and original outputs agree, and time original vs patched on the best device."""
 
 import statistics
-import time
 from collections import Counter
 
 import torch
@@ -77,22 +76,9 @@ def _device(name):
 
 def _time(fn, device, iters):
     """Median ms of `iters` calls after 2 warm-up calls (CUDA events on the GPU, wall clock on CPU)."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    from .bench import times_ms
+
+    return statistics.median(times_ms(fn, device, iters, 2))
 
 
 def run(args) -> int:

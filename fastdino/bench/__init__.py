@@ -107,7 +107,9 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def _times_ms(fn: Callable, device: torch.device, iters: int, warmup: int) -> list[float]:
+def times_ms(fn: Callable, device: torch.device, iters: int, warmup: int) -> list[float]:
+    """ms of each of `iters` calls of fn after `warmup` calls (CUDA events on the GPU, wall clock on
+    the CPU)."""
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -306,7 +308,7 @@ def _run_variant(variant, model, inputs, device, reference, components, iters, w
             _sync(device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            times = _times_ms(fn, device, iters, warmup)
+            times = times_ms(fn, device, iters, warmup)
             if device.type == "cuda":
                 row.peak_mib = torch.cuda.max_memory_allocated(device) / 2**20
             if components and hooked is not None and variant in BREAKDOWN:
