@@ -40,11 +40,12 @@ void dwconv_layer_norm_rows(const T* x, const T* weight, const T* bias, const T*
             const float wv = wc[dy * K + dx];
             // output columns whose tap w + dx - P lies inside the map; the others read the zero
             // padding, which is multiplied as conv2d does (a NaN or Inf weight gives NaN there)
-            const int64_t lo = row_in ? std::max<int64_t>(0, P - dx) : W;
-            const int64_t hi = row_in ? std::min<int64_t>(W, W + P - dx) : W;
+            // (both clamped to [0, W]: on a map narrower than the kernel the window may miss it)
+            const int64_t lo = row_in ? std::min<int64_t>(W, std::max<int64_t>(0, P - dx)) : W;
+            const int64_t hi = row_in ? std::max<int64_t>(lo, std::min<int64_t>(W, W + P - dx)) : W;
             for (int64_t w = 0; w < lo; ++w) acc[w * C + c] += 0.f * wv;
             for (int64_t w = lo; w < hi; ++w) acc[w * C + c] += static_cast<float>(xr[(w + dx - P) * sx[3]]) * wv;
-            for (int64_t w = std::max(lo, hi); w < W; ++w) acc[w * C + c] += 0.f * wv;
+            for (int64_t w = hi; w < W; ++w) acc[w * C + c] += 0.f * wv;
           }
         }
       }

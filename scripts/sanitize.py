@@ -5,6 +5,7 @@ script without a GPU), in every dtype and input form the ops take. Prints one li
 exits 1 if a call raised. scripts/gpu_run.sh runs it under each sanitizer tool.
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python scripts/sanitize.py
+    valgrind --tool=memcheck python scripts/sanitize.py --device cpu   # the C++ CPU kernels
 """
 
 import argparse
@@ -71,6 +72,7 @@ def cases(device, torch):
                 ("dwconv_layer_norm", f"{n} C=97 9x13 NCHW", lambda dt=dt: dwconv(dt)),
                 ("dwconv_layer_norm", f"{n} C=1536 3x5 channels-last no bias",
                  lambda dt=dt: dwconv(dt, 1536, 3, 5, True, False)),
+                ("dwconv_layer_norm", f"{n} C=16 4x1 (narrower than the kernel)", lambda dt=dt: dwconv(dt, 16, 4, 1)),
                 ("fused_linear", f"{n} gelu", lambda dt=dt: linear(dt, "gelu")),
                 ("fused_linear", f"{n} swiglu", lambda dt=dt: linear(dt, "swiglu")),
                 ("fused_linear", f"{n} residual", lambda dt=dt: linear(dt, None, True)),
