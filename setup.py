@@ -14,7 +14,7 @@ import re
 import sys
 import sysconfig
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -94,7 +94,8 @@ def _extensions():
 
 ext_modules, cmdclass = _extensions()
 setup(
-    packages=["fastdino", "fastdino.ops", "fastdino.fused", "fastdino.kernels"],
+    # every package under fastdino/, and kernels/ installed as fastdino.kernels
+    packages=find_packages(include=["fastdino", "fastdino.*"]) + ["fastdino.kernels"],
     package_dir={"fastdino.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
