@@ -105,3 +105,13 @@ def test_cuda_graph_keys_on_shapes_and_values():
     assert names == ["0.0", "1.m.0", "1.z"]
     rebuilt = _rebuild(value, iter([t * 0 for _, t in _tensors(value)]))
     assert list(rebuilt[1]) == ["z", "m"] and rebuilt[0][1] == 3 and not rebuilt[1]["z"].any()
+
+
+def test_star_paths_expand_to_the_called_children():
+    from fastdino.bench import expand
+
+    model = nn.Module()
+    model.enc = nn.Module()
+    model.enc.stem, model.enc.blocks = nn.Linear(2, 2), nn.ModuleList([nn.Linear(2, 2), nn.Sequential(nn.ReLU())])
+    assert expand(model, "enc") == ["enc"]
+    assert expand(model, "enc.*") == ["enc.stem", "enc.blocks.0", "enc.blocks.1.0"]

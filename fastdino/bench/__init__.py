@@ -35,7 +35,8 @@ VARIANTS = {
     "compile": "torch.compile(original)",
     "max-autotune": "torch.compile(original, mode='max-autotune') (compiles for minutes)",
     "fastdino": "fastdino.patch(model)",
-    "fastdino-bf16": "fastdino.patch(model, precision='bf16') on bfloat16 weights and inputs",
+    "fastdino-bf16": "fastdino.patch(model, precision='bf16') on bfloat16 weights and inputs (fp32 weights "
+                     "for a model that casts to fp32 itself, e.g. dinov3's segmentor: bf16_weights=False)",
     "fastdino+graph": "fastdino.patch(model) replayed from a CUDA graph",
     "fastdino-bf16+graph": "fastdino-bf16 replayed from a CUDA graph",
     "fastdino+compile": "torch.compile(fastdino.patch(model))",
@@ -134,13 +135,28 @@ def _p90(times: list[float]) -> float:
     return ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
 
 
+def expand(model: nn.Module, path: str) -> list[str]:
+    """`path`, or for "path.*" the paths of the module's children, the children of its ModuleLists,
+    ModuleDicts and Sequentials standing for them (containers are iterated, not always called)."""
+    if not path.endswith(".*") and path != "*":
+        return [path]
+    base = path[:-2] if path != "*" else ""
+    out = []
+    for name, child in model.get_submodule(base).named_children():
+        full = f"{base}.{name}" if base else name
+        containers = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
+        out += expand(model, f"{full}.*") if isinstance(child, containers) else [full]
+    return out
+
+
 class _PartTimer:
     """Forward hooks on the modules of each part: per call of the model, the time spent inside each
     part (CUDA events or wall clock), then each part without the parts nested in it."""
 
     def __init__(self, model: nn.Module, components: dict[str, list[str]], device: torch.device):
         self.device, self.handles, self.spans = device, [], {}
-        self.paths = {part: list(paths) for part, paths in components.items()}
+        self.paths = {part: [p for path in paths for p in expand(model, path)]
+                      for part, paths in components.items()}
         for part, paths in self.paths.items():
             for path in paths:
                 module = model.get_submodule(path)
@@ -230,16 +246,17 @@ def _autocast_if(device: torch.device, enabled: bool):
 
 
 @contextlib.contextmanager
-def _prepared(variant: str, model: nn.Module, inputs, device: torch.device):
+def _prepared(variant: str, model: nn.Module, inputs, device: torch.device, bf16_weights: bool = True):
     """(callable, the module the hooks go on or None, the dtype whose error bound applies or None)
     for `variant`, for the duration of the context."""
     unpatch(model)
     base, _, extra = variant.partition("+")
-    bf16_weights = base == "fastdino-bf16"
+    policy = base == "fastdino-bf16"
+    bf16_weights = policy and bf16_weights
     with _bf16_weights(model) if bf16_weights else contextlib.nullcontext(model) as m:
         x = _to(inputs, torch.bfloat16) if bf16_weights else inputs
         if base.startswith("fastdino"):
-            patch(m, precision="bf16" if bf16_weights else None)
+            patch(m, precision="bf16" if policy else None)
         try:
             if base in ("compile", "max-autotune") or extra == "compile":
                 torch._dynamo.reset()
@@ -247,7 +264,7 @@ def _prepared(variant: str, model: nn.Module, inputs, device: torch.device):
                 yield (lambda: _call(compiled, x)), None, None
             elif extra == "graph":
                 graphed = cuda_graph(m)
-                yield (lambda: _call(graphed, x)), None, torch.bfloat16 if bf16_weights else None
+                yield (lambda: _call(graphed, x)), None, torch.bfloat16 if policy else None
             else:
                 autocast = base == "original-bf16"
 
@@ -255,24 +272,26 @@ def _prepared(variant: str, model: nn.Module, inputs, device: torch.device):
                     with _autocast_if(device, autocast):
                         return _call(m, x)
 
-                yield fn, m, torch.bfloat16 if (bf16_weights or autocast) else None
+                yield fn, m, torch.bfloat16 if (policy or autocast) else None
         finally:
             unpatch(m)
 
 
 def run(model: nn.Module, inputs, variants=None, components: Optional[dict] = None, iters: int = 20,
         warmup: int = 3, breakdown_iters: int = 5, name: str = "model", timed: str = "",
-        progress: Optional[Callable[[str], None]] = None) -> BenchResult:
+        progress: Optional[Callable[[str], None]] = None, bf16_weights: bool = True) -> BenchResult:
     """Time `model` on `inputs` (a tensor, a tuple of positional arguments or a dict of keyword
     arguments, on the model's device) for each of `variants` (names of VARIANTS; default: the
     device's DEFAULT_VARIANTS) and compare each variant's outputs with the original's.
 
-    `components` ({part: [module paths]}) adds a per-part breakdown for the eager variants, from a
-    separate pass with hooks: each part's share of a call (a part containing another part's module
-    without it; the rest of the call is "other"), scaled to add up to the median latency.
-    `progress(variant)` is called before each variant. A variant that cannot run (a model that
-    cannot be captured in a CUDA graph, a failed compile) gets its reason in `error`; the others
-    still run. The model is unpatched first and left unpatched.
+    `components` ({part: [module paths]}; "path.*" for a module's children, see `expand`) adds a
+    per-part breakdown for the eager variants, from a separate pass with hooks: each part's share
+    of a call (a part containing another part's module without it; the rest of the call is
+    "other"), scaled to add up to the median latency. `progress(variant)` is called before each
+    variant. `bf16_weights=False` keeps fp32 weights in the fastdino-bf16 variants (the bf16 policy
+    alone), for a model that casts to fp32 itself. A variant that cannot run (a model that cannot
+    be captured in a CUDA graph, a failed compile) gets its reason in `error`; the others still
+    run. The model is unpatched first and left unpatched.
     """
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
@@ -291,7 +310,7 @@ def run(model: nn.Module, inputs, variants=None, components: Optional[dict] = No
             if progress is not None:
                 progress(variant)
             result.rows.append(_run_variant(variant, model, inputs, device, reference, components, iters,
-                                            warmup, breakdown_iters, result.batch))
+                                            warmup, breakdown_iters, result.batch, bf16_weights))
             unpatch(model)
             torch._dynamo.reset()
             if device.type == "cuda":
@@ -300,10 +319,10 @@ def run(model: nn.Module, inputs, variants=None, components: Optional[dict] = No
 
 
 def _run_variant(variant, model, inputs, device, reference, components, iters, warmup, breakdown_iters,
-                 batch) -> VariantResult:
+                 batch, bf16_weights) -> VariantResult:
     row = VariantResult(variant)
     try:
-        with _prepared(variant, model, inputs, device) as (fn, hooked, bound):
+        with _prepared(variant, model, inputs, device, bf16_weights) as (fn, hooked, bound):
             out = {k: v.detach().clone() for k, v in _leaves(fn()).items()}
             _sync(device)
             if device.type == "cuda":

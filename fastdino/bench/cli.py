@@ -103,7 +103,8 @@ def main(args) -> int:
                 continue
             result = run(built.model, built.inputs, variants, built.components, iters=iters, warmup=warmup,
                          breakdown_iters=1 if cpu else 5, name=name, timed=built.timed,
-                         progress=lambda v, name=name: advance(f"{name} {v}"))
+                         progress=lambda v, name=name: advance(f"{name} {v}"),
+                         bf16_weights=built.bf16_weights)
             result.resolution = resolution
             results.append(result)
             del built

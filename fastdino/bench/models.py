@@ -30,8 +30,11 @@ TIMED = "from the pixel tensor on the device to the model's outputs (no pre- or 
 class Built:
     model: nn.Module
     inputs: Any  # a tensor, a tuple of positional arguments or a dict of keyword arguments
-    components: dict[str, list[str]] = field(default_factory=dict)  # part -> module paths
+    # part -> module paths; "path.*": the module's children (those of its ModuleLists and
+    # Sequentials too), for a module its parent calls by method rather than through __call__
+    components: dict[str, list[str]] = field(default_factory=dict)
     timed: str = TIMED
+    bf16_weights: bool = True  # fastdino-bf16 on bf16 weights (False: a model that casts to fp32 itself)
 
 
 @dataclass(frozen=True)
@@ -177,10 +180,18 @@ def official_m2f(size: str, hidden_dim: int) -> Spec:
         backbone = getattr(backbones, f"dinov3_vit{size}16")(pretrained=False)
         model = build_segmentation_decoder(backbone, decoder_type="m2f", hidden_dim=hidden_dim,
                                            num_classes=ADE20K_CLASSES)
-        return Built(model.to(device).eval(), _pixels(resolution, batch, device),
-                     {"backbone": ["segmentation_model.0.backbone"], "adapter": ["segmentation_model.0"],
-                      "pixel decoder": ["segmentation_model.1.pixel_decoder"],
-                      "transformer decoder": ["segmentation_model.1.predictor"]})
+        # FeatureDecoder calls its parts' forward methods, the adapter the ViT's
+        # get_intermediate_layers, the head its pixel decoder's forward_features: hooks go on what
+        # those call
+        adapter = ["spm", "interactions.*", "up", "norm1", "norm2", "norm3", "norm4"]
+        components = {"backbone": ["segmentation_model.0.backbone.*"],
+                      "adapter": [f"segmentation_model.0.{p}" for p in adapter],
+                      "pixel decoder": ["segmentation_model.1.pixel_decoder.*"],
+                      "transformer decoder": ["segmentation_model.1.predictor"]}
+        # its pixel decoder casts to fp32 itself: fastdino-bf16 keeps fp32 weights, the bf16 policy
+        # runs that region in bf16 (and the adapter runs the ViT under bf16 autocast on CUDA)
+        return Built(model.to(device).eval(), _pixels(resolution, batch, device), components,
+                     bf16_weights=False)
 
     return Spec(build, f"official dinov3 ViT-{size.upper()}/16 + ViT-Adapter + Mask2Former (hidden_dim "
                        f"{hidden_dim}), built with dinov3's build_segmentation_decoder (--dinov3-repo)",
