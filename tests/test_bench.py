@@ -112,6 +112,7 @@ def test_star_paths_expand_to_the_called_children():
 
     model = nn.Module()
     model.enc = nn.Module()
-    model.enc.stem, model.enc.blocks = nn.Linear(2, 2), nn.ModuleList([nn.Linear(2, 2), nn.Sequential(nn.ReLU())])
+    model.enc.stem = nn.Linear(2, 2)
+    model.enc.blocks = nn.ModuleList([nn.Linear(2, 2), nn.Sequential(nn.ReLU())])
     assert expand(model, "enc") == ["enc"]
     assert expand(model, "enc.*") == ["enc.stem", "enc.blocks.0", "enc.blocks.1.0"]
