@@ -5,7 +5,7 @@ script without a GPU), in every dtype and input form the ops take. Prints one li
 exits 1 if a call raised. scripts/gpu_run.sh runs it under each sanitizer tool.
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python scripts/sanitize.py
-    valgrind --tool=memcheck python scripts/sanitize.py --device cpu   # the C++ CPU kernels
+    valgrind --tool=memcheck python scripts/sanitize.py --device cpu --backends cpu   # C++ CPU kernels
 """
 
 import argparse
@@ -90,6 +90,8 @@ def cases(device, torch):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda (default), or cpu to try the script")
+    parser.add_argument("--backends", default=None,
+                        help="comma-separated, of the device's C++ op and triton (default: both)")
     args = parser.parse_args()
     if args.device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -102,7 +104,7 @@ def main():
     failed = 0
     for name, label, make in cases(device, torch):
         op = OPS[name]
-        for backend in (device.type, "triton"):
+        for backend in args.backends.split(",") if args.backends else (device.type, "triton"):
             call = make()
             why = op.reasons(backend, *call)
             if why:
