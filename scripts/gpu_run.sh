@@ -16,7 +16,8 @@
 #   bench       fastdino bench at 512^2, batch 1: the ViT-S/16 + adapter + Mask2Former segmentor
 #               (dinov3's own, hidden 384, when DINOV3_REPO points to a checkout, else transformers'
 #               Mask2Former on a DINOv3 ViT-S/16), ConvNeXt-T + linear head, EoMT-DINOv3-S; variants
-#               original, original-bf16, fastdino, fastdino-bf16, fastdino-bf16+graph
+#               original, original-bf16, fastdino, fastdino-bf16, fastdino+graph and
+#               fastdino-bf16+graph (CUDA-graph replays)
 #               (BENCH_TIMEOUT, default 170 s)
 # Other stages, selected with STAGES: tests (the whole suite), sanitizer (every kernel under
 # compute-sanitizer; SANITIZER_TOOLS), kernels-full (every shape and provider), bench-large
@@ -133,7 +134,8 @@ if [[ $STAGES == *,bench,* ]]; then
     repo=()
     if [ -n "${DINOV3_REPO:-}" ]; then segmentor=official-m2f-vits16-h384; repo=(--dinov3-repo "$DINOV3_REPO"); fi
     stage bench "$BENCH_TIMEOUT" bench --models "$segmentor,convnext-t+linear,eomt-s" "${repo[@]}" \
-      --resolution 512 --batch 1 --variants original,original-bf16,fastdino,fastdino-bf16,fastdino-bf16+graph
+      --resolution 512 --batch 1 \
+      --variants original,original-bf16,fastdino,fastdino-bf16,fastdino+graph,fastdino-bf16+graph
   fi
 fi
 if [[ $STAGES == *,bench-large,* ]]; then
