@@ -14,8 +14,8 @@
 #   kernels     every op's providers at two representative shapes, do_bench medians, no
 #               torch.compile providers (FASTDINO_BENCH_QUICK=1; KERNELS_TIMEOUT, default 90 s)
 #   bench       fastdino bench at 512^2, batch 1: the ViT-S/16 + adapter + Mask2Former segmentor
-#               (dinov3's own, hidden 384, when DINOV3_REPO points to a checkout, else transformers'
-#               Mask2Former on a DINOv3 ViT-S/16), ConvNeXt-T + linear head, EoMT-DINOv3-S; variants
+#               (dinov3's own, hidden 384, when DINOV3_REPO points to a checkout that imports,
+#               else transformers' Mask2Former on a DINOv3 ViT-S/16), ConvNeXt-T + linear head, EoMT-DINOv3-S; variants
 #               original, original-bf16, fastdino, fastdino-bf16, fastdino+graph and
 #               fastdino-bf16+graph (CUDA-graph replays)
 #               (BENCH_TIMEOUT, default 170 s)
@@ -132,7 +132,12 @@ if [[ $STAGES == *,bench,* ]]; then
   else
     segmentor=m2f-vits16
     repo=()
-    if [ -n "${DINOV3_REPO:-}" ]; then segmentor=official-m2f-vits16-h384; repo=(--dinov3-repo "$DINOV3_REPO"); fi
+    # dinov3's segmentor where its checkout imports here (its requirements installed), else transformers'
+    if [ -n "${DINOV3_REPO:-}" ] && (cd /tmp && $PY -c "import sys; sys.path.insert(0, sys.argv[1]); \
+        import dinov3.eval.segmentation.models" "$DINOV3_REPO") >>"$LOGS/bench.log" 2>&1; then
+      segmentor=official-m2f-vits16-h384
+      repo=(--dinov3-repo "$DINOV3_REPO")
+    fi
     stage bench "$BENCH_TIMEOUT" bench --models "$segmentor,convnext-t+linear,eomt-s" "${repo[@]}" \
       --resolution 512 --batch 1 \
       --variants original,original-bf16,fastdino,fastdino-bf16,fastdino+graph,fastdino-bf16+graph
