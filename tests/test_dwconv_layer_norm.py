@@ -134,7 +134,7 @@ def test_dispatch_explains_each_skipped_backend():
     why = reasons("cuda", *like_args("cpu", torch.float64, 64))
     assert "device=cpu (needs cuda)" in why and any("float64" in r for r in why)
     assert "C=4096 > 2048" in reasons("cuda", *like_args("cuda", torch.float32, 4096))
-    assert "C=8192 > 4096" in reasons("triton", *like_args("cuda", torch.float32, 8192))
+    assert "C=4096 > 2048" in reasons("triton", *like_args("cuda", torch.float32, 4096))
     why = reasons("triton", *like_args("cuda", torch.float32, 64, 5))
     assert "kernel size 5 (the kernels take 7x7)" in why
     x, weight, bias, nw, nb = make_inputs(1, 16, 5, 5, device="cpu")
