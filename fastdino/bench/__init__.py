@@ -45,7 +45,6 @@ DEFAULT_VARIANTS = {"cuda": ("original", "original-bf16", "compile", "fastdino",
                              "fastdino-bf16+graph"),
                     "cpu": ("original", "fastdino")}
 AGREEMENT_FLAG = 0.995  # argmax agreement below this is flagged
-BREAKDOWN = ("original", "original-bf16", "fastdino", "fastdino-bf16")  # eager variants: hooks time parts
 
 
 @dataclass
@@ -240,12 +239,6 @@ def _bf16_weights(model: nn.Module):
 
 
 @contextlib.contextmanager
-def _autocast_if(device: torch.device, enabled: bool):
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled):
-        yield
-
-
-@contextlib.contextmanager
 def _prepared(variant: str, model: nn.Module, inputs, device: torch.device, bf16_weights: bool = True):
     """(callable, the module the hooks go on or None, the dtype whose error bound applies or None)
     for `variant`, for the duration of the context."""
@@ -269,7 +262,7 @@ def _prepared(variant: str, model: nn.Module, inputs, device: torch.device, bf16
                 autocast = base == "original-bf16"
 
                 def fn():
-                    with _autocast_if(device, autocast):
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                         return _call(m, x)
 
                 yield fn, m, torch.bfloat16 if (policy or autocast) else None
@@ -330,7 +323,7 @@ def _run_variant(variant, model, inputs, device, reference, components, iters, w
             times = times_ms(fn, device, iters, warmup)
             if device.type == "cuda":
                 row.peak_mib = torch.cuda.max_memory_allocated(device) / 2**20
-            if components and hooked is not None and variant in BREAKDOWN:
+            if components and hooked is not None:  # eager variants; compiled and graphed ones have none
                 timer = _PartTimer(hooked, components, device)
                 try:
                     row.breakdown_ms = timer.measure(fn, breakdown_iters, statistics.median(times))
