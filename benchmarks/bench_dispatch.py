@@ -2,12 +2,18 @@
 costs little): each op called through its public function with a pinned backend and unpinned,
 against the registered C++ op (`torch.ops.fastdino.<op>`) and the PyTorch reference called
 directly. The difference is what every patched module pays per op call, on any device, when no
-CUDA graph hides it.
+CUDA graph hides it. Also the Python function calls of one DINOv3ViTLayer forward, unpatched and
+patched.
 
-    python benchmarks/bench_dispatch.py    # markdown tables, microseconds per call and per forward
+    python benchmarks/bench_dispatch.py    # markdown tables: us per call, ratios, calls per layer
+
+Targets: pinned `cpu` within 1.2x of the C++ op called directly; unpinned within 1 us of the same
+backend pinned; a patched layer running its kernels makes no more Python calls than the unpatched
+layer.
 """
 
 import argparse
+import sys
 import timeit
 
 import pytest
@@ -45,7 +51,7 @@ def _inputs():
          lambda: ops.fused_linear_ref(xl, wl, bl, "gelu"),
          lambda backend: ops.fused_linear(xl, wl, bl, "gelu", backend=backend)),
         ("rope_attention", lambda: torch.ops.fastdino.rope_attention(q, k, v, cos, sin, None, 0.25),
-         lambda: ops.rope_attention_ref(q, k, v, cos, sin, 0.25),
+         lambda: ops.rope_attention_ref(q, k, v, cos, sin, scale=0.25),
          lambda backend: ops.rope_attention(q, k, v, cos, sin, scale=0.25, backend=backend)),
         ("masked_attention", lambda: torch.ops.fastdino.masked_attention(mq, mk, mv, logits, 0.25),
          lambda: ops.masked_attention_ref(mq, mk, mv, logits, 0.25),
@@ -91,13 +97,66 @@ def measure_model(number=200):
 
 
 def measure(number=2000):
-    """Rows of (op, µs: torch.ops direct, backend="cpu", reference direct, backend="ref", unpinned)."""
+    """Rows of (op, µs: torch.ops direct, backend="cpu", reference direct, backend="ref", unpinned,
+    the backend unpinned calls run)."""
+    from fastdino.ops._dispatch import observe
+
     rows = []
     with torch.no_grad():
         for op, direct, ref, public in _inputs():
+            ran = []
+            with observe(lambda name, backend, args: ran.append(backend)):
+                public(None)
             rows.append((op, _us(direct, number), _us(lambda: public("cpu"), number), _us(ref, number),
-                         _us(lambda: public("ref"), number), _us(lambda: public(None), number)))
+                         _us(lambda: public("ref"), number), _us(lambda: public(None), number),
+                         ran[0] if ran else "cpu"))  # no run seen: a native call straight to the C++ op
     return rows
+
+
+def layer_calls() -> list[tuple[str, int]]:
+    """Python function calls of one forward of the tiny ViT's first DINOv3ViTLayer (sys.setprofile
+    'call' events), unpatched, patched (untuned: the original code on the CPU) and patched with
+    backend="cpu" (its kernels), after a first call that makes the decisions."""
+    import fastdino
+
+    model, pixels = _vit()
+    layer = next(m for m in model.modules() if type(m).__name__ == "DINOv3ViTLayer")
+    seen = {}
+    hook = layer.register_forward_pre_hook(lambda m, a, k: seen.update(a=a, k=k), with_kwargs=True)
+    with torch.no_grad():
+        model(pixel_values=pixels)
+    hook.remove()
+
+    def calls() -> int:
+        count = [0]
+
+        def profile(frame, event, arg):
+            if event == "call":
+                count[0] += 1
+
+        layer(*seen["a"], **seen["k"])
+        sys.setprofile(profile)
+        try:
+            layer(*seen["a"], **seen["k"])
+        finally:
+            sys.setprofile(None)
+        return count[0]
+
+    rows = []
+    with torch.no_grad():
+        rows.append(("unpatched", calls()))
+        fastdino.patch(model, cache=False)
+        rows.append(("patched, untuned (the original code runs on CPU)", calls()))
+        fastdino.patch(model, backend="cpu", cache=False)
+        rows.append(('patched, backend="cpu" (its kernels run)', calls()))
+    return rows
+
+
+@pytest.mark.skipif(not _ext.HAS_EXT, reason="needs fastdino._C")
+def test_patched_layer_makes_no_more_python_calls():
+    pytest.importorskip("transformers")
+    counts = dict(layer_calls())
+    assert counts['patched, backend="cpu" (its kernels run)'] <= counts["unpatched"], counts
 
 
 @pytest.mark.skipif(not _ext.HAS_EXT, reason="needs fastdino._C")
@@ -117,15 +176,19 @@ def main():
     parser.add_argument("--number", type=int, default=2000, help="calls per timing run")
     args = parser.parse_args()
     torch.set_num_threads(1)  # tiny tensors: thread wake-ups would dominate
-    print("| op | torch.ops direct | backend=\"cpu\" | overhead | ref direct | backend=\"ref\" | overhead "
-          "| unpinned |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for op, direct, cpu, ref, pinned_ref, unpinned in measure(args.number):
-        print(f"| {op} | {direct:.1f} | {cpu:.1f} | {cpu - direct:+.1f} | {ref:.1f} | {pinned_ref:.1f} "
-              f"| {pinned_ref - ref:+.1f} | {unpinned:.1f} |")
+    print("| op | torch.ops direct | backend=\"cpu\" | ratio | ref direct | backend=\"ref\" | overhead "
+          "| unpinned | runs | unpinned - pinned |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|---:|")
+    for op, direct, cpu, ref, pinned_ref, unpinned, runs in measure(args.number):
+        pinned = cpu if runs == "cpu" else pinned_ref
+        print(f"| {op} | {direct:.1f} | {cpu:.1f} | {cpu / direct:.2f}x | {ref:.1f} | {pinned_ref:.1f} "
+              f"| {pinned_ref - ref:+.1f} | {unpinned:.1f} | {runs} | {unpinned - pinned:+.1f} |")
     print("\n| tiny DINOv3ViT (2 layers, 64 wide, 17 tokens) | µs per forward |\n|---|---:|")
     for name, us in measure_model(args.number // 10):
         print(f"| {name} | {us:.0f} |")
+    print("\n| one DINOv3ViTLayer forward | Python calls |\n|---|---:|")
+    for name, n in layer_calls():
+        print(f"| {name} | {n} |")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Command line: `fastdino info` | `fastdino demo [--weights PATH] ...` | `fastdino bench [--models ...]`."""
+"""Command line: `fastdino info` | `fastdino demo [--weights PATH] ...` | `fastdino bench [--models ...]`
+| `fastdino tune [MODELS] ...`."""
 
 import argparse
 import sys
@@ -12,6 +13,8 @@ def main(argv=None):
                           help="the device the table is for (default: cuda where available, else cpu)")
     info_cmd.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
                           help="the activation dtype the table is for (default: bfloat16)")
+    info_cmd.add_argument("--explain", action="store_true",
+                          help="list every timing-cache entry: applied here, or ignored and why")
     demo = sub.add_parser("demo", help="patch a DINOv3 ViT-S/16, check outputs, time original vs patched")
     from .demo import add_arguments
 
@@ -21,12 +24,21 @@ def main(argv=None):
     from .bench.cli import add_arguments as bench_arguments
 
     bench_arguments(bench)
+    tune = sub.add_parser("tune", help="measure each swapped module's backends against the original on this "
+                                       "machine and write the timing cache that fastdino.patch applies")
+    from .bench.cli import add_tune_arguments
+
+    add_tune_arguments(tune)
     args = parser.parse_args(argv)
     if args.cmd == "info":
         from .info import info
 
-        info(device=args.device, dtype=args.dtype)
+        info(device=args.device, dtype=args.dtype, explain=args.explain)
         return 0
+    if args.cmd == "tune":
+        from .bench.cli import tune_main
+
+        return tune_main(args)
     if args.cmd == "bench":
         from .bench.cli import main as bench_main
 

@@ -4,9 +4,10 @@ import platform
 
 import torch
 
-from . import _ext
+from . import _ext, selfcheck
 from .ops import OPS
 from .ops._dispatch import BACKENDS
+from .tuning import TimingCache
 
 
 def build_info() -> dict:
@@ -49,10 +50,12 @@ def backend_table(device=None, dtype=torch.bfloat16) -> list[tuple[str, str, str
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def info(file=None, device=None, dtype: str = "bfloat16") -> str:
-    """Print and return the build description and the backend table for `device` (default: cuda
-    where available, else cpu) and `dtype` (a name in DTYPES). The table describes what dispatch
-    would do with tensors there; no tensor is made, so a device this machine lacks is fine."""
+def info(file=None, device=None, dtype: str = "bfloat16", explain: bool = False) -> str:
+    """Print and return the build description, the backend table for `device` (default: cuda
+    where available, else cpu) and `dtype` (a name in DTYPES), the first-use self-check of every
+    kernel backend that can run there (run now where the device exists) and the timing cache
+    (`explain`: every entry, applied or ignored and why). The backend table describes what untuned
+    dispatch would do with tensors there; no tensor is made for it."""
     if dtype not in DTYPES:
         raise ValueError(f"fastdino info: dtype must be one of {list(DTYPES)}, got {dtype!r}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -61,6 +64,19 @@ def info(file=None, device=None, dtype: str = "bfloat16") -> str:
     table = backend_table(device, DTYPES[dtype])
     width = max(len(op) for op, _, _ in table)
     lines += [f"  {op:<{width}} {b:<7} {status}" for op, b, status in table]
+    lines += ["", f"self-check on {device.type}, {dtype} (first use of each kernel backend in a process):"]
+    if device.type == "cuda" and not torch.cuda.is_available():
+        lines.append("  not run: no GPU here")
+    else:
+        checks = selfcheck.run_all(device, DTYPES[dtype])
+        lines += [f"  {op:<{width}} {b:<7} {result}" for op, b, dev, dt, result in checks
+                  if dev == device.type and dt == dtype] or ["  no kernel backend can run here"]
+    cache = TimingCache.load()
+    choices = cache.choices()
+    lines += ["", f"timing cache: {cache.path} ({len(cache.entries)} entries, {len(choices)} for this machine"
+              + (f"; unreadable: {cache.error}" if cache.error else "") + ")"]
+    if explain:
+        lines.append(cache.explain())
     text = "\n".join(lines)
     print(text, file=file)
     return text

@@ -1,16 +1,18 @@
 """`fastdino.patch(model)`: recognise DINOv3 modules by class name and structure, swap them for
 their fused forms in place, and report what was swapped and what was left alone and why."""
 
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 from torch import nn
 
 from . import _ext
 from .fused import RULES
 from .ops._dispatch import BACKENDS
+from .tuning import TimingCache
 
 PRECISIONS = (None, "bf16")
 
@@ -43,7 +45,13 @@ def _reduce_fused(module: nn.Module, protocol: int):
     """Pickle (torch.save, copy.deepcopy) a swapped module as its mixin and original class, both
     importable, plus its state: the fused class is made at run time, so it has no importable name."""
     cls = type(module)
-    return _new_fused, (cls.__bases__[0], cls._fastdino_original_class), module.__getstate__()
+    state = {k: v for k, v in module.__getstate__().items() if k not in _PER_PROCESS}
+    return _new_fused, (cls.__bases__[0], cls._fastdino_original_class), state
+
+
+# What a swapped module keeps for this process only: its decisions (a new process self-checks and
+# decides again) and the tuned table (a loaded model reads the timing cache of its new machine).
+_PER_PROCESS = ("_fastdino_decisions", "_fastdino_why", "_fastdino_tuned")
 
 
 def _new_fused(mixin: type, original: type) -> nn.Module:
@@ -82,6 +90,7 @@ class PatchReport:
     already_patched: list[str] = field(default_factory=list)  # patched before, with these options
     changed: list[Changed] = field(default_factory=list)  # patched before, now with the new options
     notes: list[str] = field(default_factory=list)
+    cache: Optional["TimingCache"] = None  # the timing cache applied; cache.explain() says what and why
 
     where: str = ""  # the model's parameters: device and dtype
 
@@ -119,7 +128,9 @@ class PatchReport:
 
 
 # What a swapped module's report backend means, in words.
-_RUNS = {"ref": "run the model's own code (no kernel is picked for this device and dtype: `fastdino info` "
+_RUNS = {"tuned": "run what fastdino.tune measured fastest on this machine per input signature (timing "
+                  "cache; the untuned default elsewhere)",
+         "ref": "run the model's own code (no kernel is picked for this device and dtype: `fastdino info` "
                 "says why)",
          "cache": "cache their RoPE tables per image size",
          "fold": "fold their BatchNorm into the 1x1 conv (cached per parameter version)",
@@ -135,7 +146,8 @@ def _grouped(swapped: list) -> dict:
             for b, c in counts.items()}
 
 
-def patch(model: nn.Module, backend: Optional[str] = None, precision: Optional[str] = None) -> PatchReport:
+def patch(model: nn.Module, backend: Optional[str] = None, precision: Optional[str] = None,
+          cache: Union[None, bool, str, os.PathLike, TimingCache] = None) -> PatchReport:
     """Swap every recognised module of `model` for its fused form, in place.
 
     Parameters, buffers and state_dict keys are unchanged. On a patched model it applies the new
@@ -150,12 +162,22 @@ def patch(model: nn.Module, backend: Optional[str] = None, precision: Optional[s
     matmuls and convolutions in bf16; softmax, normalisation statistics and the deformable
     attention's sampling locations and weights in fp32; outputs returned in fp32. Check what it
     changes on your inputs with fastdino.verify.
+    `cache`: the timing cache whose choices apply (fastdino.tune): None reads the default one
+    ($FASTDINO_CACHE, else the user cache dir), a path reads that file, False reads none (every
+    module then runs dispatch's untuned default). Only entries measured on this machine apply.
     """
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"fastdino.patch: backend must be one of {BACKENDS} or None, got {backend!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"fastdino.patch: precision must be one of {PRECISIONS}, got {precision!r}")
     report = PatchReport()
+    tuned = None
+    if isinstance(cache, TimingCache):
+        report.cache = cache
+    elif cache is not False:
+        report.cache = TimingCache.load(None if cache is True else cache)
+    if report.cache is not None:
+        tuned = report.cache.choices()
     param = next(model.parameters(), None)
     if param is not None:
         report.where = f"parameters on {param.device.type}, {str(param.dtype).replace('torch.', '')}"
@@ -164,6 +186,8 @@ def patch(model: nn.Module, backend: Optional[str] = None, precision: Optional[s
     for path, module in model.named_modules():
         if hasattr(type(module), "_fastdino_original_class"):
             _repatch(path, module, backend, precision, report)
+            if is_fused(module):
+                _forget(module, tuned)
             continue
         rule = next((r for r in RULES if type(module).__name__ == r.class_name
                      and r.precision in (None, precision) and (r.matches is None or r.matches(module))), None)
@@ -177,12 +201,28 @@ def patch(model: nn.Module, backend: Optional[str] = None, precision: Optional[s
         module.__class__ = _fused_class(rule.mixin, original)
         module._fastdino_backend = backend
         module._fastdino_precision = precision  # e.g. values in bf16 where a bf16 region's autocast is on
+        _forget(module, tuned)
         pinned = backend is not None and rule.pinnable
         # a class that keeps its name (transformers models) is reported by the fused forward it runs
         fused = rule.mixin.__name__ if _keeps_class_name(original) else type(module).__name__
         shown = backend if pinned else rule.backend(module)
+        if not pinned and rule.pinnable and tuned and any(k == original.__name__ for k, _, _ in tuned):
+            shown = "tuned"
         report.swapped.append(Swapped(path, original.__name__, fused, shown, pinned,
                                       getattr(rule.mixin, "_fastdino_op", None)))
+    if tuned:
+        kinds = {kind for kind, _, _ in tuned}
+        layers = sum(1 for m in model.modules() if is_fused(m) and m._fastdino_backend is None
+                     and type(m)._fastdino_original_class.__name__ in kinds)
+        n = len(report.cache.ignored)
+        ignored = f"; {n} entries of other machines ignored" if n else ""
+        where = report.cache.path or "in memory"
+        report.notes.append(f"{layers} layers tuned from cache {where} ({len(tuned)} entries for "
+                            f"this machine{ignored}: report.cache.explain())")
+    elif report.cache is not None and (report.cache.ignored or report.cache.error):
+        why = (f"unreadable: {report.cache.error}" if report.cache.error
+               else f"{len(report.cache.ignored)} entries, none for this machine")
+        report.notes.append(f"timing cache {report.cache.path} not applied ({why}: report.cache.explain())")
     regions = [s.path or "<root>" for s in report.swapped if s.backend == "bf16"]
     if precision == "bf16" and regions:
         report.notes.append(
@@ -218,9 +258,22 @@ def _repatch(path: str, module: nn.Module, backend: Optional[str], precision: Op
     report.changed.append(Changed(path, ", ".join(change)))
 
 
+def _forget(module: nn.Module, tuned: Optional[dict]):
+    """New options or a new timing cache: the module decides again."""
+    for name in _PER_PROCESS:
+        module.__dict__.pop(name, None)
+    module._fastdino_tuned = tuned
+
+
+def is_fused(module: nn.Module) -> bool:
+    return hasattr(type(module), "_fastdino_original_class")
+
+
 def _restore(module: nn.Module):
     module.__class__ = type(module)._fastdino_original_class
     del module._fastdino_backend
+    for name in _PER_PROCESS:
+        module.__dict__.pop(name, None)
     module.__dict__.pop("_fastdino_cache", None)
     module.__dict__.pop("_fastdino_precision", None)
 

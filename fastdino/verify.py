@@ -2,7 +2,6 @@
 say how far apart their outputs are, per output, and for segmentation outputs how many pixels
 get the same class."""
 
-import contextlib
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -10,7 +9,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from .ops import OPS
+from .ops._dispatch import observe
 from .patch import PatchReport, patch, unpatch
 
 # The relative error (Frobenius norms) a patched output may have against the original, by the
@@ -155,26 +154,9 @@ def ran_summary(ran: dict) -> str:
     return ", ".join(f"{op} on {backend} ({n} calls)" for (op, backend), n in ran.items())
 
 
-@contextlib.contextmanager
 def counting_runs(counts: Counter):
-    """Count every op's run calls by (op, backend) while the patched model runs."""
-    def counted(op, run):
-        def run_and_count(backend, *args):
-            counts[(op.name, backend)] += 1
-            return run(backend, *args)
-        return run_and_count
-
-    saved = {name: op.__dict__.get("run") for name, op in OPS.items()}
-    for op in OPS.values():
-        op.run = counted(op, op.run)
-    try:
-        yield
-    finally:
-        for name, op in OPS.items():
-            if saved[name] is None:
-                del op.run
-            else:
-                op.run = saved[name]
+    """Count every op's runs by (op, backend) while the context is open."""
+    return observe(lambda op, backend, args: counts.update([(op, backend)]))
 
 
 def verify(model: nn.Module, inputs, backend: Optional[str] = None, precision: Optional[str] = None,

@@ -1,44 +1,50 @@
 #!/usr/bin/env bash
 # On a machine with an NVIDIA GPU, in one call: build fastdino._C with its CUDA kernels, test every
-# op on the device, time each op's kernels against their baselines, and run `fastdino bench` on the
+# op on the device, tune the headline models (fastdino tune: the timing cache users on the same GPU
+# can start from), time each op's kernels against their baselines, and run `fastdino bench` on the
 # whole segmentation models; write the results to OUT_DIR.
 #
 # Usage: scripts/gpu_run.sh OUT_DIR   (needs torch with CUDA, nvcc, pytest, pytest-benchmark,
 #   hypothesis, transformers, scipy, rich, matplotlib; pytest-xdist where installed)
 #
-# The default profile (STAGES=build,cuda-tests,kernels,bench) is sized to finish in 8 minutes on an
-# H200, build included, each stage under a time limit so that a slow one cannot starve the next:
+# The default profile (STAGES=build,cuda-tests,tune,kernels,bench) is sized to finish in 8 minutes
+# on an H200, build included, each stage under a time limit so that a slow one cannot starve the next:
 #   build       MAX_JOBS=16 parallel nvcc jobs (about 1.5 min)
 #   cuda-tests  every op's tests on the device, in parallel with pytest-xdist, no compile-heavy
-#               tests (CUDA_TESTS_TIMEOUT, default 120 s)
+#               tests (CUDA_TESTS_TIMEOUT, default 100 s)
+#   tune        fastdino tune, bf16: ViT-S/16 and ViT-L/16 at 512^2, batch 1 and 32; then the
+#               Mask2Former segmentor (precision bf16), ConvNeXt-T + linear and EoMT-S at batch 1;
+#               every decision's candidates and winner in the tune log, the cache in
+#               OUT_DIR/timing-cache.json (TUNE_TIMEOUT, default 80 s)
 #   kernels     every op's providers at two representative shapes, do_bench medians, no
-#               torch.compile providers (FASTDINO_BENCH_QUICK=1; KERNELS_TIMEOUT, default 90 s)
+#               torch.compile providers (FASTDINO_BENCH_QUICK=1; KERNELS_TIMEOUT, default 75 s)
 #   bench       fastdino bench at 512^2, batch 1: the ViT-S/16 + adapter + Mask2Former segmentor
 #               (dinov3's own, hidden 384, when DINOV3_REPO points to a checkout that imports,
-#               else transformers' Mask2Former on a DINOv3 ViT-S/16), ConvNeXt-T + linear head, EoMT-DINOv3-S; variants
-#               original, original-bf16, fastdino, fastdino-bf16, fastdino+graph and
-#               fastdino-bf16+graph (CUDA-graph replays)
-#               (BENCH_TIMEOUT, default 170 s)
+#               else transformers' Mask2Former on a DINOv3 ViT-S/16), ConvNeXt-T + linear head,
+#               EoMT-DINOv3-S; variants original, original-bf16, fastdino-bf16 (untuned),
+#               fastdino-bf16-tuned, fastdino-bf16-tuned+graph (CUDA-graph replay), the eager ones
+#               timed in interleaved rounds (BENCH_TIMEOUT, default 150 s)
 # Other stages, selected with STAGES: tests (the whole suite), sanitizer (every kernel under
 # compute-sanitizer; SANITIZER_TOOLS), kernels-full (every shape and provider), bench-large
 # (ViT-L/16 models, EoMT-L at 640^2, ConvNeXt-T/S/B/L, batch 32, compile and max-autotune),
 # backbone and segmentation (benchmarks/bench_backbone.py, bench_segmentation.py; BACKBONE_ARGS,
 # SEGMENTATION_ARGS), demo. BENCH_ARGS replaces the bench stage's arguments.
 #
-# OUT_DIR gets at most 8 files: summary.md (versions, stage status and times, the tables),
-# bench.json, bench.md, bench.png, kernels.json, kernels.md, tests.log and logs.tar.gz (build log,
-# fastdino info, and the logs of any other stage).
+# OUT_DIR gets at most 8 files: summary.md (versions, stage status and times, the tables, the tune
+# results), bench.json, bench.md, bench.png, kernels.json, timing-cache.json, tests.log and
+# logs.tar.gz (build log, fastdino info, kernels.md, tune.log, and the logs of any other stage).
 set -uo pipefail
 OUT=${1:?usage: scripts/gpu_run.sh OUT_DIR}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-STAGES=",${STAGES:-build,cuda-tests,kernels,bench},"
+STAGES=",${STAGES:-build,cuda-tests,tune,kernels,bench},"
 SANITIZER_TOOLS=${SANITIZER_TOOLS:-memcheck,racecheck,initcheck,synccheck}
-CUDA_TESTS_TIMEOUT=${CUDA_TESTS_TIMEOUT:-120}
-KERNELS_TIMEOUT=${KERNELS_TIMEOUT:-90}
-BENCH_TIMEOUT=${BENCH_TIMEOUT:-170}
+CUDA_TESTS_TIMEOUT=${CUDA_TESTS_TIMEOUT:-100}
+TUNE_TIMEOUT=${TUNE_TIMEOUT:-80}
+KERNELS_TIMEOUT=${KERNELS_TIMEOUT:-75}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-150}
 BACKBONE_ARGS=${BACKBONE_ARGS:---models vits16,vitb16,vitl16 --resolutions 512,1024 --batches 1,32 --limit max-autotune:vitl16:512:32}
 SEGMENTATION_ARGS=${SEGMENTATION_ARGS:-}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-16}
@@ -89,6 +95,30 @@ if [[ $STAGES == *,cuda-tests,* ]]; then
   tail -3 "$OUT/tests.log"
 fi
 
+# dinov3's segmentor where its checkout imports here (its requirements installed), else transformers'
+segmentor=m2f-vits16
+repo=()
+if [ -n "${DINOV3_REPO:-}" ] && (cd /tmp && $PY -c "import sys; sys.path.insert(0, sys.argv[1]); \
+    import dinov3.eval.segmentation.models" "$DINOV3_REPO") >>"$LOGS/segmentor.log" 2>&1; then
+  segmentor=official-m2f-vits16-h384
+  repo=(--dinov3-repo "$DINOV3_REPO")
+fi
+export SEGMENTOR=$segmentor DINOV3_ARGS="${repo[*]}"
+
+if [[ $STAGES == *,tune,* ]]; then
+  tune() {
+    local cache=(--cache "$OUT/timing-cache.json")
+    # shellcheck disable=SC2086
+    (cd /tmp && $PY -m fastdino tune vits16,vitl16 --resolution 512 --batch 1 "${cache[@]}" \
+      && $PY -m fastdino tune vits16,vitl16 --resolution 512 --batch 32 "${cache[@]}" \
+      && $PY -m fastdino tune "$SEGMENTOR" $DINOV3_ARGS --precision bf16 --resolution 512 "${cache[@]}" \
+      && $PY -m fastdino tune convnext-t+linear,eomt-s --resolution 512 "${cache[@]}" --explain) \
+      >"$LOGS/tune.log" 2>&1
+  }
+  export -f tune
+  stage tune "$TUNE_TIMEOUT" tune
+fi
+
 if [[ $STAGES == *,tests,* ]]; then
   stage tests 0 $PY -m pytest -p no:cacheprovider -q -rs tests >>"$OUT/tests.log" 2>&1
   tail -3 "$OUT/tests.log"
@@ -108,7 +138,7 @@ kernels() {
   $PY -m pytest -p no:cacheprovider -q benchmarks --ignore=benchmarks/bench_dispatch.py --benchmark-enable \
     --benchmark-json="$OUT/kernels.json" --benchmark-columns=median,iqr,rounds >"$LOGS/kernels.log" 2>&1
   local rc=$?
-  $PY benchmarks/summarize.py "$OUT/kernels.json" >"$OUT/kernels.md" 2>>"$LOGS/kernels.log"
+  $PY benchmarks/summarize.py "$OUT/kernels.json" >"$LOGS/kernels.md" 2>>"$LOGS/kernels.log"
   return $rc
 }
 export -f kernels
@@ -130,17 +160,9 @@ if [[ $STAGES == *,bench,* ]]; then
     # shellcheck disable=SC2086
     stage bench "$BENCH_TIMEOUT" bench $BENCH_ARGS
   else
-    segmentor=m2f-vits16
-    repo=()
-    # dinov3's segmentor where its checkout imports here (its requirements installed), else transformers'
-    if [ -n "${DINOV3_REPO:-}" ] && (cd /tmp && $PY -c "import sys; sys.path.insert(0, sys.argv[1]); \
-        import dinov3.eval.segmentation.models" "$DINOV3_REPO") >>"$LOGS/bench.log" 2>&1; then
-      segmentor=official-m2f-vits16-h384
-      repo=(--dinov3-repo "$DINOV3_REPO")
-    fi
     stage bench "$BENCH_TIMEOUT" bench --models "$segmentor,convnext-t+linear,eomt-s" "${repo[@]}" \
       --resolution 512 --batch 1 \
-      --variants original,original-bf16,fastdino,fastdino-bf16,fastdino+graph,fastdino-bf16+graph
+      --variants original,original-bf16,fastdino-bf16,fastdino-bf16-tuned,fastdino-bf16-tuned+graph
   fi
 fi
 if [[ $STAGES == *,bench-large,* ]]; then
@@ -177,7 +199,9 @@ fi
   echo
   [ -f "$LOGS/info.txt" ] && { echo '```'; cat "$LOGS/info.txt"; echo '```'; }
   [ -f "$OUT/bench.md" ] && { echo; echo "## fastdino bench"; cat "$OUT/bench.md"; }
-  [ -f "$OUT/kernels.md" ] && { echo; echo "## kernels"; cat "$OUT/kernels.md"; }
+  [ -f "$LOGS/tune.log" ] && { echo; echo "## fastdino tune"; echo '```'; grep -vE "^  (applies|ignored) " \
+    "$LOGS/tune.log" | head -120; echo '```'; }
+  [ -f "$LOGS/kernels.md" ] && { echo; echo "## kernels"; cat "$LOGS/kernels.md"; }
   [ -f "$OUT/tests.log" ] && { echo; echo "## tests"; echo '```'; tail -40 "$OUT/tests.log"; echo '```'; }
 } >>"$SUMMARY"
 tar -czf "$OUT/logs.tar.gz" -C "$OUT" logs && rm -rf "$LOGS"

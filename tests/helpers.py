@@ -3,6 +3,7 @@
 import contextlib
 import inspect
 import os
+import tempfile
 from unittest import mock
 
 import torch
@@ -10,6 +11,8 @@ import torch
 # The interpreter is chosen when @triton.jit decorates, so before fastdino.kernels is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The tests never read or write the user's timing cache: an empty one per session (subprocesses too).
+os.environ["FASTDINO_CACHE"] = tempfile.mkdtemp(prefix="fastdino-test-cache-")
 
 import pytest  # noqa: E402
 
@@ -53,16 +56,20 @@ def assert_close_to_ref(name, out, exact, lowp, atol):
 
 
 @contextlib.contextmanager
-def op_runs(*names, wrap=True):
-    """The run step of the named ops, mocked to count calls (wrapping the real one unless `wrap` is
-    False): {name: mock}. A fused module calls it once per op call, after deciding its backend;
-    `op_args` names a recorded call's arguments."""
-    from fastdino.ops import OPS
+def op_runs(*names):
+    """{name: mock} of the named ops, each called (backend, *args) every time the op runs (through
+    fastdino's observer hook, `observe`): a fused module runs an op once per op call, after
+    deciding its backend; `op_args` names a recorded call's arguments."""
+    from fastdino.ops._dispatch import observe
 
-    with contextlib.ExitStack() as stack:
-        yield {n: stack.enter_context(mock.patch.object(OPS[n], "run",
-                                                        **({"wraps": OPS[n].run} if wrap else {})))
-               for n in names}
+    mocks = {n: mock.Mock() for n in names}
+
+    def seen(op, backend, args):
+        if op in mocks:
+            mocks[op](backend, *args)
+
+    with observe(seen):
+        yield mocks
 
 
 def op_args(name, call) -> dict:

@@ -2,6 +2,7 @@
 CUDA-graph helper's checks."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -26,10 +27,26 @@ def test_bench_command_smoke(tmp_path, capsys):
     assert {"torch", "commit", "cuda_runtime"} <= set(data["machine"]) and "fastdino-bf16" in data["variants"]
     (result,) = data["results"]
     rows = {r["variant"]: r for r in result["rows"]}
-    assert set(rows) == {"original", "fastdino"} and not any(r["error"] for r in rows.values())
-    assert rows["fastdino"]["max_rel_err"] < 1e-4 and rows["fastdino"]["min_agreement"] > 0.99
+    assert set(rows) == {"original", "fastdino", "fastdino-tuned"}
+    assert not any(r["error"] for r in rows.values())
+    for variant in ("fastdino", "fastdino-tuned"):
+        assert rows[variant]["max_rel_err"] < 1e-4 and rows[variant]["min_agreement"] > 0.99
+    assert re.match(r"\d+ decisions: ", rows["fastdino-tuned"]["tuned"])
     assert set(rows["original"]["breakdown_ms"]) == {"backbone", "head", "other"}
-    assert md.read_text().count("| convnext-t+linear |") == 2
+    assert md.read_text().count("| convnext-t+linear |") == 3
+
+
+def test_tune_command_writes_the_cache(tmp_path, capsys):
+    cache = tmp_path / "cache.json"
+    rc = main(["tune", "convnext-t+linear", "--device", "cpu", "--resolution", "64", "--dtype", "float32",
+               "--rounds", "1", "--warmup", "0", "--cache", str(cache), "--explain"])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    entries = json.loads(cache.read_text())["entries"].values()
+    # fused_linear is decided in a block only where its depthwise conv runs fused (a second pass)
+    assert "dwconv_layer_norm" in {e["op"] for e in entries}
+    assert {e["module"] for e in entries} == {"DINOv3ConvNextLayer"} and all(e["winner"] for e in entries)
+    assert "fastdino.tune:" in printed and "applies  DINOv3ConvNextLayer dwconv_layer_norm" in printed
 
 
 def test_unknown_names_are_refused(capsys):

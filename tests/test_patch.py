@@ -2,6 +2,7 @@
 the official dinov3 code. Patched outputs match, state_dict is untouched, unpatch restores."""
 
 import contextlib
+from types import SimpleNamespace
 from unittest import mock
 
 import pytest
@@ -275,7 +276,7 @@ def test_autocast_keeps_the_original_dtypes():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref = run_hf(model, pixels)
         fastdino.patch(model, backend=BACKENDS[0])
-        with op_runs("fused_linear", wrap=False) as ops:
+        with op_runs("fused_linear") as ops:
             out = run_hf(model, pixels)
     assert ops["fused_linear"].call_count == 0  # the Linears run in autocast's dtype: the original MLP runs
     assert out.dtype == ref.dtype
@@ -291,8 +292,9 @@ def test_seam_keeps_the_original_dtypes_and_values(ls_dtype, norm_dtype):
     ls.gamma = torch.nn.Parameter(torch.rand(32, dtype=ls_dtype))
     norm = torch.nn.LayerNorm(32).to(norm_dtype)
     x, branch = torch.randn(2, 5, 32, dtype=torch.bfloat16), torch.randn(2, 5, 32, dtype=torch.bfloat16)
-    with torch.no_grad(), op_runs("add_layer_norm", wrap=False) as ops:
-        y, z = residual_layer_norm(x, branch, ls, norm, backend=BACKENDS[0])  # pinned: the dtype rule decides
+    with torch.no_grad(), op_runs("add_layer_norm") as ops:
+        pinned = SimpleNamespace(_fastdino_backend=BACKENDS[0])  # pinned: the dtype rule decides
+        y, z = residual_layer_norm(x, branch, ls, norm, pinned)
         y_ref = x + ls(branch)
         z_ref = norm(y_ref)
     assert ops["add_layer_norm"].call_count == 0
@@ -358,7 +360,7 @@ def test_timm_attention_whose_prefix_disagrees_with_the_tables_runs_the_original
     with pytest.raises(RuntimeError) as unpatched:
         attn(x, rope=rope)
     fastdino.patch(model)
-    with op_runs("rope_attention", wrap=False) as ops, pytest.raises(RuntimeError) as patched:
+    with op_runs("rope_attention") as ops, pytest.raises(RuntimeError) as patched:
         attn(x, rope=rope)
     assert ops["rope_attention"].call_count == 0 and str(patched.value) == str(unpatched.value)
 

@@ -5,6 +5,7 @@ applies the new options and says what changed."""
 import copy
 import os
 import pickle
+import re
 import subprocess
 import sys
 
@@ -160,11 +161,18 @@ def test_info_reports_the_backends_for_a_device_and_dtype(device, dtype, capsys)
     assert main(["info", "--device", device, "--dtype", dtype]) == 0
     out = capsys.readouterr().out
     assert f"backends on {device}, {dtype}:" in out
-    rows = [line.split() for line in out.split(f"backends on {device}, {dtype}:")[1].strip().splitlines()]
+    table = out.split(f"backends on {device}, {dtype}:")[1].split("\n\n")[0]
+    rows = [line.split() for line in table.strip().splitlines()]
     assert {r[0] for r in rows} == set(OPS) and all(len(r) >= 3 for r in rows)
     assert sum(r[2] == "selected" for r in rows) == len(OPS)  # one backend per op
     if device == "cpu":  # a kernel for CUDA tensors cannot run CPU tensors, whatever the build
         assert all("device=cpu (needs cuda)" in " ".join(r[2:]) for r in rows if r[1] == "cuda")
+    checks = out.split(f"self-check on {device}, {dtype}")[1].split("\n\n")[0]
+    if device == "cpu" and _ext.HAS_EXT:  # the C++ CPU kernels are checked at once
+        assert all(re.search(rf"{name}\s+cpu\s+passed", checks) for name in OPS), checks
+    elif device == "cuda" and not torch.cuda.is_available():
+        assert "not run: no GPU here" in checks
+    assert "timing cache: " in out
     with pytest.raises(SystemExit):
         main(["info", "--dtype", "float64"])
 

@@ -129,10 +129,10 @@ def test_bf16_decoder_matches_original(backend):
 def test_attention_weights_or_grad_run_the_original():
     model, run = hf_mask2former()
     fastdino.patch(model)
-    with torch.no_grad(), op_runs("masked_attention", wrap=False) as ops:
+    with torch.no_grad(), op_runs("masked_attention") as ops:
         out = model(pixel_values=torch.randn(1, 3, 64, 64, device=DEVICE), output_attentions=True)
     assert ops["masked_attention"].call_count == 0 and len(out.attentions) == count_layers(model)
-    with op_runs("masked_attention", wrap=False) as ops:  # grad enabled, parameters require grad
+    with op_runs("masked_attention") as ops:  # grad enabled, parameters require grad
         run().sum().backward()
     assert ops["masked_attention"].call_count == 0
     assert model.model.transformer_module.decoder.layers[0].fc1.weight.grad is not None
@@ -144,7 +144,7 @@ def test_default_dispatch_on_cpu_keeps_the_original_forward():
     model, run = hf_mask2former()
     report = fastdino.patch(model)
     assert [s.backend for s in report.swapped if s.fused == FUSED] == ["ref"]
-    with torch.no_grad(), op_runs("masked_attention", wrap=False) as ops:
+    with torch.no_grad(), op_runs("masked_attention") as ops:
         run()
     assert ops["masked_attention"].call_count == 0
 

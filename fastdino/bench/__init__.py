@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from ..graph import cuda_graph
 from ..patch import patch, unpatch
+from ..tuning import TimingCache, tune
 from ..verify import _leaves, compare_outputs
 
 VARIANTS = {
@@ -34,16 +35,20 @@ VARIANTS = {
     "original-bf16": "the original under torch.autocast(dtype=torch.bfloat16)",
     "compile": "torch.compile(original)",
     "max-autotune": "torch.compile(original, mode='max-autotune') (compiles for minutes)",
-    "fastdino": "fastdino.patch(model)",
+    "fastdino": "fastdino.patch(model) with dispatch's untuned default (no timing cache)",
+    "fastdino-tuned": "fastdino.patch(model), then fastdino.tune on the same inputs (kept in memory)",
     "fastdino-bf16": "fastdino.patch(model, precision='bf16') on bfloat16 weights and inputs (fp32 weights "
                      "for a model that casts to fp32 itself, e.g. dinov3's segmentor: bf16_weights=False)",
+    "fastdino-bf16-tuned": "fastdino-bf16, then fastdino.tune on the same inputs (kept in memory)",
     "fastdino+graph": "fastdino.patch(model) replayed from a CUDA graph",
     "fastdino-bf16+graph": "fastdino-bf16 replayed from a CUDA graph",
+    "fastdino-bf16-tuned+graph": "fastdino-bf16-tuned replayed from a CUDA graph",
     "fastdino+compile": "torch.compile(fastdino.patch(model))",
 }
-DEFAULT_VARIANTS = {"cuda": ("original", "original-bf16", "compile", "fastdino", "fastdino-bf16",
-                             "fastdino-bf16+graph"),
-                    "cpu": ("original", "fastdino")}
+DEFAULT_VARIANTS = {"cuda": ("original", "original-bf16", "compile", "fastdino", "fastdino-tuned",
+                             "fastdino-bf16", "fastdino-bf16-tuned", "fastdino-bf16-tuned+graph"),
+                    "cpu": ("original", "fastdino", "fastdino-tuned")}
+ROUNDS = 5  # the eager variants are timed in this many interleaved rounds
 AGREEMENT_FLAG = 0.995  # argmax agreement below this is flagged
 
 
@@ -59,6 +64,7 @@ class VariantResult:
     min_agreement: Optional[float] = None  # over the segmentation outputs (None: the model has none)
     flags: list = field(default_factory=list)  # why this variant's numbers are not the original's
     error: Optional[str] = None  # the variant could not run (compile or capture failed, ...)
+    tuned: Optional[str] = None  # a "-tuned" variant: what fastdino.tune chose
 
 
 @dataclass
@@ -238,18 +244,33 @@ def _bf16_weights(model: nn.Module):
             model.get_submodule(owner)._buffers[leaf] = b
 
 
+def _interleaved(variant: str) -> bool:
+    """Eager variants, timed in interleaved rounds; compiled and graphed ones (costly to prepare, or
+    tied to the model's current tensors) are timed in one block each."""
+    base, _, extra = variant.partition("+")
+    return not extra and base not in ("compile", "max-autotune")
+
+
 @contextlib.contextmanager
-def _prepared(variant: str, model: nn.Module, inputs, device: torch.device, bf16_weights: bool = True):
+def _prepared(variant: str, model: nn.Module, inputs, device: torch.device, bf16_weights: bool = True,
+              tuned: Optional[dict] = None):
     """(callable, the module the hooks go on or None, the dtype whose error bound applies or None)
-    for `variant`, for the duration of the context."""
+    for `variant`, for the duration of the context. A "-tuned" variant tunes on its first entry
+    and keeps the result in `tuned` (a dict the caller holds), which later entries apply."""
     unpatch(model)
     base, _, extra = variant.partition("+")
+    base, tune_it = (base[:-len("-tuned")], True) if base.endswith("-tuned") else (base, False)
     policy = base == "fastdino-bf16"
     bf16_weights = policy and bf16_weights
     with _bf16_weights(model) if bf16_weights else contextlib.nullcontext(model) as m:
         x = _to(inputs, torch.bfloat16) if bf16_weights else inputs
         if base.startswith("fastdino"):
-            patch(m, precision="bf16" if policy else None)
+            cache = TimingCache(None, tuned["entries"]) if tune_it and tuned and "entries" in tuned else False
+            patch(m, precision="bf16" if policy else None, cache=cache)
+            if tune_it and cache is False:
+                report = tune(m, x, cache=False)
+                if tuned is not None:
+                    tuned.update(entries=report.entries, report=report)
         try:
             if base in ("compile", "max-autotune") or extra == "compile":
                 torch._dynamo.reset()
@@ -277,14 +298,18 @@ def run(model: nn.Module, inputs, variants=None, components: Optional[dict] = No
     arguments, on the model's device) for each of `variants` (names of VARIANTS; default: the
     device's DEFAULT_VARIANTS) and compare each variant's outputs with the original's.
 
+    Timing: the eager variants in ROUNDS interleaved rounds (each round prepares every variant in
+    turn, in a rotating order, runs one untimed call and times its share of `iters`), so that no
+    variant gains from running first or last; compiled and graphed variants in one block each,
+    after `warmup` untimed calls. A "-tuned" variant is tuned once, on its first preparation.
     `components` ({part: [module paths]}; "path.*" for a module's children, see `expand`) adds a
     per-part breakdown for the eager variants, from a separate pass with hooks: each part's share
     of a call (a part containing another part's module without it; the rest of the call is
     "other"), scaled to add up to the median latency. `progress(variant)` is called before each
-    variant. `bf16_weights=False` keeps fp32 weights in the fastdino-bf16 variants (the bf16 policy
-    alone), for a model that casts to fp32 itself. A variant that cannot run (a model that cannot
-    be captured in a CUDA graph, a failed compile) gets its reason in `error`; the others still
-    run. The model is unpatched first and left unpatched.
+    variant's first preparation. `bf16_weights=False` keeps fp32 weights in the fastdino-bf16
+    variants (the bf16 policy alone), for a model that casts to fp32 itself. A variant that cannot
+    run (a model that cannot be captured in a CUDA graph, a failed compile) gets its reason in
+    `error`; the others still run. The model is unpatched first and left unpatched.
     """
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
@@ -296,45 +321,86 @@ def run(model: nn.Module, inputs, variants=None, components: Optional[dict] = No
     if device.type != "cuda":
         result.notes.append("CPU run: fastdino's kernels target GPUs; these figures check that everything "
                             "runs, speed figures need a GPU")
+    rows = {v: VariantResult(v) for v in variants}
+    times: dict = {v: [] for v in variants}
+    tuned: dict = {v: {} for v in variants}
+    hooked = {}
+
+    def prepared(variant):
+        return _prepared(variant, model, inputs, device, bf16_weights, tuned[variant])
+
     with torch.no_grad():
         unpatch(model)
         reference = {k: v.detach().clone() for k, v in _leaves(_call(model, inputs)).items()}
-        for variant in variants:
+        for variant in variants:  # outputs, peak memory; the blocks of the non-interleaved variants
             if progress is not None:
                 progress(variant)
-            result.rows.append(_run_variant(variant, model, inputs, device, reference, components, iters,
-                                            warmup, breakdown_iters, result.batch, bf16_weights))
-            unpatch(model)
-            torch._dynamo.reset()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            row = rows[variant]
+            try:
+                with prepared(variant) as (fn, module, bound):
+                    out = {k: v.detach().clone() for k, v in _leaves(fn()).items()}
+                    _sync(device)
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(device)
+                    times[variant] = times_ms(fn, device, 0 if _interleaved(variant) else iters, warmup)
+                    if device.type == "cuda":
+                        row.peak_mib = torch.cuda.max_memory_allocated(device) / 2**20
+                    hooked[variant] = module is not None
+            except Exception as e:  # noqa: BLE001 - one variant's failure is reported, the others run
+                row.error = _error(e)
+            else:
+                _accuracy(row, reference, out, bound)
+            _clean(model, device)
+        eager = [v for v in variants if _interleaved(v) and rows[v].error is None]
+        per_round = max(1, -(-iters // ROUNDS))
+        for r in range(min(ROUNDS, iters) if eager else 0):
+            for variant in eager[r % len(eager):] + eager[:r % len(eager)]:
+                if rows[variant].error is not None:
+                    continue
+                try:
+                    with prepared(variant) as (fn, _, _):
+                        times[variant] += times_ms(fn, device, per_round, 1)
+                except Exception as e:  # noqa: BLE001
+                    rows[variant].error = _error(e)
+                _clean(model, device)
+        for variant in variants:
+            row = rows[variant]
+            if row.error is not None or not times[variant]:
+                continue
+            row.median_ms, row.p90_ms = statistics.median(times[variant]), _p90(times[variant])
+            row.images_per_s = 1e3 * result.batch / row.median_ms
+            report = tuned[variant].get("report")
+            if report is not None:
+                row.tuned = report.summary()
+            if components and hooked.get(variant):  # eager variants; compiled and graphed ones have none
+                try:
+                    with prepared(variant) as (fn, module, _):
+                        fn()
+                        timer = _PartTimer(module, components, device)
+                        try:
+                            row.breakdown_ms = timer.measure(fn, breakdown_iters, row.median_ms)
+                        finally:
+                            timer.remove()
+                except Exception as e:  # noqa: BLE001
+                    row.error = _error(e)
+                _clean(model, device)
+    result.rows = [rows[v] for v in variants]
     return result
 
 
-def _run_variant(variant, model, inputs, device, reference, components, iters, warmup, breakdown_iters,
-                 batch, bf16_weights) -> VariantResult:
-    row = VariantResult(variant)
-    try:
-        with _prepared(variant, model, inputs, device, bf16_weights) as (fn, hooked, bound):
-            out = {k: v.detach().clone() for k, v in _leaves(fn()).items()}
-            _sync(device)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            times = times_ms(fn, device, iters, warmup)
-            if device.type == "cuda":
-                row.peak_mib = torch.cuda.max_memory_allocated(device) / 2**20
-            if components and hooked is not None:  # eager variants; compiled and graphed ones have none
-                timer = _PartTimer(hooked, components, device)
-                try:
-                    row.breakdown_ms = timer.measure(fn, breakdown_iters, statistics.median(times))
-                finally:
-                    timer.remove()
-    except Exception as e:  # noqa: BLE001 - one variant's failure is reported, the others run
-        text = str(e).strip()
-        row.error = f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
-        return row
-    row.median_ms, row.p90_ms = statistics.median(times), _p90(times)
-    row.images_per_s = 1e3 * batch / row.median_ms
+def _error(e: Exception) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _clean(model: nn.Module, device: torch.device):
+    unpatch(model)
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _accuracy(row: VariantResult, reference: dict, out: dict, bound):
     errors, agreements = compare_outputs(reference, {k: v.to(reference[k].dtype) for k, v in out.items()},
                                          tol_dtype=bound)
     row.max_rel_err = max((e.rel for e in errors), default=0.0)
@@ -342,4 +408,3 @@ def _run_variant(variant, model, inputs, device, reference, components, iters, w
     row.flags = [f"{e.name}: rel. error {e.rel:.2e} > {e.tol:.0e}" for e in errors if not e.ok]
     row.flags += [f"{a.name}: argmax agreement {100 * a.share:.2f}% < {100 * AGREEMENT_FLAG:.1f}%"
                   for a in agreements if a.share < AGREEMENT_FLAG]
-    return row

@@ -69,17 +69,35 @@ def _progress(enabled: bool, total: int):
     return progress, advance
 
 
-def main(args) -> int:
+def device_and_models(args, command: str):
+    """(device, model names) from the arguments, or None after saying why on stderr."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        print("fastdino bench: --device cuda, but torch sees no CUDA device", file=sys.stderr)
-        return 2
-    cpu = device == "cpu"
+        print(f"fastdino {command}: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+        return None
     names = (args.models or default_models(device, args.dinov3_repo)).split(",")
     unknown = [n for n in names if n not in MODELS]
     if unknown:
-        print(f"fastdino bench: unknown models {unknown}; known: {', '.join(MODELS)}", file=sys.stderr)
+        print(f"fastdino {command}: unknown models {unknown}; known: {', '.join(MODELS)}", file=sys.stderr)
+        return None
+    return device, names
+
+
+def built_or_none(name: str, resolution: int, args, device: str, command: str):
+    """The named model, or None after saying on stderr why it could not be built."""
+    try:
+        return build(name, resolution, args.batch, device, args.dinov3_repo)
+    except Exception as e:  # noqa: BLE001 - one model that cannot be built; the others run
+        print(f"fastdino {command}: {name} not built: {type(e).__name__}: {e}", file=sys.stderr)
+        return None
+
+
+def main(args) -> int:
+    chosen = device_and_models(args, "bench")
+    if chosen is None:
         return 2
+    device, names = chosen
+    cpu = device == "cpu"
     variants = (args.variants or ",".join(DEFAULT_VARIANTS[device])).split(",")
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
@@ -95,10 +113,8 @@ def main(args) -> int:
     context, advance = _progress(not args.no_progress and sys.stderr.isatty(), len(names) * len(variants))
     with context:
         for name in names:
-            try:
-                built = build(name, resolution, args.batch, device, args.dinov3_repo)
-            except Exception as e:  # noqa: BLE001 - one model that cannot be built; the others run
-                print(f"fastdino bench: {name} not built: {type(e).__name__}: {e}", file=sys.stderr)
+            built = built_or_none(name, resolution, args, device, "bench")
+            if built is None:
                 status = 1
                 continue
             result = run(built.model, built.inputs, variants, built.components, iters=iters, warmup=warmup,
@@ -124,4 +140,79 @@ def main(args) -> int:
         with open(args.md, "w") as f:
             f.write(markdown(results) + "\n")
         print(f"wrote {args.md}")
+    return status
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_tune_arguments(parser):
+    parser.add_argument("models", nargs="?", default=None,
+                        help=f"comma-separated model names, as fastdino bench's (default on a GPU: "
+                             f"{default_models('cuda', None)}; on CPU: {default_models('cpu', None)}). "
+                             f"Known: {', '.join(MODELS)}")
+    parser.add_argument("--resolution", "--size", type=int, default=None,
+                        help="square input side (default 512; 64 on CPU)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16",
+                        help="weights and inputs in this dtype (default bfloat16; a model that casts to fp32 "
+                             "itself keeps fp32 weights and runs under autocast)")
+    parser.add_argument("--precision", choices=("bf16",), default=None,
+                        help="patch with precision='bf16' (fastdino.patch), as the model will be deployed")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                        help="default: cuda where available, else cpu")
+    parser.add_argument("--dinov3-repo", default=None,
+                        help="a local checkout of facebookresearch/dinov3, for the official-* models")
+    parser.add_argument("--cache", default=None,
+                        help="the timing cache to write (a .json file or a directory; default "
+                             "$FASTDINO_CACHE, else the user cache dir)")
+    parser.add_argument("--margin", type=float, default=0.03,
+                        help="a kernel must beat the original by more than this fraction (default 0.03)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed calls per candidate (default 3)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="timed calls per candidate, interleaved (default 10; 2 on CPU)")
+    parser.add_argument("--explain", action="store_true",
+                        help="then list every entry of the cache: applied here, or ignored and why")
+
+
+def tune_main(args) -> int:
+    """`fastdino tune`: build each named model (random weights), patch it, tune it on one example
+    batch and write the timing cache."""
+    from ..patch import patch
+    from ..tuning import TimingCache, tune
+    from . import _to
+
+    chosen = device_and_models(args, "tune")
+    if chosen is None:
+        return 2
+    device, names = chosen
+    cpu = device == "cpu"
+    resolution = args.resolution or (64 if cpu else 512)
+    dtype = DTYPES[args.dtype]
+    if cpu:
+        print("fastdino tune on CPU: fastdino's kernels target GPUs; a CPU cache records CPU timings only.",
+              flush=True)
+    status = 0
+    for name in names:
+        built = built_or_none(name, resolution, args, device, "tune")
+        if built is None:
+            status = 1
+            continue
+        model, inputs, autocast = built.model, built.inputs, None
+        if dtype != torch.float32:
+            if built.bf16_weights:
+                model, inputs = model.to(dtype), _to(inputs, dtype)
+            else:
+                autocast = dtype
+        print(patch(model, precision=args.precision, cache=False))
+        report = tune(model, inputs, dtype=autocast, margin=args.margin,
+                      warmup=args.warmup if args.warmup is not None else (1 if cpu else 3),
+                      rounds=args.rounds or (2 if cpu else 10), cache=args.cache)
+        print(f"{name} at {resolution}^2, batch {args.batch}, {args.dtype}:")
+        print(report, flush=True)
+        del built, model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    if args.explain:
+        print(TimingCache.load(args.cache).explain())
     return status

@@ -47,7 +47,7 @@ def rows_of(result) -> list[list[str]]:
         agreement = "-" if r.min_agreement is None else f"{100 * r.min_agreement:.2f}%"
         out.append([r.variant, _fmt(r.median_ms, ".3f"), _fmt(r.p90_ms, ".3f"), _fmt(r.images_per_s, ".1f"),
                     _fmt(r.peak_mib, ".0f"), speed, parts or "-", _fmt(r.max_rel_err, ".1e"), agreement,
-                    "; ".join(r.flags) or "ok"])
+                    "; ".join(r.flags + ([f"tuned: {r.tuned}"] if r.tuned else [])) or "ok"])
     return out
 
 

@@ -9,7 +9,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from ..ops._dispatch import Like, Op
+from .. import selfcheck
+from ..ops._dispatch import Like, Op, grad_reasons, signature, signature_text
 from ..ops.add_layer_norm import OP as ADD_LAYER_NORM
 
 
@@ -29,16 +30,89 @@ class Rule:
     matches: Optional[Callable[[nn.Module], bool]] = None
 
 
-def fused_backend(pinned: Optional[str], op: Op, *args) -> Optional[str]:
-    """The backend a fused module runs `op` on, decided once per call: the pinned one (ValueError
-    with the reasons if it cannot run these arguments), else dispatch's pick, or None where the pick
-    is the op's reference: the module then runs the model's own code (the same numbers as before
-    patching, at the same cost). `args` are the op's arguments; `Like` stands for tensors the
-    module has yet to make."""
+# Set by fastdino.tune while it records and times a model's decisions (fastdino/tune.py).
+TUNING = None
+
+
+def decide(module: nn.Module, op: Op, *args, also: Optional[tuple] = None) -> Optional[str]:
+    """The backend `module` runs `op` on for `args`, decided once per signature of the arguments
+    (device, dtype, shape, strides, grad of each tensor; `Like` for tensors the module has yet to
+    make) and kept on the module, so a steady-state call does no reasons work. `also`: the arguments
+    of a second call that must run on the same backend (an MLP's second GEMM).
+
+    The decision: the pinned backend (ValueError with the reasons if it cannot run these arguments;
+    "ref" runs the op's reference); else the tuned choice for this module kind and signature (from
+    fastdino.tune or the timing cache), where it still applies; else dispatch's untuned pick. A
+    kernel backend must also pass its first-use self-check. None: the module runs the model's own
+    code (the same numbers as before patching, at the same cost)."""
+    key = (op.name, torch.is_grad_enabled(), signature(args if also is None else args + also))
+    if TUNING is not None:
+        chosen = TUNING.decide(module, op, key, args, also)
+        if chosen is not TUNING.UNFORCED:
+            return chosen
+    decisions = module.__dict__.get("_fastdino_decisions")
+    if decisions is None:
+        decisions = module.__dict__["_fastdino_decisions"] = {}
+    try:
+        return decisions[key]
+    except KeyError:
+        pass
+    except TypeError:  # an unhashable argument: decide for this call only
+        return make_decision(module, op, key, args, also)[0]
+    if len(decisions) >= 64:
+        decisions.clear()
+    chosen, why = make_decision(module, op, key, args, also)
+    decisions[key] = chosen
+    module.__dict__.setdefault("_fastdino_why", {})[key] = why
+    return chosen
+
+
+def make_decision(module: nn.Module, op: Op, key: tuple, args: tuple, also: Optional[tuple]):
+    """(backend or None, how it was decided) for `decide`, without its memo."""
+    pinned = module._fastdino_backend
     if pinned is not None:
-        return op.choose(pinned, *args)
-    backend = op.pick(*args)[0]
-    return None if backend == "ref" else backend
+        backend = op.choose(pinned, *args)
+        if also is not None:
+            op.choose(pinned, *also)
+        if backend != "ref":
+            failed = selfcheck.reasons(op, backend, args[0].device, args[0].dtype)
+            if failed:
+                return None, f"pinned {backend!r} {failed[0]}: the model's own code runs"
+        return backend, f"pinned {backend!r}"
+    note = ""
+    table = module.__dict__.get("_fastdino_tuned")
+    entry = table.get((kind(module), op.name, key_text(key))) if table else None
+    if entry is not None:
+        winner = entry["winner"]
+        if winner == "original":
+            return None, "tuned: the original was fastest"
+        why = runnable(op, winner, args, also)
+        if not why:
+            return winner, f"tuned: {winner!r} was fastest"
+        note = f"; tuned {winner!r} cannot run now ({'; '.join(why)})"
+    for backend in op.priority.get(args[0].device.type, ("ref",)):
+        if backend == "ref" or not runnable(op, backend, args, also):
+            break
+    return (None if backend == "ref" else backend), f"untuned default {backend!r}{note}"
+
+
+def runnable(op: Op, backend: str, args: tuple, also: Optional[tuple]) -> list[str]:
+    """Why `backend` cannot run op on `args` (and `also`) now: its reasons, grad, its self-check."""
+    if backend == "ref":
+        return []
+    why = op.reasons(backend, *args) + (op.reasons(backend, *also) if also is not None else [])
+    why += grad_reasons(args)
+    return why or selfcheck.reasons(op, backend, args[0].device, args[0].dtype)
+
+
+def kind(module: nn.Module) -> str:
+    """The module kind a tuned choice is kept for: its original class, by name."""
+    return type(module)._fastdino_original_class.__name__
+
+
+def key_text(key: tuple) -> str:
+    """A decision key as the timing cache writes it: op arguments' signature, grad mode in front."""
+    return ("grad; " if key[1] else "") + signature_text(key[2], key[1])
 
 
 def picked(op: Op, *args) -> str:
@@ -184,9 +258,9 @@ def _keeps_dtype(x: Tensor, branch: Tensor, gamma: Optional[Tensor], norm: nn.La
     return torch.promote_types(dt, torch.promote_types(norm.weight.dtype, norm.bias.dtype)) == dt
 
 
-def residual_layer_norm(x, branch, layer_scale, norm, backend=None):
+def residual_layer_norm(x, branch, layer_scale, norm, module):
     """``y = x + layer_scale(branch); z = norm(y)``, fused with add_layer_norm where dtypes allow
-    and a kernel runs (pinned `backend`, or dispatch's pick); the modules as they are otherwise.
+    and a kernel runs (`module`'s decision, `decide`); the modules as they are otherwise.
     A pinned "ref" runs the op's reference. `layer_scale` is a LayerScale module, nn.Identity, a
     (C,) gamma tensor or None."""
     gamma = layer_scale_gamma(layer_scale)
@@ -194,7 +268,7 @@ def residual_layer_norm(x, branch, layer_scale, norm, backend=None):
         dt = x.dtype
         args = tuple(t if t is None or t.dtype == dt else t.to(dt)
                      for t in (x, branch, gamma, norm.weight, norm.bias))
-        chosen = fused_backend(backend, ADD_LAYER_NORM, *args, norm.eps)
+        chosen = decide(module, ADD_LAYER_NORM, *args, norm.eps)
         if chosen is not None:
             return ADD_LAYER_NORM.run(chosen, *args, norm.eps)
     if isinstance(layer_scale, nn.Module):

@@ -27,7 +27,7 @@ from .common import (
     _is_plain_layer_norm,
     buffer_key,
     children_reasons,
-    fused_backend,
+    decide,
     picked,
 )
 from .mlp import fused_mlp, is_exact_gelu, mlp_residual
@@ -91,8 +91,7 @@ class _FusedConvNextBlock:
         if any(t is not None and t.dtype != x.dtype
                for t in (conv.weight, conv.bias, norm.weight, norm.bias, gamma)):
             return None
-        backend = fused_backend(self._fastdino_backend, DWCONV_LAYER_NORM, x, conv.weight, conv.bias,
-                                norm.weight, norm.bias, norm.eps)
+        backend = decide(self, DWCONV_LAYER_NORM, x, conv.weight, conv.bias, norm.weight, norm.bias, norm.eps)
         if backend is None:
             return None
         z = DWCONV_LAYER_NORM.run(backend, x, conv.weight, conv.bias, norm.weight, norm.bias, norm.eps)
@@ -109,8 +108,7 @@ class _LinearMlp:
 
     def _fastdino_mlp_residual(self, z: Tensor, residual: Tensor, gamma: Optional[Tensor]) -> Tensor:
         fc1, act, fc2 = self._fastdino_mlp_parts()
-        y = fused_mlp(self._fastdino_backend, z, fc1.weight, fc1.bias, "gelu", None, None, fc2, residual,
-                      gamma)
+        y = fused_mlp(self, z, fc1.weight, fc1.bias, "gelu", None, None, fc2, residual, gamma)
         if y is not None:
             return y
         m = fc2(act(fc1(z)))

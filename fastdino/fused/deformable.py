@@ -15,7 +15,7 @@ from .common import (
     Rule,
     activation_dtype,
     children_reasons,
-    fused_backend,
+    decide,
     linear_reasons,
     needs_grad,
     picked,
@@ -53,8 +53,8 @@ class _FusedMSDeformAttn(ForwardCache):
         values = torch.bfloat16 if bf16 else torch.float32 if fp32 else act
         offsets = torch.float32 if bf16 or act != values else act
         grad = needs_grad(query, value_input, self.value_proj.weight, self.sampling_offsets.weight)
-        backend = fused_backend(
-            self._fastdino_backend, MS_DEFORM_ATTN,
+        backend = decide(
+            self, MS_DEFORM_ATTN,
             Like(query.device, values, (B, value_input.shape[1], H, self.value_proj.out_features // H), grad),
             Like(query.device, torch.int64, (L, 2)) if callable(shapes) else shapes, level_start_index,
             Like(query.device, offsets, (B, Lq, H, L, P, 2), grad),

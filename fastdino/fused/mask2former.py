@@ -15,7 +15,7 @@ from .common import (
     Rule,
     activation_dtype,
     children_reasons,
-    fused_backend,
+    decide,
     linear_reasons,
     needs_grad,
     picked,
@@ -65,19 +65,19 @@ def _sequence_first_heads(x: Tensor, heads: int) -> Tensor:
     return x.view(L, B, heads, C // heads).transpose(0, 1)
 
 
-def _post_or_pre_norm(residual: Tensor, branch: Tensor, norm: nn.LayerNorm, pre_norm: bool, pinned) -> Tensor:
+def _post_or_pre_norm(residual: Tensor, branch: Tensor, norm: nn.LayerNorm, pre_norm: bool, owner) -> Tensor:
     """Post-norm `norm(residual + branch)` (fused add + LayerNorm), or pre-norm `residual + branch`."""
     if pre_norm:
         return residual + branch
-    return residual_layer_norm(residual, branch, None, norm, pinned)[1]
+    return residual_layer_norm(residual, branch, None, norm, owner)[1]
 
 
 def _mha_block(attn: nn.MultiheadAttention, norm, pre_norm: bool, tgt: Tensor, memory: Optional[Tensor], pos,
-               query_pos, mask_logits: Optional[Tensor], backend: str, pinned) -> Tensor:
+               query_pos, mask_logits: Optional[Tensor], backend: str, owner) -> Tensor:
     """One sequence-first attention layer around nn.MultiheadAttention on masked_attention's
     `backend`: queries tgt (+ query_pos), keys memory (+ pos), values memory (memory None:
     self-attention, keys tgt + query_pos, values tgt), the mask from mask_logits; residual, then
-    post-norm (or the pre-norm form; the seam decides its own backend, `pinned` or dispatch's)."""
+    post-norm (or the pre-norm form; the seam decides its own backend for `owner`, the decoder)."""
     Q, B, C = tgt.shape
     x = norm(tgt) if pre_norm else tgt
     query = x if query_pos is None else x + query_pos
@@ -90,13 +90,13 @@ def _mha_block(attn: nn.MultiheadAttention, norm, pre_norm: bool, tgt: Tensor, m
     v = _sequence_first_heads(nn.functional.linear(value, w_v, b_v), heads)
     out = MASKED_ATTENTION.run(backend, q, k, v, mask_logits)
     out = attn.out_proj(out.transpose(0, 1).reshape(Q, B, C))
-    return _post_or_pre_norm(tgt, out, norm, pre_norm, pinned)
+    return _post_or_pre_norm(tgt, out, norm, pre_norm, owner)
 
 
-def _ffn_block(linear1: nn.Linear, linear2: nn.Linear, norm, pre_norm: bool, tgt: Tensor, pinned) -> Tensor:
+def _ffn_block(linear1: nn.Linear, linear2: nn.Linear, norm, pre_norm: bool, tgt: Tensor, owner) -> Tensor:
     """The decoders' ReLU FFN with its residual and (post- or pre-) LayerNorm."""
     x = norm(tgt) if pre_norm else tgt
-    return _post_or_pre_norm(tgt, linear2(torch.relu_(linear1(x))), norm, pre_norm, pinned)
+    return _post_or_pre_norm(tgt, linear2(torch.relu_(linear1(x))), norm, pre_norm, owner)
 
 
 def _is_relu(act) -> bool:
@@ -121,11 +121,10 @@ def _decoder_backend(decoder: nn.Module, x: Tensor, norm_weight: Tensor, heads: 
     """masked_attention's backend for every attention of one decoder forward, decided once: a
     pinned kernel backend, or (no grad) the kernel masked_attention picks; None: the original
     forward runs (for a pinned "ref", and with dropout in training, pinned or not)."""
-    pinned = decoder._fastdino_backend
     if _dropout_active(decoder):  # transformers' cross_attn carries config.dropout
         return None
     args = _attention_like(x, norm_weight, heads, needs_grad(x, norm_weight))
-    backend = fused_backend(pinned, MASKED_ATTENTION, *args)
+    backend = decide(decoder, MASKED_ATTENTION, *args)
     return None if backend == "ref" else backend
 
 
@@ -160,11 +159,11 @@ class FusedMask2FormerMaskedAttentionDecoder:
         return outputs_mask, resized.flatten(2)
 
     def _fastdino_layer(self, layer, hidden, level, pos, query_pos, features, mask_logits, backend) -> Tensor:
-        pinned = self._fastdino_backend
+        owner = self  # the module whose decisions (and pinned backend) apply
         Q, B, C = hidden.shape
         hidden = _mha_block(layer.cross_attn, layer.cross_attn_layer_norm, layer.pre_norm, hidden,
                             features[level],
-                            None if pos is None else pos[level], query_pos, mask_logits, backend, pinned)
+                            None if pos is None else pos[level], query_pos, mask_logits, backend, owner)
         # self-attention over the queries (Mask2FormerAttention: q pre-scaled by head_dim**-0.5)
         sa = layer.self_attn
         x = layer.self_attn_layer_norm(hidden) if layer.pre_norm else hidden
@@ -175,8 +174,8 @@ class FusedMask2FormerMaskedAttentionDecoder:
                                    _sequence_first_heads(v, sa.num_heads),
                                    None, sa.scaling)
         out = sa.out_proj(out.transpose(0, 1).reshape(Q, B, C))
-        hidden = _post_or_pre_norm(hidden, out, layer.self_attn_layer_norm, layer.pre_norm, pinned)
-        return _ffn_block(layer.fc1, layer.fc2, layer.final_layer_norm, layer.pre_norm, hidden, pinned)
+        hidden = _post_or_pre_norm(hidden, out, layer.self_attn_layer_norm, layer.pre_norm, owner)
+        return _ffn_block(layer.fc1, layer.fc2, layer.final_layer_norm, layer.pre_norm, hidden, owner)
 
     def forward(self, inputs_embeds=None, multi_stage_positional_embeddings=None, pixel_embeddings=None,
                 encoder_hidden_states=None, query_position_embeddings=None, feature_size_list=None,
@@ -272,7 +271,7 @@ class FusedMultiScaleMaskedTransformerDecoder:
         backend = _decoder_backend(self, mask_features, self.post_norm.weight, self.num_heads)
         if backend is None:
             return super().forward(x, mask_features, mask)
-        pinned = self._fastdino_backend
+        owner = self  # the module whose decisions (and pinned backend) apply
         src, pos, size_list = [], [], []
         for i in range(self.num_feature_levels):
             size_list.append(x[i].shape[-2:])
@@ -288,13 +287,13 @@ class FusedMultiScaleMaskedTransformerDecoder:
             level = i % self.num_feature_levels
             cross = self.transformer_cross_attention_layers[i]
             output = _mha_block(cross.multihead_attn, cross.norm, cross.normalize_before, output, src[level],
-                                pos[level], query_pos, mask_logits, backend, pinned)
+                                pos[level], query_pos, mask_logits, backend, owner)
             sa = self.transformer_self_attention_layers[i]
             output = _mha_block(sa.self_attn, sa.norm, sa.normalize_before, output, None, None, query_pos,
                                 None,
-                                backend, pinned)
+                                backend, owner)
             ffn = self.transformer_ffn_layers[i]
-            output = _ffn_block(ffn.linear1, ffn.linear2, ffn.norm, ffn.normalize_before, output, pinned)
+            output = _ffn_block(ffn.linear1, ffn.linear2, ffn.norm, ffn.normalize_before, output, owner)
             outputs_class, outputs_mask, mask_logits = self._fastdino_heads(
                 output, mask_features, size_list[(i + 1) % self.num_feature_levels])
             classes.append(outputs_class)

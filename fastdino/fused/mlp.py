@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from ..ops._dispatch import Like
 from ..ops.fused_linear import OP as FUSED_LINEAR
-from .common import Rule, children_reasons, fused_backend, layer_scale_gamma, linear_reasons, picked
+from .common import Rule, children_reasons, decide, layer_scale_gamma, linear_reasons, picked
 
 
 def is_exact_gelu(act: nn.Module) -> bool:
@@ -42,30 +42,29 @@ def mlp_reasons(linears, act=None, act_check=None, act_kind="", identity=()):
     return reasons
 
 
-def fused_mlp(pinned: Optional[str], x: Tensor, w: Tensor, b: Optional[Tensor], act: str,
+def fused_mlp(module: nn.Module, x: Tensor, w: Tensor, b: Optional[Tensor], act: str,
               w2: Optional[Tensor], b2: Optional[Tensor], out: nn.Linear, residual: Optional[Tensor] = None,
               gamma: Optional[Tensor] = None) -> Optional[Tensor]:
     """``[residual + gamma *] out(act(x @ w^T + b [, x @ w2^T + b2]))`` as two fused_linear calls,
-    or None where the modules must run: fused_linear picks its reference (the default until its
-    kernels are timed; also a pinned "ref"), autocast is on (the Linears would run in another
-    dtype), or the unfused add would promote. A non-contiguous residual (a ConvNeXt block's NCHW
+    or None where the modules must run: `module`'s decision is the original (fused_linear's
+    reference, the untuned default until its kernels are timed; a pinned "ref"; a tuned
+    "original"), autocast is on (the Linears would run in another dtype), or the unfused add would
+    promote. One decision covers both GEMMs. A non-contiguous residual (a ConvNeXt block's NCHW
     input seen as NHWC) is made contiguous for the epilogue."""
     if torch.is_autocast_enabled(x.device.type):
         return None
     if residual is not None and (residual.dtype != x.dtype or (gamma is not None and gamma.dtype != x.dtype)):
         return None  # promotion in the unfused add: leave it to the original ops
-    backend = fused_backend(pinned, FUSED_LINEAR, x, w, b, act, w2, b2)
+    # The second GEMM reads the first's output and the contiguous residual (described by Like).
+    hidden = Like(x.device, x.dtype, (*x.shape[:-1], w.shape[0]))
+    copy = residual is not None and not residual.is_contiguous()
+    res = Like(residual.device, residual.dtype, residual.shape) if copy else residual
+    second = (hidden, out.weight, out.bias, None, None, None, res, gamma)
+    backend = decide(module, FUSED_LINEAR, x, w, b, act, w2, b2, also=second)
     if backend in (None, "ref"):
         return None
-    if residual is not None and not residual.is_contiguous():
+    if copy:
         residual = residual.contiguous()
-    # One decision for both GEMMs: the second reads the first's output (described by Like).
-    hidden = Like(x.device, x.dtype, (*x.shape[:-1], w.shape[0]))
-    second = (hidden, out.weight, out.bias, None, None, None, residual, gamma)
-    if pinned is not None:
-        FUSED_LINEAR.choose(pinned, *second)  # a pinned backend runs or says why not
-    elif FUSED_LINEAR.reasons(backend, *second):
-        return None
     h = FUSED_LINEAR.run(backend, x, w, b, act, w2, b2)
     return FUSED_LINEAR.run(backend, h, out.weight, out.bias, None, None, None, residual, gamma)
 
@@ -89,10 +88,12 @@ class _FusedMlp:
         if self.training and any(getattr(getattr(self, n, None), "p", 0.0) > 0
                                  for n in self._fastdino_dropouts):
             return None
-        return fused_mlp(self._fastdino_backend, x, *self._fastdino_parts(), residual,
+        return fused_mlp(self, x, *self._fastdino_parts(), residual,
                          layer_scale_gamma(layer_scale))
 
     def forward(self, x):
+        if self.__dict__.pop("_fastdino_decided", False):  # mlp_residual decided already: the original
+            return super().forward(x)
         y = self._fastdino_mlp(x)
         return super().forward(x) if y is None else y
 
@@ -104,6 +105,8 @@ def mlp_residual(mlp: nn.Module, x: Tensor, residual: Tensor, layer_scale) -> Te
     y = fused(x, residual, layer_scale) if fused is not None else None
     if y is not None:
         return y
+    if fused is not None:
+        mlp._fastdino_decided = True  # one decision per MLP call: its forward runs the original
     m = mlp(x)
     if isinstance(layer_scale, nn.Module):
         return residual + layer_scale(m)

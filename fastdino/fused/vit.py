@@ -18,7 +18,7 @@ from .common import (
     Rule,
     buffer_key,
     children_reasons,
-    fused_backend,
+    decide,
     layer_norm_reasons,
     like,
     picked,
@@ -32,7 +32,7 @@ from .mlp import mlp_residual
 
 def _attention_fallback(training: bool, dropout: float, **why) -> bool:
     """True when the original attention must run: training with dropout, or any extra input set."""
-    return (training and dropout > 0) or any(v for v in why.values())
+    return (training and dropout > 0) or any(why.values())
 
 
 def _attention_backend(module: nn.Module, x: Tensor, heads: int, weight: Tensor, cos=None, sin=None,
@@ -42,7 +42,7 @@ def _attention_backend(module: nn.Module, x: Tensor, heads: int, weight: Tensor,
     the original forward runs."""
     B, N, C = x.shape
     qkv = like(x, (B, N, heads, C // heads), weight)
-    return fused_backend(module._fastdino_backend, ROPE_ATTENTION, qkv, qkv, qkv, cos, sin, mask_logits)
+    return decide(module, ROPE_ATTENTION, qkv, qkv, qkv, cos, sin, mask_logits)
 
 
 def attention_backend(weight: str, head_dim):
@@ -76,7 +76,7 @@ class FusedDINOv3ViTLayer:
             self.norm1(hidden_states), attention_mask=attention_mask, position_embeddings=position_embeddings,
             **kwargs
         )
-        y, z = residual_layer_norm(hidden_states, h, self.layer_scale1, self.norm2, self._fastdino_backend)
+        y, z = residual_layer_norm(hidden_states, h, self.layer_scale1, self.norm2, self)
         return mlp_residual(self.mlp, z, y, self.layer_scale2)
 
 
@@ -165,7 +165,7 @@ class FusedSelfAttentionBlock:
         out = []
         for x, rope in zip(x_list, rope_list):
             h = self.attn(self.norm1(x), rope=rope)
-            y, z = residual_layer_norm(x, h, self.ls1, self.norm2, self._fastdino_backend)
+            y, z = residual_layer_norm(x, h, self.ls1, self.norm2, self)
             out.append(mlp_residual(self.mlp, z, y, self.ls2))
         return out
 
@@ -287,7 +287,7 @@ class FusedEvaBlock:
         if self.training and stochastic:
             return super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
         h = self.attn(self.norm1(x), rope=rope, attn_mask=attn_mask, is_causal=is_causal)
-        y, z = residual_layer_norm(x, h, self.gamma_1, self.norm2, self._fastdino_backend)
+        y, z = residual_layer_norm(x, h, self.gamma_1, self.norm2, self)
         return mlp_residual(self.mlp, z, y, self.gamma_2)
 
 

@@ -1,11 +1,14 @@
 """The dispatch every op shares: which backends exist, why one cannot run, which one runs.
 
-An op is an `Op`: its priority per device type, one `check` of its arguments (ValueError naming the
-argument, whatever the backend), one `reasons(backend, *args)` (why that backend cannot run these
-arguments: device, dtype, sizes, layout) and one `run(backend, *args)`. Calling the op checks
-once, picks (or validates a pinned backend) once and runs. A fused module decides once per call
-with `choose` and then calls `run`; where it decides before its projections exist, it describes
-the tensors it will pass with `Like`.
+An op is an `Op`: its untuned priority per device type, one `check` of its arguments (ValueError
+naming the argument, whatever the backend), one `reasons(backend, *args)` (why that backend cannot
+run these arguments: device, dtype, sizes, layout), one `launch(backend, *args)` and a small
+`sample` problem for the first-use self-check (fastdino/selfcheck.py). Calling the op (the public
+function) checks, picks (or validates a pinned backend) and runs, and keeps that decision per
+signature of the arguments (`signature`): a repeated call does no check and no reasons work. A
+fused module decides per signature too (`fused.common.decide`, which also reads fastdino.tune's
+choices) and then calls `run`; where it decides before its projections exist, it describes the
+tensors it will pass with `Like`. `observe` lets verify and the tests see every op that runs.
 
 Gradients: the kernels are forward kernels. Where an argument requires grad, dispatch picks the
 reference (so unpinned training runs the models' own code), while a pinned kernel backend runs its
@@ -13,12 +16,13 @@ kernel forward under `RecomputeRef`, whose backward recomputes the op through it
 autograd: the gradients are the reference's, at the cost of a second (reference) forward.
 """
 
+import contextlib
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-from .. import _ext
+from .. import _ext, selfcheck
 
 BACKENDS = ("cuda", "triton", "cpu", "ref")
 _NATIVE = tuple(b for b in ("cuda", "cpu") if not _ext.ext_reasons(b))  # built backends of fastdino._C
@@ -28,19 +32,22 @@ class Like:
     """What the ops' reasons read of a tensor a fused module is about to make (a projection's
     output): device, dtype, shape, unit-stride contiguous layout, and whether it will need grad."""
 
-    __slots__ = ("device", "dtype", "shape", "requires_grad")
+    __slots__ = ("device", "dtype", "shape", "requires_grad", "_strides", "key")
 
     def __init__(self, device: torch.device, dtype: torch.dtype, shape, requires_grad: bool = False):
         self.device, self.dtype, self.shape, self.requires_grad = device, dtype, tuple(shape), requires_grad
+        strides, stride = [], 1
+        for size in reversed(self.shape):
+            strides.append(stride)
+            stride *= size
+        self._strides = tuple(reversed(strides))
+        self.key = (device, dtype, self.shape, self._strides, requires_grad)  # its part of a `signature`
 
     def dim(self) -> int:
         return len(self.shape)
 
-    def stride(self, dim: int) -> int:
-        stride = 1
-        for size in self.shape[dim % len(self.shape) + 1:]:
-            stride *= size
-        return stride
+    def stride(self, dim: Optional[int] = None):
+        return self._strides if dim is None else self._strides[dim]
 
     def is_contiguous(self) -> bool:
         return True
@@ -49,25 +56,44 @@ class Like:
 class Op:
     """One op's dispatch. `priority[device type]` lists the backends to try in order ("ref" last);
     `example(device, dtype)` gives `Like` arguments of a representative DINOv3 problem, on which
-    `fastdino info` reports the backends."""
+    `fastdino info` reports the backends; `sample(device, dtype)` gives a small concrete problem
+    (random tensors from a fixed seed) for the first-use self-check (fastdino/selfcheck.py).
+    `launch(backend, *args)` launches one backend's kernel with no checks; `run(backend, *args)`
+    launches it for a fused module or a public call: it tells the observers and, under grad, gives
+    a kernel backend the reference's backward."""
 
-    def __init__(self, name: str, priority: dict, check: Callable, reasons: Callable, run: Callable,
-                 example: Callable):
-        self.name, self.check, self.reasons, self.kernel, self.example = name, check, reasons, run, example
-        self.priority = priority
+    def __init__(self, name: str, priority: dict, check: Callable, reasons: Callable, launch: Callable,
+                 example: Callable, sample: Optional[Callable] = None, check_reads_values: bool = False):
+        self.name, self.check, self.reasons, self.launch, self.example = name, check, reasons, launch, example
+        self.priority, self.sample = priority, sample
+        # True where `check` reads values (level shapes held on the host): it then runs on every
+        # call with CPU tensors, as equal signatures do not mean equal values.
+        self.check_reads_values = check_reads_values
+        # The public function's decisions, per (pinned backend, grad mode, signature of the arguments).
+        self._decisions: dict = {}
+        self._native_first = {dev: order[0] for dev, order in priority.items() if order and order[0] == dev}
 
     def run(self, backend: str, *args):
         """Run `backend` on checked arguments; with grad, a kernel backend's backward is the reference's."""
-        if backend != "ref" and _grad_reasons(args):
+        if _OBSERVERS:
+            for observer in _OBSERVERS:
+                observer(self.name, backend, args)
+        if backend != "ref" and torch.is_grad_enabled() and grad_reasons(args):
             return RecomputeRef.apply(self, backend, *args)
-        return self.kernel(backend, *args)
+        return self.launch(backend, *args)
 
     def pick(self, *args) -> tuple[str, dict[str, list[str]]]:
-        """The first backend of priority[device] that can run `args`, and why each one before it could not."""
+        """The first backend of priority[device] that can run `args` and passed its self-check, and
+        why each one before it could not."""
         skipped = {}
-        grad = _grad_reasons(args)
-        for backend in self.priority.get(args[0].device.type, ("ref",)):
-            why = self.reasons(backend, *args) + grad if backend != "ref" else []
+        grad = grad_reasons(args)
+        device, dtype = args[0].device, args[0].dtype
+        for backend in self.priority.get(device.type, ("ref",)):
+            if backend == "ref":
+                return backend, skipped
+            why = self.reasons(backend, *args) + grad
+            if not why:
+                why = selfcheck.reasons(self, backend, device, dtype)
             if not why:
                 return backend, skipped
             skipped[backend] = why
@@ -85,23 +111,84 @@ class Op:
         return backend
 
     def __call__(self, *args, backend: Optional[str] = None):
-        """Check the arguments once, choose once, run."""
-        self.check(*args)
-        if backend == "ref":
-            return self.run("ref", *args)
-        if backend is None:
-            backend = self.pick(*args)[0]
-        elif backend in _NATIVE and args[0].device.type == backend:
-            # A registered C++ op checks dtypes and layouts itself (it can be called directly), so a
-            # call pinned to it runs at once; the reasons only explain a refusal.
+        """Check the arguments, choose the backend, run. A native (C++) backend, pinned or first in
+        the priority, whose self-check passed is called at once (on CPU tensors not for an op whose
+        check reads values): the registered C++ op checks dtypes, shapes and layouts itself, and
+        the check and reasons run only after it refuses
+        (a pinned call then raises the ValueError that names the argument; an unpinned one goes on
+        to the next backend). Other decisions are kept per signature of the arguments, so a
+        repeated call does no check and no reasons work."""
+        x = args[0]
+        native = backend if backend is not None else self._native_first.get(x.device.type)
+        on_device = x.is_cuda if native == "cuda" else x.is_cpu and not self.check_reads_values
+        if (native in _NATIVE and on_device
+                and (self.name, native, native, x.dtype) in selfcheck.PASSED and not _OBSERVERS
+                and not (torch.is_grad_enabled() and grad_reasons(args))):
             try:
-                return self.run(backend, *args)
-            except RuntimeError:
-                self.choose(backend, *args)  # ValueError with the reasons, where there are some
-                raise
+                return self.launch(native, *args)
+            except Exception:  # noqa: BLE001 - the check names the argument, else the error stands
+                if backend is not None:
+                    self.check(*args)
+                    self.choose(backend, *args)  # ValueError with the reasons, where there are some
+                    raise
+        return self._decide_and_run(backend, args)
+
+    def _decide_and_run(self, backend: Optional[str], args):
+        try:
+            key = (backend, torch.is_grad_enabled(), signature(args))
+            chosen = self._decisions.get(key)
+        except TypeError:  # an unhashable argument (a list of level shapes): decide for this call
+            key = chosen = None
+        if chosen is not None:
+            if self.check_reads_values and args[0].is_cpu:
+                self.check(*args)
         else:
-            self.choose(backend, *args)
-        return self.run(backend, *args)
+            self.check(*args)
+            chosen = self.choose(backend, *args)
+            if chosen != "ref" and selfcheck.reasons(self, chosen, args[0].device, args[0].dtype):
+                chosen = "ref"  # the pinned backend failed its self-check (warned once): the reference runs
+            if key is not None:
+                if len(self._decisions) >= _MAX_DECISIONS:
+                    self._decisions.clear()
+                self._decisions[key] = chosen
+        return self.run(chosen, *args)
+
+
+_MAX_DECISIONS = 4096
+_OBSERVERS: list = []  # callables (op name, backend, args) that `Op.run` calls: see `observe`
+
+
+@contextlib.contextmanager
+def observe(callback: Callable[[str, str, tuple], None]):
+    """Call `callback(op name, backend, args)` for every op run (fused modules and public
+    functions) while the context is open; verify and the tests count the kernels that ran with it."""
+    _OBSERVERS.append(callback)
+    try:
+        yield callback
+    finally:
+        _OBSERVERS.remove(callback)
+
+
+def signature(args) -> tuple:
+    """What the reasons read of `args`: per tensor (or `Like`) its device, dtype, shape, strides and
+    whether it requires grad; other arguments as they are. Equal signatures get equal decisions."""
+    return tuple([a.key if a.__class__ is Like else (a.device, a.dtype, a.shape, a.stride(), a.requires_grad)
+                  if isinstance(a, Tensor) else a for a in args])
+
+
+def signature_text(sig: tuple, grad: bool = True) -> str:
+    """A signature as stable text (the timing cache's key): device type, dtype, shape, strides per
+    tensor (and "+grad" where it requires grad and `grad`, the grad mode, is on); other arguments by
+    their repr."""
+    parts = []
+    for a in sig:
+        if isinstance(a, tuple) and len(a) == 5 and isinstance(a[0], torch.device):
+            device, dtype, shape, stride, needs = a
+            parts.append(f"{device.type}:{str(dtype).replace('torch.', '')}{list(shape)}"
+                         f"s{list(stride)}{'+grad' if grad and needs else ''}")
+        else:
+            parts.append(repr(a))
+    return ", ".join(parts)
 
 
 def kernel_reasons(backend: str, device, dtype: torch.dtype) -> list[str]:
@@ -132,7 +219,7 @@ def _kernel_reasons(backend: str, device_type: str, dtype: torch.dtype) -> list[
     raise ValueError(f"unknown backend {backend!r}, expected one of {BACKENDS}")
 
 
-def _grad_reasons(args) -> list[str]:
+def grad_reasons(args) -> list[str]:
     if torch.is_grad_enabled() and any(getattr(a, "requires_grad", False) for a in args):
         return ["inputs require grad (the reference runs; a pinned kernel backend uses it for the backward)"]
     return []
@@ -148,7 +235,7 @@ class RecomputeRef(torch.autograd.Function):
         ctx.op, ctx.args = op, [None if isinstance(a, Tensor) else a for a in args]
         ctx.tensors = [i for i, a in enumerate(args) if isinstance(a, Tensor)]
         ctx.save_for_backward(*(args[i] for i in ctx.tensors))
-        out = op.kernel(backend, *args)
+        out = op.launch(backend, *args)
         ctx.single = isinstance(out, Tensor)
         return out
 
@@ -160,7 +247,7 @@ class RecomputeRef(torch.autograd.Function):
             args[i] = t.detach().requires_grad_(t.requires_grad)
         wanted = [i for i in ctx.tensors if args[i].requires_grad]
         with torch.enable_grad():
-            out = ctx.op.kernel("ref", *args)
+            out = ctx.op.launch("ref", *args)
         outs = (out,) if ctx.single else tuple(out)
         pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
         found = torch.autograd.grad([o for o, _ in pairs], [args[i] for i in wanted], [g for _, g in pairs],
@@ -201,3 +288,13 @@ def check_queries(op: str, q, layout: str):
     if not q.is_floating_point():
         raise ValueError(f"{op}: q must be floating point, got {q.dtype}")
     return shape
+
+
+def sample_generator() -> torch.Generator:
+    """The fixed-seed generator of the ops' self-check problems (`Op.sample`)."""
+    return torch.Generator().manual_seed(20261207)
+
+
+def sample_tensor(g: torch.Generator, device, dtype: torch.dtype, *shape) -> Tensor:
+    """Standard normal values drawn on the CPU (the same on every device), then moved."""
+    return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)

@@ -27,7 +27,7 @@ from torch import Tensor
 from .. import _ext
 from ..kernels.add_layer_norm import MAX_C as TRITON_MAX_C
 from ..kernels.add_layer_norm import add_layer_norm_fwd
-from ._dispatch import Like, Op, kernel_reasons, layout_reasons
+from ._dispatch import Like, Op, kernel_reasons, layout_reasons, sample_generator, sample_tensor
 
 PRIORITY = {"cuda": ("cuda", "triton", "ref"), "cpu": ("ref",)}  # see the module docstring
 CUDA_MAX_C = 32768  # csrc/cuda/add_layer_norm.cu: 32 values per thread, 1024 threads per row
@@ -72,11 +72,12 @@ def reasons(backend, x, branch, gamma, weight, bias, eps=None) -> list[str]:
                                  ("bias", bias)))
 
 
-def run(backend, x, branch, gamma, weight, bias, eps):
+def launch(backend, x, branch, gamma, weight, bias, eps):
     if backend == "ref":
         return add_layer_norm_ref(x, branch, gamma, weight, bias, eps)
     if backend == "triton":
-        return add_layer_norm_triton(x, branch, gamma, weight, bias, eps)
+        triton = add_layer_norm_triton if torch.compiler.is_compiling() else _add_layer_norm_triton
+        return triton(x, branch, gamma, weight, bias, eps)
     return torch.ops.fastdino.add_layer_norm(x, branch, gamma, weight, bias, eps)
 
 
@@ -86,7 +87,15 @@ def example(device, dtype):
     return x, x, vec, vec, vec, 1e-6
 
 
-OP = Op("add_layer_norm", PRIORITY, check, reasons, run, example)
+def sample(device, dtype):
+    """The self-check's problem: 2 x 7 tokens of width 96 (fastdino/selfcheck.py)."""
+    g = sample_generator()
+    x, branch = (sample_tensor(g, device, dtype, 2, 7, 96) for _ in range(2))
+    gamma, weight, bias = (sample_tensor(g, device, dtype, 96) for _ in range(3))
+    return x, branch, gamma, weight, bias, 1e-6
+
+
+OP = Op("add_layer_norm", PRIORITY, check, reasons, launch, example, sample)
 
 
 @torch.library.custom_op("fastdino::add_layer_norm_triton", mutates_args=())
@@ -100,6 +109,11 @@ def add_layer_norm_triton(
     errors = reasons("triton", x, branch, gamma, weight, bias)
     if errors:
         raise ValueError(f"add_layer_norm (Triton kernel): {'; '.join(errors)}")
+    return _add_layer_norm_triton(x, branch, gamma, weight, bias, eps)
+
+
+def _add_layer_norm_triton(x, branch, gamma, weight, bias, eps):
+    """The Triton kernel on checked arguments (dispatch calls it outside torch.compile)."""
     y = torch.empty_like(x)
     z = torch.empty_like(x)
     add_layer_norm_fwd(x, branch, gamma, weight, bias, eps, y, z)
@@ -118,7 +132,7 @@ if _ext.HAS_EXT:
         return torch.empty_like(x), torch.empty_like(x)
 
 
-def add_layer_norm(x, branch, gamma, weight, bias, eps: float = 1e-5, backend: Optional[str] = None):
+def add_layer_norm(x, branch, gamma, weight, bias, eps: float = 1e-5, *, backend: Optional[str] = None):
     """Fused ``y = x + gamma * branch; z = layer_norm(y, weight, bias, eps)``; returns ``(y, z)``.
 
     Equivalent to `add_layer_norm_ref`. Shapes: x, branch (..., C); gamma (C,) or None; weight,

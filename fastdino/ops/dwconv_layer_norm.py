@@ -37,7 +37,7 @@ from torch import Tensor
 from .. import _ext
 from ..kernels.dwconv_layer_norm import K_SUPPORTED, dwconv_layer_norm_fwd
 from ..kernels.dwconv_layer_norm import MAX_C as TRITON_MAX_C
-from ._dispatch import Like, Op, kernel_reasons
+from ._dispatch import Like, Op, kernel_reasons, sample_generator, sample_tensor
 
 PRIORITY = {"cuda": ("cuda", "triton", "ref"), "cpu": ("ref",)}  # see the module docstring
 CUDA_MAX_C = 2048  # csrc/cuda/dwconv_layer_norm.cu: a tile's conv outputs stay in 64 KB of shared memory
@@ -106,11 +106,12 @@ def reasons(backend, x, weight, bias, norm_weight, norm_bias, eps=None) -> list[
     return why
 
 
-def run(backend, x, weight, bias, norm_weight, norm_bias, eps):
+def launch(backend, x, weight, bias, norm_weight, norm_bias, eps):
     if backend == "ref":
         return dwconv_layer_norm_ref(x, weight, bias, norm_weight, norm_bias, eps)
     if backend == "triton":
-        return dwconv_layer_norm_triton(x, weight, bias, norm_weight, norm_bias, eps)
+        triton = dwconv_layer_norm_triton if torch.compiler.is_compiling() else _dwconv_layer_norm_triton
+        return triton(x, weight, bias, norm_weight, norm_bias, eps)
     return torch.ops.fastdino.dwconv_layer_norm(x, weight, bias, norm_weight, norm_bias, eps)
 
 
@@ -120,7 +121,16 @@ def example(device, dtype):
     return Like(device, dtype, (1, 96, 128, 128)), Like(device, dtype, (96, 1, 7, 7)), vec, vec, vec, 1e-6
 
 
-OP = Op("dwconv_layer_norm", PRIORITY, check, reasons, run, example)
+def sample(device, dtype):
+    """The self-check's problem: 16 channels on a 5 x 6 map, channels-last (fastdino/selfcheck.py)."""
+    g = sample_generator()
+    x = sample_tensor(g, device, dtype, 1, 16, 5, 6).to(memory_format=torch.channels_last)
+    weight = sample_tensor(g, device, dtype, 16, 1, 7, 7) * 0.2
+    bias, norm_weight, norm_bias = (sample_tensor(g, device, dtype, 16) for _ in range(3))
+    return x, weight, bias, norm_weight, norm_bias, 1e-6
+
+
+OP = Op("dwconv_layer_norm", PRIORITY, check, reasons, launch, example, sample)
 
 
 def _tokens(x: Tensor) -> Tensor:
@@ -137,6 +147,11 @@ def dwconv_layer_norm_triton(
     errors = reasons("triton", x, weight, bias, norm_weight, norm_bias)
     if errors:
         raise ValueError(f"dwconv_layer_norm (Triton kernel): {'; '.join(errors)}")
+    return _dwconv_layer_norm_triton(x, weight, bias, norm_weight, norm_bias, eps)
+
+
+def _dwconv_layer_norm_triton(x, weight, bias, norm_weight, norm_bias, eps):
+    """The Triton kernel on checked arguments (dispatch calls it outside torch.compile)."""
     z = _tokens(x)
     dwconv_layer_norm_fwd(x, weight, bias, norm_weight, norm_bias, eps, z)
     return z
@@ -154,7 +169,7 @@ if _ext.HAS_EXT:
         return _tokens(x)
 
 
-def dwconv_layer_norm(x, weight, bias, norm_weight, norm_bias, eps: float = 1e-6,
+def dwconv_layer_norm(x, weight, bias, norm_weight, norm_bias, eps: float = 1e-6, *,
                       backend: Optional[str] = None):
     """Depthwise conv (``weight`` (C, 1, K, K), ``bias`` (C,) or None, padding K // 2) of x (B, C, H, W),
     then LayerNorm over channels; returns the (B, H, W, C) tokens, contiguous.

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from .. import _ext
 from ..kernels.fused_linear import ACTS, fused_linear_fwd
-from ._dispatch import Like, Op, kernel_reasons, layout_reasons
+from ._dispatch import Like, Op, kernel_reasons, layout_reasons, sample_generator, sample_tensor
 
 PRIORITY = {"cuda": ("ref",), "cpu": ("ref",)}  # unmeasured kernel: see the module docstring
 
@@ -93,11 +93,12 @@ def reasons(backend, x, weight, bias=None, act=None, weight2=None, bias2=None, r
          ("residual", residual), ("gamma", gamma)))
 
 
-def run(backend, x, weight, bias=None, act=None, weight2=None, bias2=None, residual=None, gamma=None):
+def launch(backend, x, weight, bias=None, act=None, weight2=None, bias2=None, residual=None, gamma=None):
     if backend == "ref":
         return fused_linear_ref(x, weight, bias, act, weight2, bias2, residual, gamma)
     if backend == "triton":
-        return fused_linear_triton(x, weight, bias, act, weight2, bias2, residual, gamma)
+        triton = fused_linear_triton if torch.compiler.is_compiling() else _fused_linear_triton
+        return triton(x, weight, bias, act, weight2, bias2, residual, gamma)
     return torch.ops.fastdino.fused_linear(x, weight, bias, act, weight2, bias2, residual, gamma)
 
 
@@ -107,7 +108,15 @@ def example(device, dtype):
             Like(device, dtype, (4096,)), "gelu")
 
 
-OP = Op("fused_linear", PRIORITY, check, reasons, run, example)
+def sample(device, dtype):
+    """The self-check's problem: 37 rows, 64 -> 96, exact GELU (fastdino/selfcheck.py)."""
+    g = sample_generator()
+    x = sample_tensor(g, device, dtype, 37, 64)
+    weight = sample_tensor(g, device, dtype, 96, 64) * 0.125
+    return x, weight, sample_tensor(g, device, dtype, 96), "gelu", None, None, None, None
+
+
+OP = Op("fused_linear", PRIORITY, check, reasons, launch, example, sample)
 
 
 @torch.library.custom_op("fastdino::fused_linear_triton", mutates_args=())
@@ -120,6 +129,11 @@ def fused_linear_triton(
     errors = reasons("triton", x, weight, bias, act, weight2, bias2, residual, gamma)
     if errors:
         raise ValueError(f"fused_linear (Triton kernel): {'; '.join(errors)}")
+    return _fused_linear_triton(x, weight, bias, act, weight2, bias2, residual, gamma)
+
+
+def _fused_linear_triton(x, weight, bias, act, weight2, bias2, residual, gamma):
+    """The Triton kernel on checked arguments (dispatch calls it outside torch.compile)."""
     x2 = x.reshape(-1, x.shape[-1])
     out = torch.empty((x2.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
     r2 = residual.reshape(-1, weight.shape[0]) if residual is not None else None
@@ -139,7 +153,7 @@ if _ext.HAS_EXT:
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-def fused_linear(x, weight, bias=None, act=None, weight2=None, bias2=None, residual=None, gamma=None,
+def fused_linear(x, weight, bias=None, act=None, weight2=None, bias2=None, residual=None, gamma=None, *,
                  backend: Optional[str] = None):
     """``[residual + gamma *] act(x @ weight^T + bias [, x @ weight2^T + bias2])``; see the module
     docstring.

@@ -40,7 +40,15 @@ from torch import Tensor
 
 from .. import _ext
 from ..kernels.masked_attention import MAX_HEAD_DIM, masked_attention_fwd
-from ._dispatch import Like, Op, check_queries, kernel_reasons, layout_reasons
+from ._dispatch import (
+    Like,
+    Op,
+    check_queries,
+    kernel_reasons,
+    layout_reasons,
+    sample_generator,
+    sample_tensor,
+)
 
 PRIORITY = {"cuda": ("triton", "cuda", "ref"), "cpu": ("ref",)}  # see the module docstring
 
@@ -103,12 +111,13 @@ def reasons(backend, q, k, v, mask_logits=None, scale=None) -> list[str]:
     return why
 
 
-def run(backend, q, k, v, mask_logits=None, scale=None):
+def launch(backend, q, k, v, mask_logits=None, scale=None):
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if backend == "ref":
         return masked_attention_ref(q, k, v, mask_logits, scale)
     if backend == "triton":
-        return masked_attention_triton(q, k, v, mask_logits, scale)
+        triton = masked_attention_triton if torch.compiler.is_compiling() else _masked_attention_triton
+        return triton(q, k, v, mask_logits, scale)
     return torch.ops.fastdino.masked_attention(q, k, v, mask_logits, scale)
 
 
@@ -118,7 +127,18 @@ def example(device, dtype):
     return Like(device, dtype, (1, 100, 8, 32)), kv, kv, Like(device, dtype, (1, 100, 1024))
 
 
-OP = Op("masked_attention", PRIORITY, check, reasons, run, example)
+def sample(device, dtype):
+    """The self-check's problem: 7 queries over 19 keys, 2 heads of 32, with mask logits (some query
+    rows fully blocked) (fastdino/selfcheck.py)."""
+    g = sample_generator()
+    q = sample_tensor(g, device, dtype, 1, 7, 2, 32)
+    k, v = (sample_tensor(g, device, dtype, 1, 19, 2, 32) for _ in range(2))
+    logits = sample_tensor(g, device, dtype, 1, 7, 19)
+    logits[:, 0] = -1.0
+    return q, k, v, logits, None
+
+
+OP = Op("masked_attention", PRIORITY, check, reasons, launch, example, sample)
 
 
 @torch.library.custom_op("fastdino::masked_attention_triton", mutates_args=())
@@ -129,6 +149,11 @@ def masked_attention_triton(q: Tensor, k: Tensor, v: Tensor, mask_logits: Option
     errors = reasons("triton", q, k, v, mask_logits)
     if errors:
         raise ValueError(f"masked_attention (Triton kernel): {'; '.join(errors)}")
+    return _masked_attention_triton(q, k, v, mask_logits, scale)
+
+
+def _masked_attention_triton(q, k, v, mask_logits, scale):
+    """The Triton kernel on checked arguments (dispatch calls it outside torch.compile)."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     masked_attention_fwd(q, k, v, mask_logits, scale, out, interpret=_ext.INTERPRET)
     return out
@@ -144,7 +169,7 @@ if _ext.HAS_EXT:
 
 
 def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask_logits: Optional[Tensor] = None,
-                     scale: Optional[float] = None, backend: Optional[str] = None) -> Tensor:
+                     scale: Optional[float] = None, *, backend: Optional[str] = None) -> Tensor:
     """Attention of (B, Lq, H, D) queries over (B, Lk, H, D) keys/values, keys blocked by the
     (B, Lq, Lk) mask logits as Mask2Former's decoder blocks them; equivalent to `masked_attention_ref`.
 

@@ -56,7 +56,7 @@ from torch import Tensor
 
 from .. import _ext
 from ..kernels.ms_deform_attn import ms_deform_attn_fwd
-from ._dispatch import Like, Op, kernel_reasons
+from ._dispatch import Like, Op, kernel_reasons, sample_generator, sample_tensor
 
 PRIORITY = {"cuda": ("cuda", "triton", "ref"), "cpu": ("cpu", "ref")}  # see the module docstring
 
@@ -218,13 +218,14 @@ def reasons(backend, value, spatial_shapes, level_start_index, sampling_location
     return why
 
 
-def run(backend, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+def launch(backend, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
         reference_points=None):
     args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights, reference_points)
     if backend == "ref":
         return ms_deform_attn_ref(*args)
     if backend == "triton":
-        return ms_deform_attn_triton(*args)
+        triton = ms_deform_attn_triton if torch.compiler.is_compiling() else _ms_deform_attn_triton
+        return triton(*args)
     return torch.ops.fastdino.ms_deform_attn(*args)
 
 
@@ -237,7 +238,20 @@ def example(device, dtype):
             Like(device, torch.float32, (1, Lq, 8, 3, 4)), Like(device, torch.float32, (1, Lq, 3, 2)))
 
 
-OP = Op("ms_deform_attn", PRIORITY, check, reasons, run, example)
+def sample(device, dtype):
+    """The self-check's problem, in the modules' form (offsets, logits and reference points): two
+    levels (4x4, 2x2), 5 queries, 2 heads of 16, 2 points (fastdino/selfcheck.py)."""
+    g = sample_generator()
+    value = sample_tensor(g, device, dtype, 1, 20, 2, 16)
+    shapes = torch.tensor([[4, 4], [2, 2]], device=device)
+    starts = torch.tensor([0, 16], device=device)
+    offsets = sample_tensor(g, device, torch.float32, 1, 5, 2, 2, 2, 2)
+    logits = sample_tensor(g, device, torch.float32, 1, 5, 2, 2, 2)
+    points = torch.rand(1, 5, 2, 2, generator=g).to(device)
+    return value, shapes, starts, offsets, logits, points
+
+
+OP = Op("ms_deform_attn", PRIORITY, check, reasons, launch, example, sample, check_reads_values=True)
 
 
 @torch.library.custom_op("fastdino::ms_deform_attn_triton", mutates_args=())
@@ -250,6 +264,12 @@ def ms_deform_attn_triton(value: Tensor, spatial_shapes: Tensor, level_start_ind
     errors = reasons("triton", *args)
     if errors:
         raise ValueError(f"ms_deform_attn (Triton kernel): {'; '.join(errors)}")
+    return _ms_deform_attn_triton(*args)
+
+
+def _ms_deform_attn_triton(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                           reference_points=None):
+    """The Triton kernel on checked arguments (dispatch calls it outside torch.compile)."""
     B, S, Hh, Dh = value.shape
     out = torch.empty((B, sampling_locations.shape[1], Hh * Dh), dtype=value.dtype, device=value.device)
     ms_deform_attn_fwd(value, spatial_shapes, sampling_locations, attention_weights, out,
@@ -269,8 +289,8 @@ if _ext.HAS_EXT:
 
 
 def ms_deform_attn(value: Tensor, spatial_shapes: Shapes, level_start_index: Optional[Tensor],
-                   sampling_locations: Tensor, attention_weights: Tensor, backend: Optional[str] = None,
-                   reference_points: Optional[Tensor] = None) -> Tensor:
+                   sampling_locations: Tensor, attention_weights: Tensor,
+                   reference_points: Optional[Tensor] = None, *, backend: Optional[str] = None) -> Tensor:
     """Multi-scale deformable attention; equivalent to `ms_deform_attn_ref`. Returns (B, Lq, heads * Dh).
 
     With `reference_points`, `sampling_locations` and `attention_weights` are the raw sampling

@@ -44,7 +44,15 @@ from torch import Tensor
 
 from .. import _ext
 from ..kernels.rope_attention import FP32_MAX_HEAD_DIM, HEAD_DIMS, rope_attention_fwd
-from ._dispatch import Like, Op, check_queries, kernel_reasons, layout_reasons
+from ._dispatch import (
+    Like,
+    Op,
+    check_queries,
+    kernel_reasons,
+    layout_reasons,
+    sample_generator,
+    sample_tensor,
+)
 
 PRIORITY = {"cuda": ("cuda", "triton", "ref"), "cpu": ("ref",)}  # see the module docstring
 
@@ -67,7 +75,7 @@ def query_key_mask(mask_logits: Tensor, N: int) -> Tensor:
     return open_
 
 
-def rope_attention_ref(q, k, v, cos=None, sin=None, scale=None, mask_logits=None):
+def rope_attention_ref(q, k, v, cos=None, sin=None, mask_logits=None, scale=None):
     """Reference (and fallback): rope_ref on q and k, then F.scaled_dot_product_attention; with
     mask_logits, the first M rows again with query_key_mask."""
     if q.numel() == 0:  # nothing to attend (torch 2.11's CPU SDPA dies of SIGFPE on zero heads)
@@ -147,12 +155,13 @@ def reasons(backend, q, k, v, cos=None, sin=None, mask_logits=None, scale=None) 
     return why
 
 
-def run(backend, q, k, v, cos=None, sin=None, mask_logits=None, scale=None):
+def launch(backend, q, k, v, cos=None, sin=None, mask_logits=None, scale=None):
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if backend == "ref":
-        return rope_attention_ref(q, k, v, cos, sin, scale, mask_logits)
+        return rope_attention_ref(q, k, v, cos, sin, mask_logits, scale)
     if backend == "triton":
-        return rope_attention_triton(q, k, v, cos, sin, mask_logits, scale)
+        triton = rope_attention_triton if torch.compiler.is_compiling() else _rope_attention_triton
+        return triton(q, k, v, cos, sin, mask_logits, scale)
     return torch.ops.fastdino.rope_attention(q, k, v, cos, sin, mask_logits, scale)
 
 
@@ -162,7 +171,15 @@ def example(device, dtype):
     return qkv, qkv, qkv, table, table
 
 
-OP = Op("rope_attention", PRIORITY, check, reasons, run, example)
+def sample(device, dtype):
+    """The self-check's problem: 21 tokens (5 prefix + a 4x4 grid), 2 heads of 32 (fastdino/selfcheck.py)."""
+    g = sample_generator()
+    q, k, v = (sample_tensor(g, device, dtype, 1, 21, 2, 32) for _ in range(3))
+    angles = sample_tensor(g, device, torch.float32, 16, 32) * 3
+    return q, k, v, angles.cos().to(dtype), angles.sin().to(dtype), None, None
+
+
+OP = Op("rope_attention", PRIORITY, check, reasons, launch, example, sample)
 
 
 @torch.library.custom_op("fastdino::rope_attention_triton", mutates_args=())
@@ -176,6 +193,11 @@ def rope_attention_triton(
     errors = reasons("triton", q, k, v, cos, sin, mask_logits)
     if errors:
         raise ValueError(f"rope_attention (Triton kernel): {'; '.join(errors)}")
+    return _rope_attention_triton(q, k, v, cos, sin, mask_logits, scale)
+
+
+def _rope_attention_triton(q, k, v, cos, sin, mask_logits, scale):
+    """The Triton kernel on checked arguments (dispatch calls it outside torch.compile)."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     rope_attention_fwd(q, k, v, cos, sin, scale, out, mask_logits=mask_logits, interpret=_ext.INTERPRET)
     return out
@@ -193,8 +215,8 @@ if _ext.HAS_EXT:
         return q.new_empty(q.shape)
 
 
-def rope_attention(q, k, v, cos=None, sin=None, scale: Optional[float] = None, backend: Optional[str] = None,
-                   mask_logits: Optional[Tensor] = None):
+def rope_attention(q, k, v, cos=None, sin=None, mask_logits: Optional[Tensor] = None,
+                   scale: Optional[float] = None, *, backend: Optional[str] = None):
     """Attention over (B, N, H, D) q, k, v with DINOv3's RoPE on the trailing cos.shape[0] tokens.
 
     Equivalent to `rope_attention_ref`; returns (B, N, H, D). `scale` defaults to D**-0.5.

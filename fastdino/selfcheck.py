@@ -1,0 +1,109 @@
+"""The first-use self-check: before a kernel backend runs an op for the first time in a process on a
+device type and dtype, it runs a small fixed problem (the op's `sample`, random tensors from a fixed
+seed) and is compared with the op's reference. A backend that raises or misses the bound is
+disabled for that (op, backend, device type, dtype) for the rest of the process, with one warning;
+dispatch then falls back to the next backend (a pinned one to the reference / the model's own
+code). A kernel that compiles but computes garbage on an unusual GPU, driver or Triton is caught
+here instead of being used silently.
+
+Cost: one sample problem per (op, backend, device type, dtype), once per process (the first call
+also compiles or loads the kernel, which it would do anyway); `fastdino info` lists the results.
+"""
+
+import time
+import warnings
+from typing import Optional
+
+import torch
+
+# Relative error bound of a kernel against the reference on the sample (norm of the difference over
+# the norm of the reference): a rounding-level error passes, a wrong kernel (error ~1) does not.
+BOUND = {torch.float32: 2e-3, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+
+PASSED: set = set()  # (op name, backend, device type, dtype) that passed: Op.__call__'s fast path reads it
+RESULTS: dict = {}  # (op name, backend, device type, dtype) -> (error text or None, measured rel. error, ms)
+
+
+def reasons(op, backend: str, device, dtype: torch.dtype) -> list[str]:
+    """[] if `backend` passed (or now passes) its self-check for op on this device type and dtype;
+    else why not, the same every time (the check runs once per process)."""
+    key = (op.name, backend, device.type, dtype)
+    if key in PASSED:
+        return []
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return []  # a table about a GPU this machine lacks (fastdino info): nothing can run there
+    if key not in RESULTS:
+        RESULTS[key] = _check(op, backend, device, dtype)
+        error = RESULTS[key][0]
+        if error is None:
+            PASSED.add(key)
+        else:
+            dt = str(dtype).replace("torch.", "")
+            warnings.warn(f"fastdino: {op.name} on backend {backend!r} ({device.type}, {dt}) failed its "
+                          f"self-check and is disabled in this process: {error}", RuntimeWarning,
+                          stacklevel=2)
+    error = RESULTS[key][0]
+    return [] if error is None else [f"failed its self-check: {error}"]
+
+
+def _check(op, backend: str, device, dtype: torch.dtype) -> tuple[Optional[str], Optional[float], float]:
+    start = time.perf_counter()
+    if op.sample is None:
+        return None, None, 0.0
+    try:
+        with torch.no_grad():
+            args = op.sample(device, dtype)
+            out = op.launch(backend, *args)
+            ref = op.launch("ref", *args)  # same inputs: some ops read a threshold in the inputs' dtype
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        err = _rel_error(out, ref)
+    except Exception as e:  # noqa: BLE001 - any failure disables the backend, with its reason
+        text = str(e).strip().splitlines()
+        return f"{type(e).__name__}: {text[0] if text else ''}", None, (time.perf_counter() - start) * 1e3
+    ms = (time.perf_counter() - start) * 1e3
+    bound = BOUND.get(dtype, BOUND[torch.float32])
+    if not err <= bound:  # NaN fails too
+        return f"relative error {err:.3g} against the reference > {bound:g} on its sample problem", err, ms
+    return None, err, ms
+
+
+def _rel_error(out, ref) -> float:
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    refs = ref if isinstance(ref, (tuple, list)) else (ref,)
+    if len(outs) != len(refs):
+        raise ValueError(f"{len(outs)} outputs, the reference has {len(refs)}")
+    worst = 0.0
+    for o, r in zip(outs, refs):
+        if o.shape != r.shape:
+            raise ValueError(f"output shape {tuple(o.shape)}, the reference's {tuple(r.shape)}")
+        r = r.double()
+        norm = r.norm().item()
+        diff = (o.double() - r).norm().item()
+        if diff != diff:  # NaN
+            return diff
+        worst = max(worst, diff / norm if norm else diff)
+    return worst
+
+
+def table() -> list[tuple[str, str, str, str, str]]:
+    """(op, backend, device type, dtype, result) for every self-check run in this process."""
+    rows = []
+    for (op, backend, device, dtype), (error, err, ms) in sorted(RESULTS.items(), key=str):
+        result = (f"passed (rel. error {err:.1e}, {ms:.1f} ms)" if error is None and err is not None
+                  else "passed (no sample problem)" if error is None else f"DISABLED: {error}")
+        rows.append((op, backend, device, str(dtype).replace("torch.", ""), result))
+    return rows
+
+
+def run_all(device, dtype: torch.dtype) -> list[tuple[str, str, str, str, str]]:
+    """Self-check every op's kernel backends that can run on `device`/`dtype` (their build and
+    device allow it) now; returns `table()`."""
+    from .ops import OPS
+
+    device = torch.device(device)
+    for op in OPS.values():
+        for backend in op.priority.get(device.type, ()) + ("cuda", "triton", "cpu"):
+            if backend != "ref" and not op.reasons(backend, *op.example(device, dtype)):
+                reasons(op, backend, device, dtype)
+    return table()
