@@ -1,5 +1,7 @@
-"""The main job: build a DINOv3 ViT-S/16 (random init unless --weights is given), patch it, check
-that patched and original outputs agree, and time original vs patched on the best device."""
+"""The main job: build a DINOv3 ViT-S/16 (random init unless --weights is given), patch it, tune it
+on this machine (fastdino.tune: each module's kernels against its own code, kept in the timing
+cache), check that patched and original outputs agree, and time original vs patched on the best
+device."""
 
 import statistics
 from collections import Counter
@@ -29,7 +31,10 @@ def add_arguments(parser):
     parser.add_argument("--iters", type=int,
                         help="timed iterations per round (default: 20 on cuda, 3 on cpu)")
     parser.add_argument("--rounds", type=int, default=5, help="original/patched timing rounds, alternating")
-    parser.add_argument("--backend", choices=["cuda", "triton", "cpu", "ref"], help="pin the kernel backend")
+    parser.add_argument("--backend", choices=["cuda", "triton", "cpu", "ref"],
+                        help="pin the kernel backend (then nothing is tuned)")
+    parser.add_argument("--no-tune", action="store_true",
+                        help="skip fastdino.tune: dispatch's untuned default (or the timing cache) decides")
 
 
 class DemoError(Exception):
@@ -112,6 +117,10 @@ def run(args) -> int:
         ref = forward().float()
         report = fastdino.patch(model, backend=args.backend)
         print(report)
+        if args.backend is None and not args.no_tune:
+            tuned = fastdino.tune(model, {"pixel_values": pixels}, rounds=5 if device.type == "cuda" else 2)
+            where = f"kept in {tuned.cache}" if tuned.cache else "not written: the cache is not writable"
+            print(f"\nfastdino.tune: {tuned.summary()} ({tuned.seconds:.1f} s; {where})")
         with counting_runs(ran):
             out = forward().float()
         times = {"original": [], "patched": []}

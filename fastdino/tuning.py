@@ -473,8 +473,12 @@ def tune(model: nn.Module, example_inputs, *, dtype: Optional[torch.dtype] = Non
     report.entries = results
     if cache is not False:
         store = TimingCache(cache_file(None if cache is True else cache))
-        store.save(results)
-        report.cache = str(store.path)
+        try:
+            store.save(results)
+            report.cache = str(store.path)
+        except OSError as e:  # the choices still apply to this model; only the file is missing
+            warnings.warn(f"fastdino.tune: timing cache {store.path} not written ({e})", RuntimeWarning,
+                          stacklevel=2)
     report.seconds = time.perf_counter() - started
     return report
 

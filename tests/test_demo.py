@@ -39,6 +39,7 @@ def test_demo_runs_a_checkpoint_of_either_layout(layout, tmp_path, capsys):
     assert f"model: DINOv3 ViT ({shape})" in out and "input: 1 x 3 x 64 x 64, float32, on CPU" in out
     assert "outputs: " in out and ": OK" in out and "kernels: " in out
     assert "original / patched: " in out and "On CPU fastdino is not a speed-up" in out
+    assert "fastdino.tune: 3 decisions: " in out
 
 
 def test_demo_names_what_it_cannot_use(tmp_path, capsys):

@@ -359,3 +359,19 @@ def test_shapes_past_the_value_read_nothing_beyond_it(backend):
     else:
         out = torch.ops.fastdino.ms_deform_attn(value, big, starts, loc, w, None)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", [None, "ref"] + (["cpu"] if _ext.HAS_EXT else []))
+def test_host_level_shapes_are_checked_on_every_call(backend):
+    # Dispatch keeps its decision per signature (shapes, dtypes, strides), which says nothing of the
+    # values of level shapes held on the host: those are read on every call, an in-place edit too.
+    value, shapes, starts, loc, w = make_inputs(1, 5, 2, 8, [(4, 4), (2, 2)], device="cpu")
+    for _ in range(2):
+        ms_deform_attn(value, shapes, starts, loc, w, backend=backend)
+    shapes[0, 1] = 5
+    with pytest.raises(ValueError, match="spatial_shapes cover 24 rows but value has S=20"):
+        ms_deform_attn(value, shapes, starts, loc, w, backend=backend)
+    shapes[0, 1] = 4
+    ms_deform_attn(value, shapes, starts, loc, w, backend=backend)
+    with pytest.raises(ValueError, match="level_start_index must be"):
+        ms_deform_attn(value, shapes, torch.tensor([0, 15]), loc, w, backend=backend)

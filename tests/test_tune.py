@@ -402,3 +402,30 @@ def test_info_shows_the_selfcheck_and_the_cache(tmp_path, capsys):
     assert all(f"{name}" in text.split("self-check on cpu")[1] for name in OPS)
     assert f"timing cache: {path} (1 entries, 1 for this machine)" in text
     assert "applies  Probe probe" in text
+
+
+def _cpu_fastest(fn):
+    """A deterministic timer: a call that runs the cpu kernels is the fastest."""
+    ran = []
+    with observe(lambda op, backend, args: ran.append(backend)):
+        fn()
+    return 1.0 if "cpu" in ran else 2.0
+
+
+@pytest.mark.slow
+@requires_ext
+def test_tuned_model_compiles_fullgraph_with_its_choices():
+    from bench_dispatch import _vit
+
+    model, pixels = _vit()
+    with torch.no_grad():
+        ref = model(pixel_values=pixels).last_hidden_state
+    fastdino.patch(model, cache=False)
+    report = fastdino.tune(model, {"pixel_values": pixels}, timer=_cpu_fastest, warmup=0, rounds=1,
+                           cache=False)
+    assert report.summary() == "3 decisions: 3 cpu"
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        out = compiled(pixel_values=pixels).last_hidden_state
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)

@@ -4,16 +4,19 @@ For each variant: median and p90 latency of one call, images per second, peak me
 per-component breakdown (CUDA events on the GPU, wall clock on the CPU) and the accuracy against
 the original (max relative error of every output, argmax agreement of segmentation outputs, via
 fastdino.verify's comparison), with a flag where a variant falls outside its tolerance or below
-99.5% agreement. What one call covers: from the input tensors on the device to the model's
-outputs; no pre- or post-processing. `fastdino bench` (fastdino/bench/cli.py) runs it on models
-by name (fastdino/bench/models.py) and writes a table, JSON and a chart.
+99.5% agreement. The eager variants are timed in interleaved rounds (see `run`). What one call
+covers: from the input tensors on the device to the model's outputs; no pre- or post-processing.
+`fastdino bench` (fastdino/bench/cli.py) runs it on models by name (fastdino/bench/models.py) and
+writes a table, JSON and a chart.
 
 Variants (VARIANTS): "original" is the model as its code runs, its own precision included (dinov3's
 segmentor runs its pixel decoder in fp32); "-bf16" variants run the original under bfloat16
 autocast, or fastdino with precision="bf16" on a bfloat16 copy of the weights and inputs; "+graph"
 replays the patched model from a CUDA graph (fastdino.cuda_graph); "compile" and "max-autotune" are
 torch.compile of the original (max-autotune compiles for minutes: opt-in), "fastdino+compile" of
-the patched model. The model is unpatched first and left unpatched.
+the patched model. "fastdino" variants run dispatch's untuned default (no timing cache);
+"-tuned" ones run fastdino.tune on the same inputs first (in memory). The model is unpatched first
+and left unpatched.
 """
 
 import contextlib

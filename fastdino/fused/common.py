@@ -51,14 +51,18 @@ def decide(module: nn.Module, op: Op, *args, also: Optional[tuple] = None) -> Op
         if chosen is not TUNING.UNFORCED:
             return chosen
     decisions = module.__dict__.get("_fastdino_decisions")
+    if decisions is not None:
+        try:
+            return decisions[key]
+        except KeyError:
+            pass
+        except TypeError:  # an unhashable argument: decide for this call only
+            return make_decision(module, op, key, args, also)[0]
+    if torch.compiler.is_compiling():
+        # decided in the trace, once per compiled graph: no memo (the compiler would guard on it)
+        return make_decision(module, op, key, args, also)[0]
     if decisions is None:
         decisions = module.__dict__["_fastdino_decisions"] = {}
-    try:
-        return decisions[key]
-    except KeyError:
-        pass
-    except TypeError:  # an unhashable argument: decide for this call only
-        return make_decision(module, op, key, args, also)[0]
     if len(decisions) >= 64:
         decisions.clear()
     chosen, why = make_decision(module, op, key, args, also)

@@ -17,6 +17,7 @@ autograd: the gradients are the reference's, at the cost of a second (reference)
 """
 
 import contextlib
+import math
 from typing import Callable, Optional
 
 import torch
@@ -63,15 +64,20 @@ class Op:
     a kernel backend the reference's backward."""
 
     def __init__(self, name: str, priority: dict, check: Callable, reasons: Callable, launch: Callable,
-                 example: Callable, sample: Optional[Callable] = None, check_reads_values: bool = False):
+                 example: Callable, sample: Optional[Callable] = None,
+                 check_values: Optional[Callable] = None, native_args: bool = False):
         self.name, self.check, self.reasons, self.launch, self.example = name, check, reasons, launch, example
         self.priority, self.sample = priority, sample
-        # True where `check` reads values (level shapes held on the host): it then runs on every
-        # call with CPU tensors, as equal signatures do not mean equal values.
-        self.check_reads_values = check_reads_values
+        # The part of `check` that reads values (level shapes held on the host), run on every call
+        # with CPU tensors: equal signatures do not mean equal values.
+        self.check_values = check_values
         # The public function's decisions, per (pinned backend, grad mode, signature of the arguments).
         self._decisions: dict = {}
         self._native_first = {dev: order[0] for dev, order in priority.items() if order and order[0] == dev}
+        self._ready: set = set()  # (native backend, dtype, on CUDA) that __call__ launches at once
+        # native_args: `launch` passes the arguments to the C++ op as they are, so the fast path
+        # calls the registered op's overload itself (one Python frame; torch.compile traces it).
+        self._direct = getattr(torch.ops.fastdino, name).default if native_args and _NATIVE else None
 
     def run(self, backend: str, *args):
         """Run `backend` on checked arguments; with grad, a kernel backend's backward is the reference's."""
@@ -112,26 +118,33 @@ class Op:
 
     def __call__(self, *args, backend: Optional[str] = None):
         """Check the arguments, choose the backend, run. A native (C++) backend, pinned or first in
-        the priority, whose self-check passed is called at once (on CPU tensors not for an op whose
-        check reads values): the registered C++ op checks dtypes, shapes and layouts itself, and
-        the check and reasons run only after it refuses
-        (a pinned call then raises the ValueError that names the argument; an unpinned one goes on
-        to the next backend). Other decisions are kept per signature of the arguments, so a
-        repeated call does no check and no reasons work."""
+        the priority, whose self-check passed is called at once (after `check_values` on CPU
+        tensors, where the op has one): the registered C++ op checks dtypes, shapes and layouts
+        itself, and the check and reasons run only after it refuses (a pinned call then raises the
+        ValueError that names the argument; an unpinned one goes on to the next backend). Other
+        decisions are kept per signature of the arguments, so a repeated call does no check and no
+        reasons work."""
         x = args[0]
         native = backend if backend is not None else self._native_first.get(x.device.type)
-        on_device = x.is_cuda if native == "cuda" else x.is_cpu and not self.check_reads_values
-        if (native in _NATIVE and on_device
-                and (self.name, native, native, x.dtype) in selfcheck.PASSED and not _OBSERVERS
+        if ((native, x.dtype, x.is_cuda) in self._ready and not _OBSERVERS
                 and not (torch.is_grad_enabled() and grad_reasons(args))):
             try:
-                return self.launch(native, *args)
+                if self.check_values is not None and not x.is_cuda:
+                    self.check_values(*args)
+                direct = self._direct
+                return direct(*args) if direct is not None else self.launch(native, *args)
             except Exception:  # noqa: BLE001 - the check names the argument, else the error stands
                 if backend is not None:
                     self.check(*args)
                     self.choose(backend, *args)  # ValueError with the reasons, where there are some
                     raise
         return self._decide_and_run(backend, args)
+
+    def passed_selfcheck(self, backend: str, device: torch.device, dtype: torch.dtype):
+        """Called by the self-check: a native backend on its own device type may now be called at
+        once by `__call__`."""
+        if backend in _NATIVE and device.type == backend:
+            self._ready.add((backend, dtype, backend == "cuda"))
 
     def _decide_and_run(self, backend: Optional[str], args):
         try:
@@ -140,8 +153,11 @@ class Op:
         except TypeError:  # an unhashable argument (a list of level shapes): decide for this call
             key = chosen = None
         if chosen is not None:
-            if self.check_reads_values and args[0].is_cpu:
-                self.check(*args)
+            if self.check_values is not None and args[0].is_cpu:
+                self.check_values(*args)
+        elif torch.compiler.is_compiling():  # traced once per compiled graph: no memo
+            self.check(*args)
+            return self.run(self.choose(backend, *args), *args)
         else:
             self.check(*args)
             chosen = self.choose(backend, *args)
@@ -275,6 +291,12 @@ def layout_reasons(named, stride_along: Optional[str] = None) -> list[str]:
         elif t.stride(-1) != 1:
             why.append(f"{name} has stride {t.stride(-1)} along {stride_along} (needs 1)")
     return why
+
+
+def default_scale(q) -> Optional[float]:
+    """Attention's default scale, head_dim ** -0.5 (None where q has no head dim: check says why)."""
+    d = q.shape[-1] if q.dim() else 0
+    return 1.0 / math.sqrt(d) if d > 0 else None
 
 
 def check_queries(op: str, q, layout: str):

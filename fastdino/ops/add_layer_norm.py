@@ -95,7 +95,7 @@ def sample(device, dtype):
     return x, branch, gamma, weight, bias, 1e-6
 
 
-OP = Op("add_layer_norm", PRIORITY, check, reasons, launch, example, sample)
+OP = Op("add_layer_norm", PRIORITY, check, reasons, launch, example, sample, native_args=True)
 
 
 @torch.library.custom_op("fastdino::add_layer_norm_triton", mutates_args=())

@@ -116,7 +116,7 @@ def sample(device, dtype):
     return x, weight, sample_tensor(g, device, dtype, 96), "gelu", None, None, None, None
 
 
-OP = Op("fused_linear", PRIORITY, check, reasons, launch, example, sample)
+OP = Op("fused_linear", PRIORITY, check, reasons, launch, example, sample, native_args=True)
 
 
 @torch.library.custom_op("fastdino::fused_linear_triton", mutates_args=())

@@ -32,7 +32,6 @@ value row is weighted 0 (so a NaN or Inf value gives NaN in that channel); a NaN
 its key open (sigmoid(NaN) < 0.5 is False).
 """
 
-import math
 from typing import Optional
 
 import torch
@@ -44,6 +43,7 @@ from ._dispatch import (
     Like,
     Op,
     check_queries,
+    default_scale,
     kernel_reasons,
     layout_reasons,
     sample_generator,
@@ -112,7 +112,7 @@ def reasons(backend, q, k, v, mask_logits=None, scale=None) -> list[str]:
 
 
 def launch(backend, q, k, v, mask_logits=None, scale=None):
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = default_scale(q) if scale is None else float(scale)
     if backend == "ref":
         return masked_attention_ref(q, k, v, mask_logits, scale)
     if backend == "triton":
@@ -138,7 +138,7 @@ def sample(device, dtype):
     return q, k, v, logits, None
 
 
-OP = Op("masked_attention", PRIORITY, check, reasons, launch, example, sample)
+OP = Op("masked_attention", PRIORITY, check, reasons, launch, example, sample, native_args=True)
 
 
 @torch.library.custom_op("fastdino::masked_attention_triton", mutates_args=())
@@ -176,4 +176,5 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask_logits: Optional[Tens
     Returns (B, Lq, H, D). `scale` defaults to D**-0.5. `backend` pins one backend (ValueError
     with the reasons if it cannot run).
     """
-    return OP(q, k, v, mask_logits, scale, backend=backend)
+    # the default scale resolved here: the call then matches the C++ schema (native_args)
+    return OP(q, k, v, mask_logits, default_scale(q) if scale is None else scale, backend=backend)

@@ -111,6 +111,41 @@ def check_levels(shapes, S: int):
                          f"(the levels {shapes} flattened one after the other)")
 
 
+def check_starts(shapes, level_start_index):
+    """Host-held level starts against the packed levels of `shapes` (None: shapes on the device)."""
+    if shapes is not None and level_start_index is not None and level_start_index.device.type == "cpu":
+        packed = [0]
+        for h, w in shapes[:-1]:
+            packed.append(packed[-1] + h * w)
+        starts = level_start_index.tolist()
+        if starts != packed:
+            raise ValueError(f"ms_deform_attn: level_start_index must be {packed}, where the levels of "
+                             f"spatial_shapes start when packed in order, got {starts}")
+
+
+def check_values(value, spatial_shapes, level_start_index, *rest):
+    """What `check` reads of values, run on every call (dispatch keeps the rest per signature):
+    level shapes and starts held on the host. On the device they are not read (no sync). The
+    tensors last checked are held with their version counters: the same unchanged tensors (a
+    pixel decoder passes one pair to every layer) are not read again."""
+    global _LAST_LEVELS
+    if not (isinstance(spatial_shapes, Tensor) and spatial_shapes.device.type == "cpu"):
+        return
+    seen = (spatial_shapes, spatial_shapes._version, level_start_index,
+            None if level_start_index is None else level_start_index._version, value.shape[1])
+    last = _LAST_LEVELS  # tensors compared by identity, versions and S by value
+    if (last is not None and last[0] is spatial_shapes and last[2] is level_start_index
+            and last[1::2] == seen[1::2]):
+        return
+    shapes = spatial_shapes.tolist()
+    check_levels(shapes, value.shape[1])
+    check_starts(shapes, level_start_index)
+    _LAST_LEVELS = seen  # holding the tensors: their memory cannot be reused by other values
+
+
+_LAST_LEVELS = None
+
+
 def offset_locations(reference_points: Tensor, sampling_offsets: Tensor, attention_logits: Tensor,
                      spatial_shapes: Tensor) -> tuple[Tensor, Tensor]:
     """What the deformable-attention modules compute before the sampling, in PyTorch: locations
@@ -169,14 +204,7 @@ def check(value, spatial_shapes, level_start_index, sampling_locations, attentio
         if level_start_index.is_floating_point():
             raise ValueError(f"ms_deform_attn: level_start_index must hold integers, "
                              f"got {level_start_index.dtype}")
-        if shapes is not None and level_start_index.device.type == "cpu":
-            packed = [0]
-            for h, w in shapes[:-1]:
-                packed.append(packed[-1] + h * w)
-            starts = level_start_index.tolist()
-            if starts != packed:
-                raise ValueError(f"ms_deform_attn: level_start_index must be {packed}, where the levels of "
-                                 f"spatial_shapes start when packed in order, got {starts}")
+        check_starts(shapes, level_start_index)
     ref = reference_points
     if ref is not None and (ref.dim() != 4 or ref.shape[0] not in (1, B)
                             or tuple(ref.shape[1:3]) != (loc.shape[1], L) or ref.shape[3] not in (2, 4)):
@@ -251,7 +279,8 @@ def sample(device, dtype):
     return value, shapes, starts, offsets, logits, points
 
 
-OP = Op("ms_deform_attn", PRIORITY, check, reasons, launch, example, sample, check_reads_values=True)
+OP = Op("ms_deform_attn", PRIORITY, check, reasons, launch, example, sample, check_values=check_values,
+        native_args=True)
 
 
 @torch.library.custom_op("fastdino::ms_deform_attn_triton", mutates_args=())

@@ -35,7 +35,6 @@ Forward kernels: with grad dispatch picks the reference; a pinned kernel backend
 reference for the backward (ops/_dispatch.py).
 """
 
-import math
 from typing import Optional
 
 import torch
@@ -48,6 +47,7 @@ from ._dispatch import (
     Like,
     Op,
     check_queries,
+    default_scale,
     kernel_reasons,
     layout_reasons,
     sample_generator,
@@ -156,7 +156,7 @@ def reasons(backend, q, k, v, cos=None, sin=None, mask_logits=None, scale=None) 
 
 
 def launch(backend, q, k, v, cos=None, sin=None, mask_logits=None, scale=None):
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = default_scale(q) if scale is None else float(scale)
     if backend == "ref":
         return rope_attention_ref(q, k, v, cos, sin, mask_logits, scale)
     if backend == "triton":
@@ -179,7 +179,7 @@ def sample(device, dtype):
     return q, k, v, angles.cos().to(dtype), angles.sin().to(dtype), None, None
 
 
-OP = Op("rope_attention", PRIORITY, check, reasons, launch, example, sample)
+OP = Op("rope_attention", PRIORITY, check, reasons, launch, example, sample, native_args=True)
 
 
 @torch.library.custom_op("fastdino::rope_attention_triton", mutates_args=())
@@ -223,4 +223,5 @@ def rope_attention(q, k, v, cos=None, sin=None, mask_logits: Optional[Tensor] = 
     `mask_logits` (B, M, K): EoMT's query-to-patch mask (see the module docstring).
     `backend` pins one backend (ValueError with the reasons if it cannot run).
     """
-    return OP(q, k, v, cos, sin, mask_logits, scale, backend=backend)
+    # the default scale resolved here: the call then matches the C++ schema (native_args)
+    return OP(q, k, v, cos, sin, mask_logits, default_scale(q) if scale is None else scale, backend=backend)
