@@ -365,21 +365,28 @@ def _tensors(out: Any) -> list[Tensor]:
 
 
 def _rel_error(out: list[Tensor], ref: list[Tensor]) -> float:
+    """The worst ||out - ref|| / ||ref|| over the outputs; inf where they differ in anything else
+    (integer values, where NaN or Inf stand). Equal values (infinities included) count as 0."""
     if len(out) != len(ref):
         raise ValueError(f"{len(out)} outputs, the original gives {len(ref)}")
     worst = 0.0
     for o, r in zip(out, ref):
+        if o.shape != r.shape:
+            raise ValueError(f"output of shape {tuple(o.shape)}, the original's {tuple(r.shape)}")
         if not r.is_floating_point():
             if not torch.equal(o, r):
                 return float("inf")
             continue
-        if o.shape != r.shape:
-            raise ValueError(f"output of shape {tuple(o.shape)}, the original's {tuple(r.shape)}")
-        r64 = r.double()
-        diff = (o.double() - r64).norm().item()
-        norm = r64.norm().item()
-        if diff != diff and not bool(torch.isnan(r).any()):
-            return float("nan")
+        o64, r64 = o.double(), r.double()
+        if not torch.equal(torch.isnan(o64), torch.isnan(r64)):
+            return float("inf")
+        finite = torch.isfinite(r64)
+        if not torch.equal(o64[~finite & ~torch.isnan(r64)], r64[~finite & ~torch.isnan(r64)]):
+            return float("inf")  # an infinity where the original has another value
+        diff = (o64[finite] - r64[finite]).norm().item()
+        norm = r64[finite].norm().item()
+        if diff != diff or diff == float("inf"):
+            return float("inf")
         worst = max(worst, diff / norm if norm else diff)
     return worst
 

@@ -28,3 +28,9 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _timing_cache(tmp_path_factory, monkeypatch):
+    """Each test its own empty timing cache: what one test tunes (the demo does) never steers another."""
+    monkeypatch.setenv("FASTDINO_CACHE", str(tmp_path_factory.mktemp("fastdino-cache")))
+
+

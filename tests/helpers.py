@@ -11,7 +11,7 @@ import torch
 # The interpreter is chosen when @triton.jit decorates, so before fastdino.kernels is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-# The tests never read or write the user's timing cache: an empty one per session (subprocesses too).
+# The tests never read or write the user's timing cache (conftest also gives each test its own).
 os.environ["FASTDINO_CACHE"] = tempfile.mkdtemp(prefix="fastdino-test-cache-")
 
 import pytest  # noqa: E402

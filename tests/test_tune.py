@@ -390,14 +390,11 @@ def test_decisions_behind_tuned_ones_are_tuned_in_a_second_pass():
 
 
 @requires_ext
-def test_info_shows_the_selfcheck_and_the_cache(tmp_path, capsys):
+def test_info_shows_the_selfcheck_and_the_cache(tmp_path, monkeypatch):
     path = tmp_path / "cache.json"
     fastdino.tune(_patched(), torch.randn(4, 8), timer=Clock.timer, warmup=1, rounds=3, cache=path)
-    os.environ["FASTDINO_CACHE"], saved = str(path), os.environ["FASTDINO_CACHE"]
-    try:
-        text = fastdino.info(device="cpu", dtype="float32", explain=True)
-    finally:
-        os.environ["FASTDINO_CACHE"] = saved
+    monkeypatch.setenv("FASTDINO_CACHE", str(path))
+    text = fastdino.info(device="cpu", dtype="float32", explain=True)
     assert "self-check on cpu, float32" in text
     assert all(f"{name}" in text.split("self-check on cpu")[1] for name in OPS)
     assert f"timing cache: {path} (1 entries, 1 for this machine)" in text
@@ -429,3 +426,13 @@ def test_tuned_model_compiles_fullgraph_with_its_choices():
     with torch.no_grad():
         out = compiled(pixel_values=pixels).last_hidden_state
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_output_comparison_holds_nan_and_inf_to_the_original():
+    ref = torch.tensor([1.0, float("nan"), float("inf"), -2.0])
+    assert tuning._rel_error([ref.clone()], [ref]) == 0.0
+    assert tuning._rel_error([torch.tensor([1.0, 0.0, float("inf"), -2.0])], [ref]) == float("inf")
+    assert tuning._rel_error([torch.tensor([1.0, float("nan"), 5.0, -2.0])], [ref]) == float("inf")
+    err = tuning._rel_error([torch.tensor([1.0, float("nan"), float("inf"), -2.5])], [ref])
+    assert err == pytest.approx(0.5 / 5 ** 0.5)
+    assert tuning._rel_error([torch.tensor([1, 2])], [torch.tensor([1, 3])]) == float("inf")

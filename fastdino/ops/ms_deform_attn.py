@@ -129,18 +129,19 @@ def check_values(value, spatial_shapes, level_start_index, *rest):
     tensors last checked are held with their version counters: the same unchanged tensors (a
     pixel decoder passes one pair to every layer) are not read again."""
     global _LAST_LEVELS
-    if not (isinstance(spatial_shapes, Tensor) and spatial_shapes.device.type == "cpu"):
+    last = _LAST_LEVELS  # tensors compared by identity, their versions and S by value
+    if (last is not None and last[0] is spatial_shapes and last[1] == spatial_shapes._version
+            and last[2] is level_start_index and last[4] == value.shape[1]
+            and (level_start_index is None or last[3] == level_start_index._version)):
         return
-    seen = (spatial_shapes, spatial_shapes._version, level_start_index,
-            None if level_start_index is None else level_start_index._version, value.shape[1])
-    last = _LAST_LEVELS  # tensors compared by identity, versions and S by value
-    if (last is not None and last[0] is spatial_shapes and last[2] is level_start_index
-            and last[1::2] == seen[1::2]):
+    if not (isinstance(spatial_shapes, Tensor) and spatial_shapes.device.type == "cpu"):
         return
     shapes = spatial_shapes.tolist()
     check_levels(shapes, value.shape[1])
     check_starts(shapes, level_start_index)
-    _LAST_LEVELS = seen  # holding the tensors: their memory cannot be reused by other values
+    # holding the tensors: their memory cannot be reused by other values while they are compared
+    _LAST_LEVELS = (spatial_shapes, spatial_shapes._version, level_start_index,
+                    None if level_start_index is None else level_start_index._version, value.shape[1])
 
 
 _LAST_LEVELS = None
