@@ -7,9 +7,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+import torch
 from torch import nn
 
-from . import _ext
+from . import _ext, selfcheck
 from .fused import RULES
 from .ops._dispatch import BACKENDS
 from .tuning import TimingCache
@@ -210,6 +211,8 @@ def patch(model: nn.Module, backend: Optional[str] = None, precision: Optional[s
             shown = "tuned"
         report.swapped.append(Swapped(path, original.__name__, fused, shown, pinned,
                                       getattr(rule.mixin, "_fastdino_op", None)))
+    if param is not None:
+        _check_ahead(model, param.device, param.dtype, backend, tuned)
     if tuned:
         kinds = {kind for kind, _, _ in tuned}
         layers = sum(1 for m in model.modules() if is_fused(m) and m._fastdino_backend is None
@@ -234,6 +237,25 @@ def patch(model: nn.Module, backend: Optional[str] = None, precision: Optional[s
         report.notes.append(f"precision bf16 changes nothing here: it applies to {', '.join(bf16_classes)}, "
                             "and this model has none (patched before with it: see changed)")
     return report
+
+
+def _check_ahead(model: nn.Module, device, dtype, backend: Optional[str], tuned: Optional[dict]):
+    """The self-checks a compiled graph of this model would need, run now (inside a torch.compile
+    trace a backend not checked before is not used): each swapped op's pinned backend, or its
+    priority's kernel backends, at the parameters' dtype, and the tuned winners at their dtype."""
+    from .ops import OPS
+
+    wanted = set()
+    for name in {getattr(type(m), "_fastdino_op", None) for m in model.modules() if is_fused(m)} - {None}:
+        op = OPS[name]
+        names = [backend] if backend is not None else op.priority.get(device.type, ())
+        wanted |= {(op, b, dtype) for b in names if b != "ref"}
+    for entry in (tuned or {}).values():
+        same_device = entry["env"]["device_type"] == device.type
+        if entry["winner"] != "original" and same_device and entry["op"] in OPS:
+            dt = getattr(torch, str(entry.get("dtype", "")), None)
+            wanted.add((OPS[entry["op"]], entry["winner"], dt if isinstance(dt, torch.dtype) else dtype))
+    selfcheck.check_ahead(wanted, device)
 
 
 def _repatch(path: str, module: nn.Module, backend: Optional[str], precision: Optional[str],

@@ -33,8 +33,11 @@ def reasons(op, backend: str, device, dtype: torch.dtype) -> list[str]:
     if device.type == "cuda" and not torch.cuda.is_available():
         return []  # a table about a GPU this machine lacks (fastdino info): nothing can run there
     if torch.compiler.is_compiling():
-        # inside a torch.compile trace nothing can run: the eager result where there is one
-        error = RESULTS.get(key, (None,))[0]
+        # Inside a torch.compile trace nothing can run: the eager result where there is one, else
+        # the backend is not used in this graph (fastdino.patch checks ahead what it can foresee).
+        if key not in RESULTS:
+            return ["not self-checked before torch.compile traced it (run the model once before compiling)"]
+        error = RESULTS[key][0]
         return [] if error is None else [f"failed its self-check: {error}"]
     if key not in RESULTS:
         RESULTS[key] = _check(op, backend, device, dtype)
@@ -62,7 +65,7 @@ def _check(op, backend: str, device, dtype: torch.dtype) -> tuple[Optional[str],
             ref = op.launch("ref", *args)  # same inputs: some ops read a threshold in the inputs' dtype
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-        err = _rel_error(out, ref)
+        err = rel_error(out, ref)
     except Exception as e:  # noqa: BLE001 - any failure disables the backend, with its reason
         text = str(e).strip().splitlines()
         return f"{type(e).__name__}: {text[0] if text else ''}", None, (time.perf_counter() - start) * 1e3
@@ -73,20 +76,32 @@ def _check(op, backend: str, device, dtype: torch.dtype) -> tuple[Optional[str],
     return None, err, ms
 
 
-def _rel_error(out, ref) -> float:
-    outs = out if isinstance(out, (tuple, list)) else (out,)
-    refs = ref if isinstance(ref, (tuple, list)) else (ref,)
-    if len(outs) != len(refs):
-        raise ValueError(f"{len(outs)} outputs, the reference has {len(refs)}")
+def rel_error(out, ref) -> float:
+    """The worst ||out - ref|| / ||ref|| over the outputs; inf where they differ in anything else
+    (integer values, where NaN or Inf stand). Equal values (infinities included) count as 0. A
+    tensor stands for a one-output tuple."""
+    out = (out,) if isinstance(out, torch.Tensor) else tuple(out)
+    ref = (ref,) if isinstance(ref, torch.Tensor) else tuple(ref)
+    if len(out) != len(ref):
+        raise ValueError(f"{len(out)} outputs, the original gives {len(ref)}")
     worst = 0.0
-    for o, r in zip(outs, refs):
+    for o, r in zip(out, ref):
         if o.shape != r.shape:
-            raise ValueError(f"output shape {tuple(o.shape)}, the reference's {tuple(r.shape)}")
-        r = r.double()
-        norm = r.norm().item()
-        diff = (o.double() - r).norm().item()
-        if diff != diff:  # NaN
-            return diff
+            raise ValueError(f"output of shape {tuple(o.shape)}, the original's {tuple(r.shape)}")
+        if not r.is_floating_point():
+            if not torch.equal(o, r):
+                return float("inf")
+            continue
+        o64, r64 = o.double(), r.double()
+        if not torch.equal(torch.isnan(o64), torch.isnan(r64)):
+            return float("inf")
+        finite = torch.isfinite(r64)
+        if not torch.equal(o64[~finite & ~torch.isnan(r64)], r64[~finite & ~torch.isnan(r64)]):
+            return float("inf")  # an infinity where the original has another value
+        diff = (o64[finite] - r64[finite]).norm().item()
+        norm = r64[finite].norm().item()
+        if diff != diff or diff == float("inf"):
+            return float("inf")
         worst = max(worst, diff / norm if norm else diff)
     return worst
 
@@ -99,6 +114,17 @@ def table() -> list[tuple[str, str, str, str, str]]:
                   else "passed (no sample problem)" if error is None else f"DISABLED: {error}")
         rows.append((op, backend, device, str(dtype).replace("torch.", ""), result))
     return rows
+
+
+def check_ahead(wanted, device) -> None:
+    """Run now, eagerly, the self-checks of `wanted` ((op, backend, dtype) triples) that can run on
+    `device`: fastdino.patch calls it so that a model compiled right after patching finds them done."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return
+    for op, backend, dtype in wanted:
+        if backend != "ref" and not op.reasons(backend, *op.example(device, dtype)):
+            reasons(op, backend, device, dtype)
 
 
 def run_all(device, dtype: torch.dtype) -> list[tuple[str, str, str, str, str]]:

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from . import _ext
 from .fused import common
 from .ops._dispatch import BACKENDS, Op
+from .selfcheck import rel_error
 
 FORMAT = 1
 FILE_NAME = "timing-cache.json"
@@ -156,7 +157,11 @@ class TimingCache:
         try:
             data = json.loads(path.read_text())
             entries = data.get("entries") if isinstance(data, dict) else None
-            if not isinstance(entries, dict) or data.get("format") != FORMAT:
+            version = data.get("format") if isinstance(data, dict) else None
+            if isinstance(version, int) and version > FORMAT:
+                raise NewerFormat(f"format {version} is newer than this fastdino's ({FORMAT}); upgrade "
+                                  "fastdino or point FASTDINO_CACHE elsewhere")
+            if not isinstance(entries, dict) or version != FORMAT:
                 raise ValueError(f"not a fastdino timing cache of format {FORMAT}")
             return cls(path, data["entries"])
         except (OSError, ValueError, UnicodeDecodeError) as e:
@@ -171,7 +176,7 @@ class TimingCache:
         """{(module kind, op, signature): entry} for the entries whose machine is this one."""
         out, self.ignored = {}, []
         for entry in self.entries.values():
-            why = foreign(entry)
+            why = malformed(entry) or foreign(entry)
             if why:
                 self.ignored.append((entry, why))
             else:
@@ -189,7 +194,8 @@ class TimingCache:
         for (kind, op, sig), entry in choices.items():
             lines.append(f"  applies  {kind} {op} [{sig}] -> {entry['winner']}")
         for entry, why in self.ignored:
-            what = f"{entry.get('module')} {entry.get('op')} [{entry.get('signature')}]"
+            what = (f"{entry.get('module')} {entry.get('op')} [{entry.get('signature')}]"
+                    if isinstance(entry, dict) else repr(entry)[:80])
             lines.append(f"  ignored  {what}: {why}")
         return "\n".join(lines)
 
@@ -198,9 +204,12 @@ class TimingCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with _locked(self.path.with_name(self.path.name + ".lock")):
             current = TimingCache.load(self.path) if self.path.exists() else TimingCache(self.path)
+            if current.error and current.error.startswith(NewerFormat.__name__):
+                raise NewerFormat(f"{self.path}: not overwritten: {current.error}")
             merged = {**current.entries, **entries}
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
             try:
+                os.chmod(tmp, _file_mode(self.path))  # mkstemp makes it 0600: a shared cache must be readable
                 with os.fdopen(fd, "w") as f:
                     json.dump({"format": FORMAT, "entries": merged}, f, indent=1, sort_keys=True)
                     f.flush()
@@ -213,14 +222,37 @@ class TimingCache:
         self.entries, self.error = merged, None
 
 
+class NewerFormat(ValueError):
+    """A timing cache written by a newer fastdino: read as empty, never overwritten."""
+
+
+def _file_mode(path: Path) -> int:
+    """The cache file's mode: the existing file's, else what the umask gives a new file."""
+    try:
+        return path.stat().st_mode & 0o777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def _locked(lock_path: Path):
-    try:
-        import fcntl
-    except ImportError:  # Windows: the rename alone keeps the file whole
-        yield
-        return
-    with open(lock_path, "a") as f:
+    """An exclusive lock on `lock_path` (fcntl on POSIX, msvcrt on Windows) for the duration."""
+    with open(lock_path, "a+") as f:
+        try:
+            import fcntl
+        except ImportError:  # Windows
+            import msvcrt
+
+            f.seek(0)
+            msvcrt.locking(f.fileno(), msvcrt.LK_LOCK, 1)  # retries for 10 s, then raises OSError
+            try:
+                yield
+            finally:
+                f.seek(0)
+                msvcrt.locking(f.fileno(), msvcrt.LK_UNLCK, 1)
+            return
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -228,11 +260,26 @@ def _locked(lock_path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def malformed(entry) -> str:
+    """Why `entry` is not a timing-cache entry this fastdino can apply ("" if it is)."""
+    if not isinstance(entry, dict):
+        return "malformed entry: not a JSON object"
+    missing = [k for k in ("module", "op", "signature", "winner", "env") if k not in entry]
+    if missing:
+        return f"malformed entry: no {', '.join(missing)}"
+    if not all(isinstance(entry[k], str) for k in ("module", "op", "signature", "winner")):
+        return "malformed entry: module, op, signature and winner must be strings"
+    if entry["winner"] not in ("original",) + tuple(b for b in BACKENDS if b != "ref"):
+        return f"unknown winner {entry['winner']!r}"
+    env = entry["env"]
+    if not isinstance(env, dict) or env.get("device_type") not in ("cuda", "cpu"):
+        return "malformed entry: env.device_type must be cuda or cpu"
+    return ""
+
+
 def foreign(entry: dict) -> str:
     """Why `entry` does not apply on this machine ("" if it does): the fields that differ."""
-    env = entry.get("env")
-    if not isinstance(env, dict) or "device_type" not in env or "winner" not in entry:
-        return "malformed entry"
+    env = entry["env"]
     device_type = env["device_type"]
     if device_type == "cuda" and not torch.cuda.is_available():
         return "tuned on a GPU; no GPU here"
@@ -263,6 +310,7 @@ class Tuned:
     winner: str
     candidates: list[Candidate]
     bound: float
+    dtype: str = ""  # the op's first tensor's dtype (what the winner's self-check is for)
 
     def speedup(self) -> Optional[float]:
         times = {c.name: c.median_ms for c in self.candidates}
@@ -302,13 +350,18 @@ class TuneReport:
 
 class _Site:
     """Where a decision is made: the deciding module, the module to run to exercise it (the
-    innermost fused module being called) and that module's inputs."""
+    innermost fused module being called), that module's inputs and the autocast state it ran in
+    (an enclosing module's autocast region does not come with a replay of the inner one)."""
 
-    __slots__ = ("decider", "runner", "inputs", "key", "args", "also")
+    __slots__ = ("decider", "runner", "inputs", "key", "args", "also", "_autocast")
 
-    def __init__(self, decider, runner, inputs, key, args, also):
+    def __init__(self, decider, runner, inputs, key, args, also, autocast):
         self.decider, self.runner, self.inputs = decider, runner, inputs
-        self.key, self.args, self.also = key, args, also
+        self.key, self.args, self.also, self._autocast = key, args, also, autocast
+
+    def autocast(self):
+        device_type, dtype, enabled = self._autocast
+        return torch.autocast(device_type, dtype=dtype, enabled=enabled)
 
 
 class _Tuning:
@@ -316,30 +369,36 @@ class _Tuning:
 
     UNFORCED = object()
 
-    def __init__(self):
-        self.stack: list = []  # (module, inputs) of the fused modules being called
+    def __init__(self, device_type: str):
+        self.device_type = device_type
+        self.stack: list = []  # (module, inputs, autocast state) of the fused modules being called
         self.recording = False
         self.groups: dict = {}  # (kind, op, key text) -> [_Site]
         self.forced: dict = {}  # (id(decider), op name, key) -> candidate
+        self.hits = 0  # forced decisions reached since `forced` was set
 
     def decide(self, module, op: Op, key, args, also):
         if self.forced:
             forced = self.forced.get((id(module), op.name, key), self.UNFORCED)
             if forced is not self.UNFORCED:
+                self.hits += 1
                 return None if forced == "original" else forced
         if self.recording and self.stack:
             sites = self.groups.setdefault((common.kind(module), op, common.key_text(key)), [])
             if len(sites) < MAX_CHECKED and not any(s.decider is module and s.key == key for s in sites):
-                runner, inputs = self.stack[-1]
-                sites.append(_Site(module, runner, _clone(inputs), key, args, also))
+                runner, inputs, autocast = self.stack[-1]
+                sites.append(_Site(module, runner, _clone(inputs), key, args, also, autocast))
         return self.UNFORCED
 
     def pre_hook(self, module, args, kwargs):
-        self.stack.append((module, (args, kwargs)))
+        dev = self.device_type
+        self.stack.append((module, (args, kwargs),
+                           (dev, torch.get_autocast_dtype(dev), torch.is_autocast_enabled(dev))))
 
-    def post_hook(self, module, args, kwargs, out):
-        if self.stack and self.stack[-1][0] is module:
-            self.stack.pop()
+    def post_hook(self, module, args, kwargs, out):  # always_call: also when the forward raised
+        while self.stack:
+            if self.stack.pop()[0] is module:
+                break
 
 
 def _clone(value: Any) -> Any:
@@ -362,33 +421,6 @@ def _tensors(out: Any) -> list[Tensor]:
     if hasattr(out, "to_tuple"):  # transformers' ModelOutput
         return _tensors(out.to_tuple())
     return []
-
-
-def _rel_error(out: list[Tensor], ref: list[Tensor]) -> float:
-    """The worst ||out - ref|| / ||ref|| over the outputs; inf where they differ in anything else
-    (integer values, where NaN or Inf stand). Equal values (infinities included) count as 0."""
-    if len(out) != len(ref):
-        raise ValueError(f"{len(out)} outputs, the original gives {len(ref)}")
-    worst = 0.0
-    for o, r in zip(out, ref):
-        if o.shape != r.shape:
-            raise ValueError(f"output of shape {tuple(o.shape)}, the original's {tuple(r.shape)}")
-        if not r.is_floating_point():
-            if not torch.equal(o, r):
-                return float("inf")
-            continue
-        o64, r64 = o.double(), r.double()
-        if not torch.equal(torch.isnan(o64), torch.isnan(r64)):
-            return float("inf")
-        finite = torch.isfinite(r64)
-        if not torch.equal(o64[~finite & ~torch.isnan(r64)], r64[~finite & ~torch.isnan(r64)]):
-            return float("inf")  # an infinity where the original has another value
-        diff = (o64[finite] - r64[finite]).norm().item()
-        norm = r64[finite].norm().item()
-        if diff != diff or diff == float("inf"):
-            return float("inf")
-        worst = max(worst, diff / norm if norm else diff)
-    return worst
 
 
 def cuda_event_timer(fn: Callable[[], Any]) -> float:
@@ -444,10 +476,11 @@ def tune(model: nn.Module, example_inputs, *, dtype: Optional[torch.dtype] = Non
     if timer is None:
         timer = cuda_event_timer if device.type == "cuda" else wall_timer
     report = TuneReport()
-    state = _Tuning()
+    state = _Tuning(device.type)
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext())
     handles = [h for m in fused for h in (m.register_forward_pre_hook(state.pre_hook, with_kwargs=True),
-                                          m.register_forward_hook(state.post_hook, with_kwargs=True))]
+                                          m.register_forward_hook(state.post_hook, with_kwargs=True,
+                                                                  always_call=True))]
     previous, common.TUNING = common.TUNING, state
     results: dict = {}
     done: set = set()
@@ -468,8 +501,13 @@ def tune(model: nn.Module, example_inputs, *, dtype: Optional[torch.dtype] = Non
                     if pinned is not None:
                         report.skipped.append(f"{kind} {op.name}: pinned to {pinned!r}")
                         continue
-                    report.tuned.append(_tune_group(state, kind, op, text, sites, model, margin, warmup,
-                                                    rounds, timer, device))
+                    try:
+                        report.tuned.append(_tune_group(state, kind, op, text, sites, model, margin, warmup,
+                                                        rounds, timer, device))
+                    except _Skip as e:
+                        report.skipped.append(f"{kind} {op.name} [{text}]: {e}")
+                    finally:
+                        state.forced, state.stack = {}, []
             if not new:
                 break
             _apply(model, report.tuned, device, results)
@@ -483,7 +521,7 @@ def tune(model: nn.Module, example_inputs, *, dtype: Optional[torch.dtype] = Non
         try:
             store.save(results)
             report.cache = str(store.path)
-        except OSError as e:  # the choices still apply to this model; only the file is missing
+        except (OSError, NewerFormat) as e:  # the choices still apply to this model; only the file is not
             warnings.warn(f"fastdino.tune: timing cache {store.path} not written ({e})", RuntimeWarning,
                           stacklevel=2)
     report.seconds = time.perf_counter() - started
@@ -498,8 +536,21 @@ def _as_call_inputs(inputs) -> tuple:
     return (inputs,), {}
 
 
+class _Skip(Exception):
+    """A decision that cannot be tuned (its original fails on replay, or a replay never reaches it)."""
+
+
+def _error_text(e: Exception) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def _tune_group(state: _Tuning, kind: str, op: Op, text: str, sites: list, model: nn.Module, margin: float,
                 warmup: int, rounds: int, timer, device) -> Tuned:
+    """One decision: every candidate checked on each site against the original, the correct ones
+    timed on the first site. Raises _Skip where it cannot be tuned."""
+    from .verify import REL_TOL
+
     first = sites[0]
     layers = sum(1 for m in model.modules() if common.is_fused(m) and common.kind(m) == kind)
     names = ["original"] + [b for b in _kernel_order(op, device) if not common.runnable(op, b, first.args,
@@ -507,29 +558,39 @@ def _tune_group(state: _Tuning, kind: str, op: Op, text: str, sites: list, model
     candidates = {n: Candidate(n) for n in names}
 
     def forced(site, name):
-        state.forced = {(id(site.decider), op.name, site.key): name}
-        return _call(site.runner, site.inputs)
+        """The site's module run with the decision forced to `name`, in the autocast state it ran
+        in; raises _Skip if the replay never reaches the decision (it went another way)."""
+        state.forced, state.hits = {(id(site.decider), op.name, site.key): name}, 0
+        with site.autocast():
+            out = _call(site.runner, site.inputs)
+        if not state.hits:
+            raise _Skip(f"replaying {type(site.runner).__name__} does not reach this decision")
+        return out
 
     # correctness on every checked layer, against the original on the same inputs
     bound = 0.0
     for site in sites:
-        ref = [t.detach().clone() for t in _tensors(forced(site, "original"))]
+        try:
+            ref = [t.detach().clone() for t in _tensors(forced(site, "original"))]
+        except _Skip:
+            raise
+        except Exception as e:  # noqa: BLE001 - the module's own code fails on its captured inputs
+            raise _Skip(f"the original fails when replayed: {_error_text(e)}") from e
         dt = next((t.dtype for t in ref if t.is_floating_point()), torch.float32)
-        from .verify import REL_TOL
-
-        bound = max(bound, REL_TOL.get(dt, REL_TOL[torch.float32]))
+        tol = REL_TOL.get(dt, REL_TOL[torch.float32])
+        bound = max(bound, tol)
         for name in names[1:]:
             c = candidates[name]
             if c.rejected is not None:
                 continue
             try:
-                err = _rel_error(_tensors(forced(site, name)), ref)
+                err = rel_error(_tensors(forced(site, name)), ref)
             except Exception as e:  # noqa: BLE001 - a failing candidate is rejected with its error
-                c.rejected = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                c.rejected = _error_text(e)
                 continue
             c.rel_error = err if c.rel_error is None else max(c.rel_error, err)
-            if not err <= REL_TOL.get(dt, REL_TOL[torch.float32]):
-                c.rejected = f"rel. error {err:.3g} > {REL_TOL.get(dt, REL_TOL[torch.float32]):g}"
+            if not err <= tol:
+                c.rejected = f"rel. error {err:.3g} > {tol:g}"
     candidates["original"].rel_error = 0.0
     timed = [n for n in names if candidates[n].rejected is None]
     times: dict = {n: [] for n in timed}
@@ -537,8 +598,7 @@ def _tune_group(state: _Tuning, kind: str, op: Op, text: str, sites: list, model
         for r in range(warmup + rounds):
             order = timed[r % len(timed):] + timed[:r % len(timed)]  # rotate: no candidate always first
             for name in order:
-                state.forced = {(id(first.decider), op.name, first.key): name}
-                ms = timer(lambda: _call(first.runner, first.inputs))
+                ms = timer(lambda: forced(first, name))
                 if r >= warmup:
                     times[name].append(ms)
     state.forced = {}
@@ -551,7 +611,8 @@ def _tune_group(state: _Tuning, kind: str, op: Op, text: str, sites: list, model
         best = min(timed[1:], key=lambda n: candidates[n].median_ms)
         if candidates[best].median_ms < orig * (1 - margin):
             winner = best
-    return Tuned(kind, op.name, text, layers, winner, list(candidates.values()), bound)
+    dtype = str(first.args[0].dtype).replace("torch.", "")
+    return Tuned(kind, op.name, text, layers, winner, list(candidates.values()), bound, dtype)
 
 
 def _kernel_order(op: Op, device: torch.device) -> list[str]:
@@ -572,6 +633,7 @@ def _apply(model: nn.Module, tuned: list[Tuned], device: torch.device, results: 
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     for t in tuned:
         entry = {"module": t.module, "op": t.op, "signature": t.signature, "env": env, "winner": t.winner,
+                 "dtype": t.dtype,
                  "layers": t.layers, "bound": t.bound, "tuned": stamp,
                  "candidates": {c.name: {"median_ms": c.median_ms, "rel_error": c.rel_error,
                                          "rejected": c.rejected} for c in t.candidates}}

@@ -304,9 +304,9 @@ def test_selfcheck_disables_a_broken_backend(monkeypatch):
     model, pixels = _vit()
     with torch.no_grad():
         ref = model(pixel_values=pixels).last_hidden_state
-    fastdino.patch(model, backend="cpu", cache=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        fastdino.patch(model, backend="cpu", cache=False)  # checks ahead the backends it pins
         with torch.no_grad():
             out = model(pixel_values=pixels).last_hidden_state
             model(pixel_values=pixels)
@@ -430,9 +430,74 @@ def test_tuned_model_compiles_fullgraph_with_its_choices():
 
 def test_output_comparison_holds_nan_and_inf_to_the_original():
     ref = torch.tensor([1.0, float("nan"), float("inf"), -2.0])
-    assert tuning._rel_error([ref.clone()], [ref]) == 0.0
-    assert tuning._rel_error([torch.tensor([1.0, 0.0, float("inf"), -2.0])], [ref]) == float("inf")
-    assert tuning._rel_error([torch.tensor([1.0, float("nan"), 5.0, -2.0])], [ref]) == float("inf")
-    err = tuning._rel_error([torch.tensor([1.0, float("nan"), float("inf"), -2.5])], [ref])
+    assert selfcheck.rel_error([ref.clone()], [ref]) == 0.0
+    assert selfcheck.rel_error([torch.tensor([1.0, 0.0, float("inf"), -2.0])], [ref]) == float("inf")
+    assert selfcheck.rel_error([torch.tensor([1.0, float("nan"), 5.0, -2.0])], [ref]) == float("inf")
+    err = selfcheck.rel_error([torch.tensor([1.0, float("nan"), float("inf"), -2.5])], [ref])
     assert err == pytest.approx(0.5 / 5 ** 0.5)
-    assert tuning._rel_error([torch.tensor([1, 2])], [torch.tensor([1, 3])]) == float("inf")
+    assert selfcheck.rel_error([torch.tensor([1, 2])], [torch.tensor([1, 3])]) == float("inf")
+
+
+def test_a_raising_kernel_is_rejected_and_leaves_tune_consistent():
+    """A candidate whose kernel raises is rejected with its error; the hook stack stays balanced,
+    so the next layers' decisions are still replayed (and checked) through their own modules."""
+    net, x = _patched(), torch.randn(4, 8)
+
+    def boom(backend, y):
+        if backend == "cpu":
+            raise RuntimeError("kernel launch failed")
+        return _probe_kernel(backend, y)
+
+    PROBE.launch = boom
+    try:
+        (t,) = _tune(net, x).tuned
+    finally:
+        PROBE.launch = _probe_kernel
+    cpu = next(c for c in t.candidates if c.name == "cpu")
+    assert cpu.rejected == "RuntimeError: kernel launch failed"
+    assert t.winner == "triton" if Clock.cost["triton"] < Clock.cost["original"] else t.winner == "original"
+    from fastdino.fused import common
+
+    assert common.TUNING is None
+
+
+def test_malformed_and_newer_caches_are_ignored_not_overwritten(tmp_path):
+    env = tuning.environment(torch.device("cpu"))
+    path = tmp_path / "cache.json"
+    path.write_text(json.dumps({"format": 1, "entries": {
+        "a": "junk", "b": {"env": env, "winner": "cpu"},
+        "c": {"module": "Probe", "op": "add_layer_norm", "signature": "s", "winner": "cutlass", "env": env},
+        "d": {"module": "Probe", "op": "add_layer_norm", "signature": "s", "winner": "cpu",
+              "env": {"device_type": "xpu9"}}}}))
+    cache = tuning.TimingCache.load(path)
+    assert cache.choices() == {}
+    reasons = sorted(why for _, why in cache.ignored)
+    assert reasons == ["malformed entry: env.device_type must be cuda or cpu",
+                       "malformed entry: no module, op, signature", "malformed entry: not a JSON object",
+                       "unknown winner 'cutlass'"]
+    newer = tmp_path / "newer.json"
+    newer.write_text(json.dumps({"format": 99, "entries": {"keep": {}}}))
+    with pytest.warns(RuntimeWarning, match="newer than this fastdino"):
+        report = fastdino.tune(_patched(), torch.randn(4, 8), timer=Clock.timer, warmup=0, rounds=1,
+                               cache=newer)
+    assert report.cache is None and json.loads(newer.read_text())["format"] == 99
+
+
+def test_an_unhashable_argument_is_decided_per_call():
+    class FusedListProbe:
+        def forward(self, x):
+            backend = decide(self, PROBE, x, [1, 2])
+            return super().forward(x) if backend is None else PROBE.run(backend, x)
+
+    PROBE_REASONS = PROBE.reasons
+    PROBE.reasons = lambda backend, x, extra=None: PROBE_REASONS(backend, x)
+    try:
+        net = Net(1)
+        net.layers[0].__class__ = _fused_class(FusedListProbe, Probe)
+        net.layers[0]._fastdino_backend, net.layers[0]._fastdino_tuned = "cpu", None
+        with torch.no_grad():
+            net(torch.randn(4, 8))
+            net(torch.randn(4, 8))
+    finally:
+        PROBE.reasons = PROBE_REASONS
+    assert "_fastdino_decisions" not in net.layers[0].__dict__

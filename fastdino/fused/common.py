@@ -46,18 +46,19 @@ def decide(module: nn.Module, op: Op, *args, also: Optional[tuple] = None) -> Op
     kernel backend must also pass its first-use self-check. None: the module runs the model's own
     code (the same numbers as before patching, at the same cost)."""
     key = (op.name, torch.is_grad_enabled(), signature(args if also is None else args + also))
-    if TUNING is not None:
-        chosen = TUNING.decide(module, op, key, args, also)
-        if chosen is not TUNING.UNFORCED:
-            return chosen
     decisions = module.__dict__.get("_fastdino_decisions")
-    if decisions is not None:
-        try:
+    try:
+        if TUNING is not None:
+            chosen = TUNING.decide(module, op, key, args, also)
+            if chosen is not TUNING.UNFORCED:
+                return chosen
+        if decisions is not None:
             return decisions[key]
-        except KeyError:
-            pass
-        except TypeError:  # an unhashable argument: decide for this call only
-            return make_decision(module, op, key, args, also)[0]
+        hash(key)
+    except KeyError:
+        pass
+    except TypeError:  # an unhashable argument: decided for this call only, neither kept nor tuned
+        return make_decision(module, op, None, args, also)[0]
     if torch.compiler.is_compiling():
         # decided in the trace, once per compiled graph: no memo (the compiler would guard on it)
         return make_decision(module, op, key, args, also)[0]
@@ -85,7 +86,7 @@ def make_decision(module: nn.Module, op: Op, key: tuple, args: tuple, also: Opti
         return backend, f"pinned {backend!r}"
     note = ""
     table = module.__dict__.get("_fastdino_tuned")
-    entry = table.get((kind(module), op.name, key_text(key))) if table else None
+    entry = table.get((kind(module), op.name, key_text(key))) if table and key is not None else None
     if entry is not None:
         winner = entry["winner"]
         if winner == "original":

@@ -109,21 +109,24 @@ def _dropout_active(module: nn.Module) -> bool:
                                    for m in module.modules())
 
 
-def _attention_like(x: Tensor, norm_weight: Tensor, heads: int, grad: bool = False) -> tuple:
+def _attention_like(x: Tensor, norm_weight: Tensor, heads: int, grad: bool = False, sizes=(1, 1, 1)) -> tuple:
     """masked_attention's arguments in a decoder of this width and head count, as `Like`: q, k, v
-    from the projections of x, the mask logits in x's activation dtype."""
+    from the projections of x, the mask logits in x's activation dtype. `sizes`: (batch, queries,
+    keys of the first level), so that a decision (and a tuned choice) is per problem size."""
     dt = activation_dtype(x)
-    qkv = Like(x.device, dt, (1, 1, heads, norm_weight.shape[0] // heads), grad)
-    return qkv, qkv, qkv, Like(x.device, dt, (1, 1, 1), grad)
+    B, Q, K = sizes
+    D = norm_weight.shape[0] // heads
+    kv = Like(x.device, dt, (B, K, heads, D), grad)
+    return Like(x.device, dt, (B, Q, heads, D), grad), kv, kv, Like(x.device, dt, (B, Q, K), grad)
 
 
-def _decoder_backend(decoder: nn.Module, x: Tensor, norm_weight: Tensor, heads: int) -> Optional[str]:
+def _decoder_backend(decoder: nn.Module, x: Tensor, norm_weight: Tensor, heads: int, sizes) -> Optional[str]:
     """masked_attention's backend for every attention of one decoder forward, decided once: a
     pinned kernel backend, or (no grad) the kernel masked_attention picks; None: the original
     forward runs (for a pinned "ref", and with dropout in training, pinned or not)."""
     if _dropout_active(decoder):  # transformers' cross_attn carries config.dropout
         return None
-    args = _attention_like(x, norm_weight, heads, needs_grad(x, norm_weight))
+    args = _attention_like(x, norm_weight, heads, needs_grad(x, norm_weight), sizes)
     backend = decide(decoder, MASKED_ATTENTION, *args)
     return None if backend == "ref" else backend
 
@@ -182,8 +185,10 @@ class FusedMask2FormerMaskedAttentionDecoder:
                 output_attentions=None, output_hidden_states=None, return_dict=None):
         if output_attentions is None:
             output_attentions = self.config.output_attentions
+        first = feature_size_list[0] if feature_size_list else (1, 1)
+        sizes = (inputs_embeds.shape[1], inputs_embeds.shape[0], int(first[0]) * int(first[1]))
         backend = None if output_attentions else _decoder_backend(self, inputs_embeds, self.layernorm.weight,
-                                                                  self.mask_predictor.num_heads)
+                                                                  self.mask_predictor.num_heads, sizes)
         if backend is None:
             return super().forward(inputs_embeds, multi_stage_positional_embeddings, pixel_embeddings,
                                    encoder_hidden_states, query_position_embeddings, feature_size_list,
@@ -268,7 +273,8 @@ class FusedMultiScaleMaskedTransformerDecoder:
         return outputs_class, outputs_mask, resized.flatten(2)
 
     def forward(self, x, mask_features, mask=None):
-        backend = _decoder_backend(self, mask_features, self.post_norm.weight, self.num_heads)
+        sizes = (x[0].shape[0], self.query_feat.weight.shape[0], x[0].shape[-2] * x[0].shape[-1])
+        backend = _decoder_backend(self, mask_features, self.post_norm.weight, self.num_heads, sizes)
         if backend is None:
             return super().forward(x, mask_features, mask)
         owner = self  # the module whose decisions (and pinned backend) apply
