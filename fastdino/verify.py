@@ -149,8 +149,9 @@ def _agreements(ref: dict[str, Tensor], out: dict[str, Tensor]) -> list[Agreemen
 def ran_summary(ran: dict) -> str:
     """{(op, backend): calls} in words, or that no op ran (the model's own code did)."""
     if not ran:
-        return ("none ran; the patched modules ran the model's own code (dispatch picks the reference on "
-                "this device and dtype: `fastdino info` says why, backend= pins one)")
+        return ("none ran; the patched modules ran the model's own code (fastdino.tune measured it fastest, "
+                "or untuned dispatch picks the reference on this device and dtype: `fastdino info` says why, "
+                "backend= pins one)")
     return ", ".join(f"{op} on {backend} ({n} calls)" for (op, backend), n in ran.items())
 
 
