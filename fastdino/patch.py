@@ -246,7 +246,9 @@ def _check_ahead(model: nn.Module, device, dtype, backend: Optional[str], tuned:
     from .ops import OPS
 
     wanted = set()
-    for name in {getattr(type(m), "_fastdino_op", None) for m in model.modules() if is_fused(m)} - {None}:
+    names = {name for cls in {type(m) for m in model.modules() if is_fused(m)}
+             for name in (getattr(cls, "_fastdino_op", None), *getattr(cls, "_fastdino_more_ops", ()))}
+    for name in names - {None}:
         op = OPS[name]
         names = [backend] if backend is not None else op.priority.get(device.type, ())
         wanted |= {(op, b, dtype) for b in names if b != "ref"}

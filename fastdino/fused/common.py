@@ -54,7 +54,6 @@ def decide(module: nn.Module, op: Op, *args, also: Optional[tuple] = None) -> Op
                 return chosen
         if decisions is not None:
             return decisions[key]
-        hash(key)
     except KeyError:
         pass
     except TypeError:  # an unhashable argument: decided for this call only, neither kept nor tuned
@@ -62,13 +61,17 @@ def decide(module: nn.Module, op: Op, *args, also: Optional[tuple] = None) -> Op
     if torch.compiler.is_compiling():
         # decided in the trace, once per compiled graph: no memo (the compiler would guard on it)
         return make_decision(module, op, key, args, also)[0]
-    if decisions is None:
-        decisions = module.__dict__["_fastdino_decisions"] = {}
-    if len(decisions) >= 64:
-        decisions.clear()
     chosen, why = make_decision(module, op, key, args, also)
-    decisions[key] = chosen
-    module.__dict__.setdefault("_fastdino_why", {})[key] = why
+    if decisions is None or len(decisions) >= 64:
+        decisions = {}
+    try:
+        decisions[key] = chosen
+    except TypeError:  # an unhashable argument (its first call): decided for this call only
+        return chosen
+    if len(decisions) == 1:  # a new memo: the reasons kept beside it start again too
+        module.__dict__["_fastdino_why"] = {}
+    module.__dict__["_fastdino_decisions"] = decisions
+    module.__dict__["_fastdino_why"][key] = why
     return chosen
 
 

@@ -81,6 +81,7 @@ class _FusedConvNextBlock:
     training with drop path active."""
 
     _fastdino_op = "dwconv_layer_norm"  # what the patch report names
+    _fastdino_more_ops = ("fused_linear",)  # also run (the MLP): patch self-checks them ahead
 
     def _fastdino_block(self, x: Tensor) -> Optional[Tensor]:
         if x.dim() != 4 or torch.is_autocast_enabled(x.device.type):

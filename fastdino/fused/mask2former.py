@@ -153,6 +153,7 @@ class FusedMask2FormerMaskedAttentionDecoder:
     """
 
     _fastdino_op = "masked_attention"  # what the patch report names
+    _fastdino_more_ops = ("add_layer_norm",)  # also run (the seams): patch self-checks them ahead
 
     def _fastdino_predict(self, output: Tensor, pixel_embeddings: Tensor, size) -> tuple[Tensor, Tensor]:
         """The mask predictor's (mask logits at 1/4, logits resized to `size` as (B, Q, HW))."""
@@ -263,6 +264,7 @@ class FusedMultiScaleMaskedTransformerDecoder:
     """
 
     _fastdino_op = "masked_attention"  # what the patch report names
+    _fastdino_more_ops = ("add_layer_norm",)  # also run (the seams): patch self-checks them ahead
 
     def _fastdino_heads(self, output: Tensor, mask_features: Tensor, size):
         """forward_prediction_heads with the resized mask logits, (B, Q, HW), in place of the mask."""
