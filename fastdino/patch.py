@@ -52,7 +52,7 @@ def _reduce_fused(module: nn.Module, protocol: int):
 
 # What a swapped module keeps for this process only: its decisions (a new process self-checks and
 # decides again) and the tuned table (a loaded model reads the timing cache of its new machine).
-_PER_PROCESS = ("_fastdino_decisions", "_fastdino_why", "_fastdino_tuned")
+_PER_PROCESS = ("_fastdino_decisions", "_fastdino_tuned")
 
 
 def _new_fused(mixin: type, original: type) -> nn.Module:

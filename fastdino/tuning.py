@@ -553,8 +553,8 @@ def _tune_group(state: _Tuning, kind: str, op: Op, text: str, sites: list, model
 
     first = sites[0]
     layers = sum(1 for m in model.modules() if common.is_fused(m) and common.kind(m) == kind)
-    names = ["original"] + [b for b in _kernel_order(op, device) if not common.runnable(op, b, first.args,
-                                                                                       first.also)]
+    names = ["original"] + [b for b in _kernel_order(op, device)
+                            if not op.runnable(b, *first.args, also=first.also)]
     candidates = {n: Candidate(n) for n in names}
 
     def forced(site, name):
@@ -642,4 +642,3 @@ def _apply(model: nn.Module, tuned: list[Tuned], device: torch.device, results: 
     for m in fused:
         m._fastdino_tuned = table
         m.__dict__.pop("_fastdino_decisions", None)
-        m.__dict__.pop("_fastdino_why", None)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import selfcheck
-from ..ops._dispatch import Like, Op, grad_reasons, signature, signature_text
+from ..ops._dispatch import Like, Op, signature, signature_text
 from ..ops.add_layer_norm import OP as ADD_LAYER_NORM
 
 
@@ -57,60 +57,43 @@ def decide(module: nn.Module, op: Op, *args, also: Optional[tuple] = None) -> Op
     except KeyError:
         pass
     except TypeError:  # an unhashable argument: decided for this call only, neither kept nor tuned
-        return make_decision(module, op, None, args, also)[0]
+        return make_decision(module, op, None, args, also)
     if torch.compiler.is_compiling():
         # decided in the trace, once per compiled graph: no memo (the compiler would guard on it)
-        return make_decision(module, op, key, args, also)[0]
-    chosen, why = make_decision(module, op, key, args, also)
+        return make_decision(module, op, key, args, also)
+    chosen = make_decision(module, op, key, args, also)
     if decisions is None or len(decisions) >= 64:
         decisions = {}
     try:
         decisions[key] = chosen
     except TypeError:  # an unhashable argument (its first call): decided for this call only
         return chosen
-    if len(decisions) == 1:  # a new memo: the reasons kept beside it start again too
-        module.__dict__["_fastdino_why"] = {}
     module.__dict__["_fastdino_decisions"] = decisions
-    module.__dict__["_fastdino_why"][key] = why
     return chosen
 
 
-def make_decision(module: nn.Module, op: Op, key: tuple, args: tuple, also: Optional[tuple]):
-    """(backend or None, how it was decided) for `decide`, without its memo."""
+def make_decision(module: nn.Module, op: Op, key: Optional[tuple], args: tuple,
+                  also: Optional[tuple]) -> Optional[str]:
+    """`decide` without its memo: the pinned backend (None where it failed its self-check), the
+    tuned winner where it can run these arguments, else the untuned pick; None for the original."""
     pinned = module._fastdino_backend
     if pinned is not None:
         backend = op.choose(pinned, *args)
         if also is not None:
             op.choose(pinned, *also)
-        if backend != "ref":
-            failed = selfcheck.reasons(op, backend, args[0].device, args[0].dtype)
-            if failed:
-                return None, f"pinned {backend!r} {failed[0]}: the model's own code runs"
-        return backend, f"pinned {backend!r}"
-    note = ""
+        if backend != "ref" and selfcheck.reasons(op, backend, args[0].device, args[0].dtype):
+            return None  # warned once by the self-check: the model's own code runs
+        return backend
     table = module.__dict__.get("_fastdino_tuned")
     entry = table.get((kind(module), op.name, key_text(key))) if table and key is not None else None
     if entry is not None:
         winner = entry["winner"]
         if winner == "original":
-            return None, "tuned: the original was fastest"
-        why = runnable(op, winner, args, also)
-        if not why:
-            return winner, f"tuned: {winner!r} was fastest"
-        note = f"; tuned {winner!r} cannot run now ({'; '.join(why)})"
-    for backend in op.priority.get(args[0].device.type, ("ref",)):
-        if backend == "ref" or not runnable(op, backend, args, also):
-            break
-    return (None if backend == "ref" else backend), f"untuned default {backend!r}{note}"
-
-
-def runnable(op: Op, backend: str, args: tuple, also: Optional[tuple]) -> list[str]:
-    """Why `backend` cannot run op on `args` (and `also`) now: its reasons, grad, its self-check."""
-    if backend == "ref":
-        return []
-    why = op.reasons(backend, *args) + (op.reasons(backend, *also) if also is not None else [])
-    why += grad_reasons(args)
-    return why or selfcheck.reasons(op, backend, args[0].device, args[0].dtype)
+            return None
+        if not op.runnable(winner, *args, also=also):
+            return winner
+    backend = op.pick(*args, also=also)[0]
+    return None if backend == "ref" else backend
 
 
 def kind(module: nn.Module) -> str:

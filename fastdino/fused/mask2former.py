@@ -163,11 +163,10 @@ class FusedMask2FormerMaskedAttentionDecoder:
         return outputs_mask, resized.flatten(2)
 
     def _fastdino_layer(self, layer, hidden, level, pos, query_pos, features, mask_logits, backend) -> Tensor:
-        owner = self  # the module whose decisions (and pinned backend) apply
         Q, B, C = hidden.shape
         hidden = _mha_block(layer.cross_attn, layer.cross_attn_layer_norm, layer.pre_norm, hidden,
                             features[level],
-                            None if pos is None else pos[level], query_pos, mask_logits, backend, owner)
+                            None if pos is None else pos[level], query_pos, mask_logits, backend, self)
         # self-attention over the queries (Mask2FormerAttention: q pre-scaled by head_dim**-0.5)
         sa = layer.self_attn
         x = layer.self_attn_layer_norm(hidden) if layer.pre_norm else hidden
@@ -178,8 +177,8 @@ class FusedMask2FormerMaskedAttentionDecoder:
                                    _sequence_first_heads(v, sa.num_heads),
                                    None, sa.scaling)
         out = sa.out_proj(out.transpose(0, 1).reshape(Q, B, C))
-        hidden = _post_or_pre_norm(hidden, out, layer.self_attn_layer_norm, layer.pre_norm, owner)
-        return _ffn_block(layer.fc1, layer.fc2, layer.final_layer_norm, layer.pre_norm, hidden, owner)
+        hidden = _post_or_pre_norm(hidden, out, layer.self_attn_layer_norm, layer.pre_norm, self)
+        return _ffn_block(layer.fc1, layer.fc2, layer.final_layer_norm, layer.pre_norm, hidden, self)
 
     def forward(self, inputs_embeds=None, multi_stage_positional_embeddings=None, pixel_embeddings=None,
                 encoder_hidden_states=None, query_position_embeddings=None, feature_size_list=None,
@@ -279,7 +278,6 @@ class FusedMultiScaleMaskedTransformerDecoder:
         backend = _decoder_backend(self, mask_features, self.post_norm.weight, self.num_heads, sizes)
         if backend is None:
             return super().forward(x, mask_features, mask)
-        owner = self  # the module whose decisions (and pinned backend) apply
         src, pos, size_list = [], [], []
         for i in range(self.num_feature_levels):
             size_list.append(x[i].shape[-2:])
@@ -295,13 +293,13 @@ class FusedMultiScaleMaskedTransformerDecoder:
             level = i % self.num_feature_levels
             cross = self.transformer_cross_attention_layers[i]
             output = _mha_block(cross.multihead_attn, cross.norm, cross.normalize_before, output, src[level],
-                                pos[level], query_pos, mask_logits, backend, owner)
+                                pos[level], query_pos, mask_logits, backend, self)
             sa = self.transformer_self_attention_layers[i]
             output = _mha_block(sa.self_attn, sa.norm, sa.normalize_before, output, None, None, query_pos,
                                 None,
-                                backend, owner)
+                                backend, self)
             ffn = self.transformer_ffn_layers[i]
-            output = _ffn_block(ffn.linear1, ffn.linear2, ffn.norm, ffn.normalize_before, output, owner)
+            output = _ffn_block(ffn.linear1, ffn.linear2, ffn.norm, ffn.normalize_before, output, self)
             outputs_class, outputs_mask, mask_logits = self._fastdino_heads(
                 output, mask_features, size_list[(i + 1) % self.num_feature_levels])
             classes.append(outputs_class)

@@ -88,18 +88,21 @@ class Op:
             return RecomputeRef.apply(self, backend, *args)
         return self.launch(backend, *args)
 
-    def pick(self, *args) -> tuple[str, dict[str, list[str]]]:
-        """The first backend of priority[device] that can run `args` and passed its self-check, and
-        why each one before it could not."""
+    def runnable(self, backend: str, *args, also: Optional[tuple] = None) -> list[str]:
+        """Why `backend` cannot run `args` (and `also`, a second call on the same backend) now: its
+        reasons, grad, its first-use self-check ([] if it can)."""
+        if backend == "ref":
+            return []
+        why = self.reasons(backend, *args) + (self.reasons(backend, *also) if also is not None else [])
+        why += grad_reasons(args)
+        return why or selfcheck.reasons(self, backend, args[0].device, args[0].dtype)
+
+    def pick(self, *args, also: Optional[tuple] = None) -> tuple[str, dict[str, list[str]]]:
+        """The first backend of priority[device] that can run `args` (and `also`) and passed its
+        self-check, and why each one before it could not."""
         skipped = {}
-        grad = grad_reasons(args)
-        device, dtype = args[0].device, args[0].dtype
-        for backend in self.priority.get(device.type, ("ref",)):
-            if backend == "ref":
-                return backend, skipped
-            why = self.reasons(backend, *args) + grad
-            if not why:
-                why = selfcheck.reasons(self, backend, device, dtype)
+        for backend in self.priority.get(args[0].device.type, ("ref",)):
+            why = self.runnable(backend, *args, also=also)
             if not why:
                 return backend, skipped
             skipped[backend] = why
