@@ -94,9 +94,7 @@ def _extensions():
 
 ext_modules, cmdclass = _extensions()
 setup(
-    # every package under fastdino/, and kernels/ installed as fastdino.kernels
-    packages=find_packages(include=["fastdino", "fastdino.*"]) + ["fastdino.kernels"],
-    package_dir={"fastdino.kernels": "kernels"},
+    packages=find_packages(include=["fastdino", "fastdino.*"]),
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     options={"bdist_wheel": {"py_limited_api": "cp311"}} if ext_modules else {},

@@ -11,18 +11,10 @@
 
 import pkgutil
 
-# From the repository root, `python -m fastdino` imports this source tree, which has neither the
-# compiled fastdino._C nor fastdino.kernels (setup.py installs kernels/ there): extend the package
-# path with the installed copy so both resolve.
+# From the repository root, `python -m fastdino` imports this source tree, which lacks the compiled
+# fastdino._C of a non-editable install: extend the package path with the installed copy.
 __path__ = pkgutil.extend_path(__path__, __name__)
 
-try:
-    from . import kernels  # noqa: F401  (kernels/ is installed here by setup.py)
-except ImportError as e:
-    raise ImportError(
-        f"fastdino imported from {__path__[0]}, which has no fastdino.kernels: this is the source tree. "
-        "Install with `pip install .` and run from another directory, or use the `fastdino` command."
-    ) from e
 from . import bench, ops  # noqa: E402
 from .graph import GraphCaptureError, cuda_graph  # noqa: E402
 from .info import info  # noqa: E402

@@ -267,7 +267,6 @@ def test_cache_roundtrip_across_processes(tmp_path):
 
     path = tmp_path / "cache.json"
     benchmarks = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-    # cwd: not the repository root, whose kernels/ would shadow the `kernels` package transformers imports
     subprocess.run([sys.executable, "-c", _TUNE_IN_A_SUBPROCESS, str(path), benchmarks], check=True,
                    timeout=300, cwd=tmp_path)
     model, pixels = _vit()

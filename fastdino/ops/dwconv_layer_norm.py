@@ -10,7 +10,7 @@ Fused: x is read once (through its strides, so NCHW and channels-last inputs tak
 and z written once, in the token layout the block's MLP reads. y is rounded to the storage dtype
 before the statistics, as the unfused conv stores it; statistics are fp32.
 
-Backends: ``triton`` (kernels/dwconv_layer_norm.py: a row of pixels with all its channels per
+Backends: ``triton`` (fastdino/kernels/dwconv_layer_norm.py: a row of pixels with all its channels per
 program, the halo re-read through the caches), ``cuda`` (csrc/cuda/dwconv_layer_norm.cu: a tile
 of pixels per block with its halo staged in shared memory, channel chunk by channel chunk) and
 ``cpu`` (csrc/dwconv_layer_norm.cpp), ``ref``. The kernels take the 7x7 kernel of ConvNeXt; the

@@ -10,7 +10,7 @@ DINOv3ViTGatedMLP gate/up) and fc2 + LayerScale + residual; the weights are the 
 tensors, never a copy. Accumulation and epilogue in fp32, one rounding.
 
 Backends:
-- ``triton`` (kernels/fused_linear.py): one GEMM kernel with the epilogue in registers, so the
+- ``triton`` (fastdino/kernels/fused_linear.py): one GEMM kernel with the epilogue in registers, so the
   wide hidden activation is written once;
 - ``cuda`` and ``cpu`` (fastdino._C, csrc/fused_linear.*): ATen's GEMM (cuBLAS/cuBLASLt with its
   bias epilogue on the GPU), then one in-place epilogue pass, which replaces eager's separate

@@ -11,7 +11,7 @@ nn.MultiheadAttention, without that mask. Without mask_logits it is plain attent
 decoder's self-attention over the queries). Token-major q, k, v with any strides, so the
 projections' outputs are read in place; any head dim up to 128 (2, 24, 32 occur).
 
-Backends: ``triton`` (kernels/masked_attention.py: flash-style, the logits tile loaded next to each
+Backends: ``triton`` (fastdino/kernels/masked_attention.py: flash-style, the logits tile loaded next to each
 key block), ``cuda`` and ``cpu`` (fastdino._C, csrc/masked_attention.*: one warp per query row on
 the GPU, its 32 lanes scoring 32 keys at a time; a row loop on the CPU), ``ref`` (the models' own
 mask construction, then nn.MultiheadAttention's math, which the decoders run: torch's CPU SDPA

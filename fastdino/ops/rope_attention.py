@@ -26,7 +26,7 @@ SDPA gives 0: there, on CPU tensors only (the Triton interpreter), the two diffe
 
 Backends: ``cuda`` and ``cpu`` (fastdino._C: one C++ pass that rotates q and k, then ATen's
 scaled_dot_product_attention, i.e. flash attention on the GPU), ``triton`` (the flash-style kernel
-in kernels/rope_attention.py, RoPE applied on load), ``ref``. On CUDA tensors the priority is
+in fastdino/kernels/rope_attention.py, RoPE applied on load), ``ref``. On CUDA tensors the priority is
 cuda, triton, ref, by measurement (benchmarks/bench_rope_attention.py, H100, bf16, ViT-S/L shapes):
 the C++ form ran at 0.66-0.90x of SDPA without RoPE and 2-12x of SDPA with eager RoPE, the Triton
 kernel at 0.24-0.41x of SDPA (157 TFLOP/s at most against SDPA's 390). On CPU tensors the

@@ -1,0 +1,1 @@
+"""Triton kernels of fastdino: one file per op, kernels plus a launcher."""
