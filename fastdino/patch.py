@@ -5,13 +5,14 @@ import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from . import _ext, selfcheck
-from .fused import RULES
+from .fused import RULES, sources
+from .fused.common import rule_reasons
 from .ops._dispatch import BACKENDS
 from .tuning import TimingCache
 
@@ -148,7 +149,8 @@ def _grouped(swapped: list) -> dict:
 
 
 def patch(model: nn.Module, backend: Optional[str] = None, precision: Optional[str] = None,
-          cache: Union[None, bool, str, os.PathLike, TimingCache] = None) -> PatchReport:
+          cache: Union[None, bool, str, os.PathLike, TimingCache] = None,
+          trust: Sequence[str] = ()) -> PatchReport:
     """Swap every recognised module of `model` for its fused form, in place.
 
     Parameters, buffers and state_dict keys are unchanged. On a patched model it applies the new
@@ -166,11 +168,26 @@ def patch(model: nn.Module, backend: Optional[str] = None, precision: Optional[s
     `cache`: the timing cache whose choices apply (fastdino.tune): None reads the default one
     ($FASTDINO_CACHE, else the user cache dir), a path reads that file, False reads none (every
     module then runs dispatch's untuned default). Only entries measured on this machine apply.
+    `trust`: module names (or packages) whose classes are copies of the libraries' classes, e.g.
+    trust=["mypkg.vendored.dinov3"]. Otherwise a module is swapped only when its class is defined
+    in the library module fastdino's fused form follows, at a library release (or, for the
+    dinov3 repository, a code digest) it was written against: a class with a known name defined
+    elsewhere is left alone, with the reason. Structure checks apply to trusted classes too.
     """
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"fastdino.patch: backend must be one of {BACKENDS} or None, got {backend!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"fastdino.patch: precision must be one of {PRECISIONS}, got {precision!r}")
+    if isinstance(trust, str) or not all(isinstance(t, str) and t for t in trust):
+        raise ValueError(f"fastdino.patch: trust must be a list of module names, got {trust!r}")
+    sources.TRUSTED = tuple(trust)
+    try:
+        return _patch(model, backend, precision, cache)
+    finally:
+        sources.TRUSTED = ()
+
+
+def _patch(model: nn.Module, backend: Optional[str], precision: Optional[str], cache) -> PatchReport:
     report = PatchReport()
     tuned = None
     if isinstance(cache, TimingCache):
@@ -190,11 +207,9 @@ def patch(model: nn.Module, backend: Optional[str] = None, precision: Optional[s
             if is_fused(module):
                 _forget(module, tuned)
             continue
-        rule = next((r for r in RULES if type(module).__name__ == r.class_name
-                     and r.precision in (None, precision) and (r.matches is None or r.matches(module))), None)
+        rule, reasons = _rule(module, precision)
         if rule is None:
             continue
-        reasons = rule.reasons(module)
         if reasons:
             report.skipped.append(Skipped(path, type(module).__name__, reasons))
             continue
@@ -237,6 +252,20 @@ def patch(model: nn.Module, backend: Optional[str] = None, precision: Optional[s
         report.notes.append(f"precision bf16 changes nothing here: it applies to {', '.join(bf16_classes)}, "
                             "and this model has none (patched before with it: see changed)")
     return report
+
+
+def _rule(module: nn.Module, precision: Optional[str]):
+    """(the rule that swaps `module`, []), or (a rule for its class name, why none swaps it), or
+    (None, None) where no rule has its class name. Two libraries can share a class name (dinov3's
+    and timm's Mlp): the first rule that can swap it wins."""
+    rules = [r for r in RULES if type(module).__name__ == r.class_name and r.precision in (None, precision)]
+    found = None
+    for rule in rules:
+        reasons = rule_reasons(rule, module)
+        if not reasons:
+            return rule, []
+        found = found or (rule, reasons)
+    return found or (None, None)
 
 
 def _check_ahead(model: nn.Module, device, dtype, backend: Optional[str], tuned: Optional[dict]):

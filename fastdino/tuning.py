@@ -393,7 +393,7 @@ class _Tuning:
     def pre_hook(self, module, args, kwargs):
         dev = self.device_type
         self.stack.append((module, (args, kwargs),
-                           (dev, torch.get_autocast_dtype(dev), torch.is_autocast_enabled(dev))))
+                           (dev, torch.get_autocast_dtype(dev), common.autocast_on(dev))))
 
     def post_hook(self, module, args, kwargs, out):  # always_call: also when the forward raised
         while self.stack:

@@ -4,7 +4,7 @@ get the same class."""
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -161,7 +161,8 @@ def counting_runs(counts: Counter):
 
 
 def verify(model: nn.Module, inputs, backend: Optional[str] = None, precision: Optional[str] = None,
-           rel_tol: Optional[dict] = None, agreement_floor: float = AGREEMENT_FLOOR) -> VerifyReport:
+           rel_tol: Optional[dict] = None, agreement_floor: float = AGREEMENT_FLOOR,
+           trust: Sequence[str] = ()) -> VerifyReport:
     """Run `model` unpatched and patched (fastdino.patch with `backend` and `precision`) on `inputs`
     (a tensor, a tuple of positional arguments or a dict of keyword arguments) and report, per
     output tensor, the max and mean absolute error and the relative error against the original;
@@ -169,12 +170,12 @@ def verify(model: nn.Module, inputs, backend: Optional[str] = None, precision: O
     share of pixels whose argmax class agrees; which kernels ran; and a verdict: PASS where every
     output's relative error is within `rel_tol[dtype]` (default REL_TOL; the bf16 bound for every
     output under precision="bf16") and every agreement is at least `agreement_floor`
-    (`report.passed`). The model is left patched with these options.
+    (`report.passed`). The model is left patched with these options (`trust` as in fastdino.patch).
     """
     tolerances = {**REL_TOL, **(rel_tol or {})}
     unpatch(model)
     ref = _run(model, inputs)
-    report = VerifyReport(patch=patch(model, backend=backend, precision=precision),
+    report = VerifyReport(patch=patch(model, backend=backend, precision=precision, trust=trust),
                           agreement_floor=agreement_floor)
     counts: Counter = Counter()
     with counting_runs(counts):

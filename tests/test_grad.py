@@ -6,8 +6,8 @@ original does."""
 import pytest
 import torch
 from helpers import DEVICE, op_runs
+from models import patch_trusted
 
-import fastdino
 from fastdino import _ext
 from fastdino.ops import (
     add_layer_norm,
@@ -53,6 +53,7 @@ def seeded(*shapes):
     return [torch.randn(s, device=DEVICE) for s in shapes]
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("backend", KERNELS)
 def test_add_layer_norm_gradients(backend):
     x, branch, gamma, weight, bias = seeded((2, 7, 48), (2, 7, 48), (48,), (48,), (48,))
@@ -67,6 +68,7 @@ def test_dwconv_layer_norm_gradients(backend):
                        (x.to(memory_format=torch.channels_last), weight, bias, nw, nb), backend)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("act", ["gelu", "swiglu", None])
 def test_fused_linear_gradients(act, backend):
@@ -78,6 +80,7 @@ def test_fused_linear_gradients(act, backend):
     assert_grads_match(f"fused_linear {act}", fused_linear, (x, w, b, act, w2, b2, r, g), backend)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("masked", [False, True], ids=["rope", "eomt-mask"])
 def test_rope_attention_gradients(masked, backend):
@@ -90,12 +93,14 @@ def test_rope_attention_gradients(masked, backend):
     assert_grads_match("rope_attention", fn, (q, k, v, cos, sin, logits), backend)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("backend", KERNELS)
 def test_masked_attention_gradients(backend):
     q, k, v, logits = seeded((2, 5, 3, 16), (2, 37, 3, 16), (2, 37, 3, 16), (2, 5, 37))
     assert_grads_match("masked_attention", masked_attention, (q, k, v, logits), backend)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("form", ["locations", "offsets"])
 def test_ms_deform_attn_gradients(form, backend):
@@ -180,7 +185,7 @@ def test_pinned_patched_model_runs_with_grad_and_gives_the_originals_gradients(n
     model, run = make()
     model.to(DEVICE).train(mode == "train")
     ref_out, ref_grads = model_grads(model, run)
-    fastdino.patch(model, backend=backend)
+    patch_trusted(model, backend=backend)
     with op_runs(*ops) as calls:  # grad enabled, the parameters require grad, no torch.no_grad()
         out, grads = model_grads(model, run)
     assert all(calls[op].call_count > 0 for op in ops), {op: calls[op].call_count for op in ops}

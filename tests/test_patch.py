@@ -8,6 +8,7 @@ from unittest import mock
 import pytest
 import torch
 from helpers import DEVICE, op_args, op_runs, requires_ext
+from models import patch_trusted
 from models.dinov3_official import DinoVisionTransformer, RopePositionEmbedding
 from models.timm_eva import Eva
 
@@ -114,7 +115,7 @@ def check_patched_matches(model, run, swaps, calls, backend, layerscale=True):
     keys = list(model.state_dict().keys())
     tensors = {k: v.data_ptr() for k, v in model.state_dict().items()}
 
-    report = fastdino.patch(model, backend=backend)
+    report = patch_trusted(model, backend=backend)
     originals = [s.original for s in report.swapped]
     assert {c: originals.count(c) for c in swaps} == {c: 1 if "Rope" in c else 2 for c in swaps}
     assert all(s.fused == swaps[s.original] and s.backend == ("cache" if "Rope" in s.original else backend)
@@ -156,7 +157,7 @@ def test_unpinned_patch_runs_the_original_where_dispatch_picks_the_reference(nam
     model = build().to(DEVICE, torch.bfloat16)
     pixels = torch.randn(2, 3, 64, 48, device=DEVICE, dtype=torch.bfloat16)
     ref = run(model, pixels)
-    fastdino.patch(model)
+    patch_trusted(model)
     with priority({"cpu": ("ref",), "cuda": ("ref",)}), op_runs(*OPS) as ops:
         out = run(model, pixels)
     assert {op: m.call_count for op, m in ops.items()} == {op: 0 for op in OPS}
@@ -170,7 +171,7 @@ def test_unpinned_patch_runs_the_kernels_dispatch_picks(name):
     model = build().to(DEVICE)
     pixels = torch.randn(2, 3, 64, 48, device=DEVICE)
     ref = run(model, pixels)
-    fastdino.patch(model)
+    patch_trusted(model)
     with priority({DEVICE.type: (BACKENDS[0], "ref")}), op_runs(*OPS) as ops:
         out = run(model, pixels)
     assert {op: m.call_count for op, m in ops.items()} == {"add_layer_norm": calls, "rope_attention": calls,
@@ -181,7 +182,7 @@ def test_unpinned_patch_runs_the_kernels_dispatch_picks(name):
 def test_rope_tables_are_computed_once_per_size_and_follow_the_periods_buffer():
     model = official_vit()
     pixels = torch.randn(1, 3, 64, 48)
-    fastdino.patch(model)
+    patch_trusted(model)
     with mock.patch.object(RopePositionEmbedding, "forward", autospec=True,
                            side_effect=RopePositionEmbedding.forward) as compute:
         run_official(model, pixels)  # forward_features + get_intermediate_layers: 4 blocks ask for the tables
@@ -209,13 +210,13 @@ def test_official_tree_state_dict_keys_follow_dinov3():
                 "blocks.0.mlp.fc1.bias", "blocks.0.mlp.fc2.weight", "blocks.0.mlp.fc2.bias",
                 "blocks.0.ls2.gamma", "norm.weight", "norm.bias"]
     assert sorted(model.state_dict().keys()) == sorted(expected)
-    fastdino.patch(model)
+    patch_trusted(model)
     assert sorted(model.state_dict().keys()) == sorted(expected)
 
 
 def test_report_paths_follow_the_model_and_patch_twice_is_a_noop():
     model = hf_vit()
-    first = fastdino.patch(model)
+    first = patch_trusted(model)
     # CPU parameters: the measured-fastest path
     assert all(s.backend in ("ref", "cache") for s in first.swapped)
     prefix = "model.layer" if hasattr(model, "model") else "layer"  # transformers 5.x vs 4.x
@@ -229,17 +230,17 @@ def test_report_paths_follow_the_model_and_patch_twice_is_a_noop():
     assert text[2].endswith(": 2 DINOv3ViTLayer (add_layer_norm), 2 DINOv3ViTAttention (rope_attention), "
                             "2 DINOv3ViTMLP (fused_linear)")
     assert "DINOv3ViTLayer -> FusedDINOv3ViTLayer [ref]" in first.details()
-    pinned = str(fastdino.patch(hf_vit(), backend="ref"))
+    pinned = str(patch_trusted(hf_vit(), backend="ref"))
     assert "run on the pinned backend 'ref': 2 DINOv3ViTLayer (add_layer_norm)" in pinned
     assert "own code" not in pinned
-    second = fastdino.patch(model)
+    second = patch_trusted(model)
     assert second.swapped == [] and second.already_patched == paths
     assert fastdino.unpatch(model) == 7 and fastdino.unpatch(model) == 0
 
 
 def test_load_state_dict_after_patching_is_used():
     patched, reference = hf_vit(), hf_vit()
-    fastdino.patch(patched)
+    patch_trusted(patched)
     patched.load_state_dict(reference.state_dict())
     pixels = torch.randn(1, 3, 64, 64)
     assert rel_err(run_hf(patched, pixels), run_hf(reference, pixels)) <= REL_TOL[torch.float32]
@@ -250,7 +251,7 @@ def test_unsupported_variant_is_left_alone_with_a_reason():
     layer = model.model.layer[1] if hasattr(model, "model") else model.layer[1]
     layer.norm2 = torch.nn.RMSNorm(64)
     layer.mlp.act_fn = torch.nn.GELU(approximate="tanh")
-    report = fastdino.patch(model)
+    report = patch_trusted(model)
     assert len(report.swapped) == 5 and len(report.skipped) == 2
     reasons = {s.cls: s.reasons for s in report.skipped}
     assert reasons["DINOv3ViTLayer"] == ["norm2 is RMSNorm, not nn.LayerNorm"]
@@ -264,7 +265,7 @@ def test_bf16_model_matches_original(gated, backend):
     model = hf_vit(gated=gated).to(DEVICE, torch.bfloat16)
     pixels = torch.randn(2, 3, 64, 64, device=DEVICE, dtype=torch.bfloat16)
     ref = run_hf(model, pixels)
-    fastdino.patch(model, backend=backend)
+    patch_trusted(model, backend=backend)
     assert rel_err(run_hf(model, pixels), ref) <= REL_TOL[torch.bfloat16]
 
 
@@ -275,7 +276,7 @@ def test_autocast_keeps_the_original_dtypes():
     pixels = torch.randn(1, 3, 64, 64)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref = run_hf(model, pixels)
-        fastdino.patch(model, backend=BACKENDS[0])
+        patch_trusted(model, backend=BACKENDS[0])
         with op_runs("fused_linear") as ops:
             out = run_hf(model, pixels)
     assert ops["fused_linear"].call_count == 0  # the Linears run in autocast's dtype: the original MLP runs
@@ -305,13 +306,13 @@ def test_seam_keeps_the_original_dtypes_and_values(ls_dtype, norm_dtype):
 @requires_ext
 def test_training_with_drop_path_runs_the_original_and_gradients_flow():
     model = official_vit(drop_path_rate=0.5).train()
-    fastdino.patch(model)
+    patch_trusted(model)
     pixels = torch.randn(2, 3, 32, 32)
     with op_runs("add_layer_norm") as ops:
         model.forward_features(pixels)["x_prenorm"].sum().backward()
     assert ops["add_layer_norm"].call_count == 0  # stochastic depth: the original forward runs
     model = hf_vit().train()
-    fastdino.patch(model)
+    patch_trusted(model)
     out = model(pixel_values=torch.randn(1, 3, 32, 32)).last_hidden_state
     out.sum().backward()  # requires grad: the original modules run, autograd works
     assert all(p.grad is not None for p in model.parameters()
@@ -324,7 +325,7 @@ def test_patched_model_compiles_fullgraph_with_inductor():
     model = hf_vit()
     pixels = torch.randn(1, 3, 64, 64)
     ref = run_hf(model, pixels)
-    fastdino.patch(model, backend=BACKENDS[0])
+    patch_trusted(model, backend=BACKENDS[0])
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True)
     with torch.no_grad():
@@ -343,7 +344,7 @@ def test_hf_backbone_feature_maps_match(backend):
     pixels = torch.randn(2, 3, 64, 48, device=DEVICE)
     with torch.no_grad():
         ref = model(pixels).feature_maps
-        fastdino.patch(model, backend=backend)
+        patch_trusted(model, backend=backend)
         out = model(pixels).feature_maps
     assert [o.shape for o in out] == [r.shape for r in ref] == [(2, 64, 4, 3)] * 2
     assert all(rel_err(o, r) <= REL_TOL[torch.float32] for o, r in zip(out, ref))
@@ -359,7 +360,7 @@ def test_timm_attention_whose_prefix_disagrees_with_the_tables_runs_the_original
     rope = model.rope.get_embed(shape=(4, 3))
     with pytest.raises(RuntimeError) as unpatched:
         attn(x, rope=rope)
-    fastdino.patch(model)
+    patch_trusted(model)
     with op_runs("rope_attention") as ops, pytest.raises(RuntimeError) as patched:
         attn(x, rope=rope)
     assert ops["rope_attention"].call_count == 0 and str(patched.value) == str(unpatched.value)

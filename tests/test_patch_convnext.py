@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 from helpers import DEVICE, op_args, op_runs, requires_ext
+from models import patch_trusted
 from models.dinov3_convnext_official import Block, ConvNeXt, ConvNeXtLinearSegmentor, LinearHead
 from test_patch import BACKENDS, REL_TOL, priority, rel_err
 
@@ -85,7 +86,7 @@ def test_patched_convnext_matches_original(name, channels_last, backend):
     ref = run(model, pixels)
     keys = {k: v.data_ptr() for k, v in model.state_dict().items()}
 
-    report = fastdino.patch(model, backend=backend)
+    report = patch_trusted(model, backend=backend)
     swapped = [s for s in report.swapped if s.original == original]
     assert len(swapped) == blocks and all(s.fused == fused and s.backend == backend for s in swapped)
     assert {k: v.data_ptr() for k, v in model.state_dict().items()} == keys
@@ -111,7 +112,7 @@ def test_bf16_convnext_matches_original(backend):
     model = hf_convnext().to(DEVICE, torch.bfloat16)
     pixels = torch.randn(2, 3, 64, 48, device=DEVICE, dtype=torch.bfloat16)
     ref = run_hf(model, pixels)
-    fastdino.patch(model, backend=backend)
+    patch_trusted(model, backend=backend)
     assert rel_err(run_hf(model, pixels), ref) <= REL_TOL[torch.bfloat16]
 
 
@@ -119,7 +120,7 @@ def test_blocks_keep_the_stage_channels_last():
     # The block returns its input's NCHW shape in channels-last memory: the next block's residual
     # is then read in place, and the downsamplers keep the layout.
     model = official_convnext().to(DEVICE)
-    fastdino.patch(model, backend=BACKENDS[0])
+    patch_trusted(model, backend=BACKENDS[0])
     x = torch.randn(1, 16, 9, 7, device=DEVICE)
     with torch.no_grad():
         y = model.stages[0][0](x)
@@ -130,7 +131,7 @@ def test_unpinned_patch_runs_the_original_where_dispatch_picks_the_reference():
     model = hf_convnext().to(DEVICE, torch.bfloat16)
     pixels = torch.randn(2, 3, 64, 48, device=DEVICE, dtype=torch.bfloat16)
     ref = run_hf(model, pixels)
-    report = fastdino.patch(model)
+    report = patch_trusted(model)
     refs_only = {"cpu": ("ref",), "cuda": ("ref",)}
     with priority(refs_only), mock_priority("dwconv_layer_norm", refs_only), op_runs(*OPS_RUN) as runs:
         out = run_hf(model, pixels)
@@ -153,7 +154,7 @@ def test_unpinned_patch_runs_the_kernel_dispatch_picks_and_the_linears_as_they_a
     model = hf_convnext().to(DEVICE)
     pixels = torch.randn(2, 3, 64, 48, device=DEVICE)
     ref = run_hf(model, pixels)
-    fastdino.patch(model)
+    patch_trusted(model)
     with mock_priority("dwconv_layer_norm", {DEVICE.type: (BACKENDS[0], "ref")}), op_runs(*OPS_RUN) as runs:
         out = run_hf(model, pixels)
     assert runs["dwconv_layer_norm"].call_count == 5 and runs["fused_linear"].call_count == 0
@@ -165,7 +166,7 @@ def test_batch_size_changing_every_call(backend):
     model = official_convnext().to(DEVICE)
     pixels = torch.randn(5, 3, 32, 32, device=DEVICE)
     refs = [run_maps(model, pixels[:b]) for b in (3, 1, 5, 2)]
-    fastdino.patch(model, backend=backend)
+    patch_trusted(model, backend=backend)
     for b, ref in zip((3, 1, 5, 2), refs):
         assert rel_err(run_maps(model, pixels[:b]), ref) <= REL_TOL[torch.float32]
 
@@ -173,7 +174,7 @@ def test_batch_size_changing_every_call(backend):
 def test_training_with_drop_path_and_grad_runs_the_original():
     torch.manual_seed(0)
     model = ConvNeXt(depths=(1, 1, 1, 1), drop_path_rate=0.5).to(DEVICE).train()
-    fastdino.patch(model, backend=BACKENDS[0])
+    patch_trusted(model, backend=BACKENDS[0])
     with op_runs(*OPS_RUN) as runs:
         model(torch.randn(2, 3, 32, 32, device=DEVICE)).sum().backward()
     # drop path rates 0, 1/6, 1/3, 1/2: the first block (no drop path) runs pinned, its backward the
@@ -187,7 +188,7 @@ def test_autocast_runs_the_original():
     pixels = torch.randn(1, 3, 32, 32, device=DEVICE)
     with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         ref = run_maps(model, pixels)
-        fastdino.patch(model, backend=BACKENDS[0])
+        patch_trusted(model, backend=BACKENDS[0])
         with op_runs(*OPS_RUN) as runs:
             out = run_maps(model, pixels)
     assert runs["dwconv_layer_norm"].call_count == 0
@@ -198,31 +199,33 @@ def test_unsupported_blocks_are_left_alone_with_a_reason():
     block = Block(16)
     block.dwconv = torch.nn.Conv2d(16, 16, 5, padding=2, groups=16)
     block.norm.data_format = "channels_first"
-    report = fastdino.patch(torch.nn.Sequential(block))
+    report = patch_trusted(torch.nn.Sequential(block))
     assert report.swapped == []
     assert report.skipped[0].reasons == ["dwconv is not a 7x7 stride-1 conv with padding 3 (kernel (5, 5), "
                                          "stride (1, 1), padding (2, 2), dilation (1, 1))"]
     block = Block(16)
     block.act = torch.nn.GELU(approximate="tanh")
     block.norm.data_format = "channels_first"
-    assert fastdino.patch(block).skipped[0].reasons == ["norm normalizes channels_first",
+    assert patch_trusted(block).skipped[0].reasons == ["norm normalizes channels_first",
                                                         "act is GELU, not exact GELU"]
 
 
-def test_other_classes_named_block_are_not_considered():
+def test_other_classes_named_block_are_left_alone_with_their_origin():
     class Block(torch.nn.Module):  # e.g. timm's ViT block: the name alone says nothing
         def __init__(self):
             super().__init__()
             self.attn = torch.nn.Linear(8, 8)
 
-    report = fastdino.patch(torch.nn.Sequential(Block()))
-    assert report.swapped == [] and report.skipped == []
+    report = patch_trusted(torch.nn.Sequential(Block()))
+    assert report.swapped == []
+    assert [s.reasons[0].split(":")[0] for s in report.skipped] == [
+        "Block is defined in tests.test_patch_convnext, not in dinov3.models.convnext"]
 
 
 def test_patched_convnext_compiles_fullgraph():
     model = official_convnext().to(DEVICE)
     pixels = torch.randn(1, 3, 32, 32, device=DEVICE)
-    fastdino.patch(model, backend="triton")
+    patch_trusted(model, backend="triton")
     torch._dynamo.reset()
     maps = lambda x: model.get_intermediate_layers(x, n=4)  # noqa: E731
     compiled = torch.compile(maps, fullgraph=True, backend="aot_eager")
@@ -255,8 +258,8 @@ def test_linear_head_runs_its_batchnorm_folded(batchnorm):
         head.batchnorm_layer.running_var.uniform_(0.5, 2)
         ref, ref_head, ref_pred = model(pixels), head(taps), head.predict(taps, (9, 7))
     keys = {k: v.data_ptr() for k, v in model.state_dict().items()}
-    report = fastdino.patch(model)
-    fastdino.patch(head)
+    report = patch_trusted(model)
+    patch_trusted(head)
     heads = [(s.fused, s.backend) for s in report.swapped if s.original == "LinearHead"]
     assert heads == [("FoldedLinearHead", "fold")]
     assert {k: v.data_ptr() for k, v in model.state_dict().items()} == keys
@@ -272,7 +275,7 @@ def test_linear_head_runs_its_batchnorm_folded(batchnorm):
 def test_linear_head_fold_follows_load_state_dict_and_training():
     model = segmentor()
     pixels = torch.randn(2, 3, 32, 32, device=DEVICE)
-    fastdino.patch(model)
+    patch_trusted(model)
     with torch.no_grad():
         model(pixels)
     other = segmentor()
@@ -293,7 +296,7 @@ def test_linear_head_fold_follows_load_state_dict_and_training():
 
 def test_linear_head_without_batchnorm_is_left_alone():
     head = LinearHead([16], 3, use_batchnorm=False)
-    report = fastdino.patch(head)
+    report = patch_trusted(head)
     assert report.skipped[0].reasons == ["batchnorm_layer is Identity: no BatchNorm to fold"]
 
 

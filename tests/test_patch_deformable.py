@@ -7,6 +7,7 @@ OneFormer models. Patched outputs match, state_dict is untouched, unpatch restor
 import pytest
 import torch
 from helpers import DEVICE, op_args, op_runs
+from models import patch_trusted
 from models.dinov3_official import DinoVisionTransformer
 from models.dinov3_seg_official import (
     DINOv3_Adapter,
@@ -211,7 +212,7 @@ def test_patched_deformable_attention_matches_original(name, backend):
     with torch.no_grad():
         ref = run()
     keys = {k: v.data_ptr() for k, v in model.state_dict().items()}
-    report = fastdino.patch(model, backend=backend)
+    report = patch_trusted(model, backend=backend)
     swapped = [s for s in report.swapped if s.fused == fused]
     assert len(swapped) == count and all(s.backend == backend for s in swapped)
     assert {k: v.data_ptr() for k, v in model.state_dict().items()} == keys
@@ -233,7 +234,7 @@ def test_adapter_extractors_share_one_set_of_reference_points():
     # The extractors hand the kernel (1, 21n, 1, 2) points for a batch of 2: read with a batch
     # stride of 0, not expanded. The ViT under the adapter is patched in the same call.
     model, run = official_adapter()
-    report = fastdino.patch(model)
+    report = patch_trusted(model)
     assert {"FusedSelfAttentionBlock", "FusedMSDeformAttn"} <= {s.fused for s in report.swapped}
     with torch.no_grad(), op_runs("ms_deform_attn") as ops:
         run()
@@ -246,7 +247,7 @@ def test_default_dispatch_on_cpu_runs_the_cpp_kernel_where_built():
     model, run = official_decoder()
     with torch.no_grad():
         ref = run()
-    report = fastdino.patch(model)
+    report = patch_trusted(model)
     expected = "cpu" if _ext.HAS_EXT else "ref"  # the C++ CPU kernel measured faster than grid_sample
     assert [s.backend for s in report.swapped if s.fused == "FusedMSDeformAttn"] == [expected] * 2
     with torch.no_grad(), op_runs("ms_deform_attn") as ops:
@@ -256,7 +257,7 @@ def test_default_dispatch_on_cpu_runs_the_cpp_kernel_where_built():
 
 def test_training_with_grad_runs_the_original_and_gradients_flow():
     model, run = official_extractor()
-    fastdino.patch(model)
+    patch_trusted(model)
     model.train()
     with op_runs("ms_deform_attn") as ops:
         run().sum().backward()
@@ -266,6 +267,6 @@ def test_training_with_grad_runs_the_original_and_gradients_flow():
 def test_unsupported_deformable_attention_is_left_alone_with_a_reason():
     model = MSDeformAttn(d_model=64, n_heads=4)
     model.value_proj = torch.nn.Linear(64, 30)
-    report = fastdino.patch(model)
+    report = patch_trusted(model)
     assert report.swapped == []
     assert report.skipped[0].reasons == ["value_proj width 30 does not split into 4 heads"]

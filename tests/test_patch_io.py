@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 from helpers import DEVICE, op_args, op_runs
+from models import patch_trusted
 from test_patch import hf_vit, official_vit
 from test_patch_deformable import official_decoder as official_pixel_encoder
 from test_patch_masked_attention import hf_mask2former
@@ -75,7 +76,7 @@ def test_patched_model_saves_and_loads_back_patched(name, how, tmp_path):
         with pytest.raises(AttributeError, match="Can't pickle local object"):
             pickle.dumps(model)
         pytest.skip("transformers' Mask2Former does not pickle, patched or not (a local output hook)")
-    fastdino.patch(model, backend=PINNED)
+    patch_trusted(model, backend=PINNED)
     with torch.no_grad():
         expected = run(model)
     swapped = fused_classes(model)
@@ -100,7 +101,7 @@ def test_patched_model_saves_and_loads_back_patched(name, how, tmp_path):
 
 def test_a_saved_patched_model_loads_in_a_fresh_process(tmp_path):
     model = hf_vit()
-    fastdino.patch(model, backend=PINNED if DEVICE.type == "cpu" else None)
+    patch_trusted(model, backend=PINNED if DEVICE.type == "cpu" else None)
     pixels = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         expected = model(pixel_values=pixels).last_hidden_state
@@ -123,8 +124,8 @@ def test_a_saved_patched_model_loads_in_a_fresh_process(tmp_path):
 
 def test_patch_again_applies_the_new_backend_and_reports_it():
     model, run = MODELS["hf-vit"]()
-    first = fastdino.patch(model)
-    second = fastdino.patch(model, backend=PINNED)
+    first = patch_trusted(model)
+    second = patch_trusted(model, backend=PINNED)
     assert not second.swapped and len(second.changed) == len(first.swapped)
     assert all(c.change == f"backend None -> {PINNED!r}" for c in second.changed)
     text = str(second)
@@ -134,7 +135,7 @@ def test_patch_again_applies_the_new_backend_and_reports_it():
         run(model)
     backends = {op_args("rope_attention", c)["backend"] for c in calls["rope_attention"].call_args_list}
     assert backends == {PINNED}
-    third = fastdino.patch(model, backend=PINNED)
+    third = patch_trusted(model, backend=PINNED)
     assert not third.changed and len(third.already_patched) == len(first.swapped)
     assert f"{len(first.swapped)} already patched" in str(third)
 
@@ -142,13 +143,13 @@ def test_patch_again_applies_the_new_backend_and_reports_it():
 def test_patch_again_with_another_precision_swaps_and_restores_its_regions():
     model, features = official_pixel_decoder()
     ref, _ = run_decoder(model, features)
-    fastdino.patch(model)
+    patch_trusted(model)
     assert type(model).__name__ == "MSDeformAttnPixelDecoder"  # the fp32 region is left as it is
-    report = fastdino.patch(model, precision="bf16")
+    report = patch_trusted(model, precision="bf16")
     assert [s.fused for s in report.swapped] == ["Bf16MSDeformAttnPixelDecoder"]
     assert report.changed and all("precision None -> 'bf16'" in c.change for c in report.changed)
     assert run_decoder(model, features)[0].dtype == torch.float32
-    back = fastdino.patch(model, precision=None)
+    back = patch_trusted(model, precision=None)
     assert type(model).__name__ == "MSDeformAttnPixelDecoder"
     assert any(c.path == "" and "original forward again" in c.change for c in back.changed)
     torch.testing.assert_close(run_decoder(model, features)[0], ref, atol=1e-5, rtol=1e-5)
@@ -179,7 +180,7 @@ def test_info_reports_the_backends_for_a_device_and_dtype(device, dtype, capsys)
 
 def test_a_model_with_nothing_to_patch_is_told_what_fastdino_looks_for():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU())
-    report = fastdino.patch(model)
+    report = patch_trusted(model)
     text = str(report)
     assert not report.swapped and text.startswith("fastdino.patch: nothing to patch in this model.")
     assert "DINOv3ViTLayer" in text and "MSDeformAttn" in text and "Mask2FormerMaskedAttentionDecoder" in text

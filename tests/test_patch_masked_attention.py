@@ -7,6 +7,7 @@ from unittest import mock
 import pytest
 import torch
 from helpers import DEVICE, op_args, op_runs
+from models import patch_trusted
 from models.dinov3_seg_official import MultiScaleMaskedTransformerDecoder
 from test_patch import BACKENDS, rel_err
 from test_patch_deformable import mask2former_config
@@ -59,7 +60,7 @@ def test_patched_decoder_matches_original(backbone, backend):
     with torch.no_grad():
         ref = run()
     keys = {k: v.data_ptr() for k, v in model.state_dict().items()}
-    report = fastdino.patch(model, backend=backend)
+    report = patch_trusted(model, backend=backend)
     swapped = [s for s in report.swapped if s.fused == FUSED]
     assert len(swapped) == 1 and swapped[0].backend == backend
     assert {k: v.data_ptr() for k, v in model.state_dict().items()} == keys
@@ -87,7 +88,7 @@ def test_the_comparison_sees_the_mask():
     model, run = hf_mask2former()
     with torch.no_grad():
         ref = run()
-    fastdino.patch(model, backend="triton")
+    patch_trusted(model, backend="triton")
     op = fastdino.ops.OPS["masked_attention"]
     real = op.run
     stats = []
@@ -109,7 +110,7 @@ def test_pre_norm_decoder_matches_original(backend):
     model, run = hf_mask2former(pre_norm=True)
     with torch.no_grad():
         ref = run()
-    fastdino.patch(model, backend=backend)
+    patch_trusted(model, backend=backend)
     with torch.no_grad():
         assert rel_err(run(), ref) <= 1e-5
 
@@ -119,7 +120,7 @@ def test_bf16_decoder_matches_original(backend):
     model, run = hf_mask2former(dtype=torch.bfloat16)
     with torch.no_grad():
         ref = run()
-    fastdino.patch(model, backend=backend)
+    patch_trusted(model, backend=backend)
     with torch.no_grad(), op_runs("masked_attention") as ops:
         out = run()
     assert ops["masked_attention"].call_count == 2 * count_layers(model)
@@ -128,7 +129,7 @@ def test_bf16_decoder_matches_original(backend):
 
 def test_attention_weights_or_grad_run_the_original():
     model, run = hf_mask2former()
-    fastdino.patch(model)
+    patch_trusted(model)
     with torch.no_grad(), op_runs("masked_attention") as ops:
         out = model(pixel_values=torch.randn(1, 3, 64, 64, device=DEVICE), output_attentions=True)
     assert ops["masked_attention"].call_count == 0 and len(out.attentions) == count_layers(model)
@@ -142,7 +143,7 @@ def test_default_dispatch_on_cpu_keeps_the_original_forward():
     """On CPU tensors masked_attention picks its reference (measured faster than the C++ CPU
     kernel), so the decoder runs its original forward unless a backend is pinned."""
     model, run = hf_mask2former()
-    report = fastdino.patch(model)
+    report = patch_trusted(model)
     assert [s.backend for s in report.swapped if s.fused == FUSED] == ["ref"]
     with torch.no_grad(), op_runs("masked_attention") as ops:
         run()
@@ -151,7 +152,7 @@ def test_default_dispatch_on_cpu_keeps_the_original_forward():
 
 def test_unsupported_decoder_is_left_alone_with_a_reason():
     model, _ = hf_mask2former(activation_function="gelu")
-    report = fastdino.patch(model)
+    report = patch_trusted(model)
     assert not [s for s in report.swapped if s.fused == FUSED]
     skipped = [s for s in report.skipped if s.cls == "Mask2FormerMaskedAttentionDecoder"]
     assert skipped and skipped[0].reasons[0] == "layers.0.activation_fn is GELUActivation, not ReLU"
@@ -192,7 +193,7 @@ def test_patched_official_decoder_matches_original(heads, pre_norm, backend):
     with torch.no_grad():
         ref = run()
     keys = {k: v.data_ptr() for k, v in model.state_dict().items()}
-    report = fastdino.patch(model, backend=backend)
+    report = patch_trusted(model, backend=backend)
     assert [(s.fused, s.backend) for s in report.swapped] == [("FusedMultiScaleMaskedTransformerDecoder",
                                                                backend)]
     assert {k: v.data_ptr() for k, v in model.state_dict().items()} == keys
@@ -208,6 +209,6 @@ def test_patched_official_decoder_matches_original(heads, pre_norm, backend):
 def test_official_decoder_left_alone_with_a_reason():
     model, _ = official_decoder()
     model.transformer_ffn_layers[1].activation = torch.nn.GELU()
-    report = fastdino.patch(model)
+    report = patch_trusted(model)
     assert report.swapped == []
     assert report.skipped[0].reasons == ["transformer_ffn_layers.1.activation is not ReLU"]

@@ -6,6 +6,7 @@ keeps its precision, and verify measures what changed (errors per output, argmax
 import pytest
 import torch
 from helpers import DEVICE, op_args, op_runs
+from models import TRUST, patch_trusted
 from models.dinov3_official import DinoVisionTransformer
 from models.dinov3_seg_official import DINOv3_Adapter, MSDeformAttn, MSDeformAttnPixelDecoder
 from test_patch import rel_err
@@ -35,7 +36,7 @@ def run_decoder(model, features):
 def test_default_precision_keeps_the_official_pixel_decoder_in_fp32():
     model, features = official_pixel_decoder()
     ref, _ = run_decoder(model, features)
-    report = fastdino.patch(model)
+    report = patch_trusted(model)
     assert not any(s.fused == "Bf16MSDeformAttnPixelDecoder" for s in report.swapped)
     with op_runs("ms_deform_attn") as ops:
         out, dtype = run_decoder(model, features)
@@ -48,7 +49,7 @@ def test_bf16_policy_on_the_official_pixel_decoder():
     model, features = official_pixel_decoder()
     ref, _ = run_decoder(model, features)
     keys = {k: (v.data_ptr(), v.dtype) for k, v in model.state_dict().items()}
-    report = fastdino.patch(model, precision="bf16")
+    report = patch_trusted(model, precision="bf16")
     assert report.swapped[0].fused == "Bf16MSDeformAttnPixelDecoder" and report.swapped[0].backend == "bf16"
     assert any("precision bf16: <root> run under bf16 autocast" in n for n in report.notes)
     assert {k: (v.data_ptr(), v.dtype) for k, v in model.state_dict().items()} == keys  # weights stay fp32
@@ -74,7 +75,7 @@ def test_bf16_policy_on_the_official_adapter():
     with torch.no_grad():
         ref = run()
     keys = {k: (v.data_ptr(), v.dtype) for k, v in model.state_dict().items()}
-    report = fastdino.patch(model, precision="bf16")
+    report = patch_trusted(model, precision="bf16")
     root = [s for s in report.swapped if s.path == ""]
     assert [(s.original, s.fused, s.backend) for s in root] == [("DINOv3_Adapter", "Bf16DINOv3_Adapter",
                                                                  "bf16")]
@@ -125,7 +126,7 @@ def test_bf16_policy_keeps_the_argmax_of_a_many_class_map():
             return taps(*args, **kwargs)
 
     model.adapter.backbone.get_intermediate_layers = fp32_taps
-    report = fastdino.verify(model, torch.randn(1, 3, 256, 256, device=DEVICE), precision="bf16")
+    report = fastdino.verify(model, torch.randn(1, 3, 256, 256, device=DEVICE), precision="bf16", trust=TRUST)
     agreement = report.agreement[0]
     assert agreement.pixels == 64 * 64 and agreement.classes > 100 and agreement.majority < 0.1, str(report)
     assert 1e-4 < report.worst_rel <= 1e-2 and agreement.share >= 0.995, str(report)
@@ -206,9 +207,9 @@ def test_semantic_map_follows_mask2former_inference():
 
 def test_precision_arguments_and_regions_left_alone():
     with pytest.raises(ValueError, match="precision must be one of"):
-        fastdino.patch(torch.nn.Linear(2, 2), precision="fp8")
+        patch_trusted(torch.nn.Linear(2, 2), precision="fp8")
     model, _ = official_pixel_decoder()
-    report = fastdino.patch(model.bfloat16(), precision="bf16")
+    report = patch_trusted(model.bfloat16(), precision="bf16")
     assert report.skipped[0].reasons == ["parameters are not all float32 (the policy lowers an fp32 region)"]
 
 

@@ -12,22 +12,31 @@ from torch import Tensor, nn
 from .. import selfcheck
 from ..ops._dispatch import Like, Op, signature, signature_text
 from ..ops.add_layer_norm import OP as ADD_LAYER_NORM
+from .sources import Source, dinov3, is_from, method_reasons, origin_reasons, timm, transformers
 
 
 @dataclass(frozen=True)
 class Rule:
     """How `fastdino.patch` swaps one class: matched on type(module).__name__ (no import of the
-    model library), turned into Fused<Name>(mixin, original class) when `reasons(module)` is []."""
+    model library), turned into Fused<Name>(mixin, original class) when the class comes from
+    `source` (or a module the user trusts) and its structure is what the fused form computes:
+    exactly the children `parts` (where given) and own parameters/buffers `params`, no hooks on
+    the parts the fused forward does not call as modules, and `reasons(module)` == []."""
 
     class_name: str
     mixin: type
     reasons: Callable[[nn.Module], list[str]]  # why this instance cannot be swapped ([] if it can)
     backend: Callable[[nn.Module], str]  # what the report says it runs on its current parameters
+    source: Optional[Source] = None  # the library code the mixin follows (required)
+    parts: Optional[tuple[str, ...]] = None  # exactly these children (None: a composite, not checked)
+    params: tuple[str, ...] = ()  # own parameters and buffers the fused form reads (with `parts`)
+    calls: tuple[str, ...] = ()  # children the fused forward calls as modules (their hooks run); ("*",): all
     pinnable: bool = True  # False: a pinned backend does not apply (caches, precision regions)
     precision: Optional[str] = None  # swapped only under patch(model, precision=...)
-    # For a generic class name (dinov3's ConvNeXt "Block"): only modules for which this is True are
-    # considered, the others are neither swapped nor reported.
-    matches: Optional[Callable[[nn.Module], bool]] = None
+
+    def __post_init__(self):
+        if self.source is None:
+            raise TypeError(f"Rule {self.class_name}: a source is required")
 
 
 # Set by fastdino.tune while it records and times a model's decisions (fastdino/tune.py).
@@ -127,10 +136,16 @@ def transformers_records(key: str) -> bool:
     return bool(collected) and key in collected
 
 
+def autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for the device type; False for one autocast does not know (meta, a
+    model built without memory)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def activation_dtype(x: Tensor) -> torch.dtype:
     """The dtype the projections of x produce: autocast's where it is on."""
     dev = x.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    return torch.get_autocast_dtype(dev) if autocast_on(dev) else x.dtype
 
 
 def like(x: Tensor, shape, *params, dtype: Optional[torch.dtype] = None) -> Like:
@@ -140,6 +155,54 @@ def like(x: Tensor, shape, *params, dtype: Optional[torch.dtype] = None) -> Like
 
 
 # -- structural checks (the patch report's reasons) ----------------------------------------------
+
+
+def rule_reasons(rule: Rule, module: nn.Module) -> list[str]:
+    """Why `rule` cannot swap `module` ([] if it can): origin, then structure, then the rule's own
+    configuration checks."""
+    cls = type(module)
+    methods = sorted({n for c in rule.mixin.__mro__[:-1] for n in vars(c)
+                      if callable(vars(c)[n]) and not n.startswith("_fastdino") and not n.startswith("__")
+                      and hasattr(cls, n)})
+    why = origin_reasons(cls, rule.source) or method_reasons(cls, methods, rule.source)
+    return why or structure_reasons(module, rule) or rule.reasons(module)
+
+
+def structure_reasons(module: nn.Module, rule: Rule) -> list[str]:
+    """Children, parameters and buffers the fused forward would not run or read; hooks it would
+    not call (on children it does not call as modules, or registered for every module)."""
+    out = []
+    if rule.parts is not None:
+        extra = sorted(n for n, c in module._modules.items() if c is not None and n not in rule.parts)
+        if extra:
+            out.append(f"extra submodules {', '.join(extra)}: the fused form would not run them")
+        own = [n for n, t in (*module._parameters.items(), *module._buffers.items()) if t is not None]
+        extra = sorted(n for n in own if n not in rule.params)
+        if extra:
+            out.append(f"extra parameters or buffers {', '.join(extra)}: the fused form would not read them")
+    return out + hook_reasons(module, rule.calls)
+
+
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def user_hooks(module: nn.Module) -> bool:
+    """Whether `module` has forward hooks other than those fastdino.tune adds while it records."""
+    hooks = (*module._forward_pre_hooks.values(), *module._forward_hooks.values())
+    return any(TUNING is None or getattr(h, "__self__", None) is not TUNING for h in hooks)
+
+
+def hook_reasons(module: nn.Module, calls=()) -> list[str]:
+    """Hooks the fused forward would skip: on the parts of `module` it does not call as modules
+    (`calls` names those it does), or global module hooks (they run on every module call)."""
+    glob = torch.nn.modules.module
+    if any(getattr(glob, "_global" + h, None) for h in _HOOKS):
+        return ["global module hooks are registered (torch.nn.modules.module.register_module_*_hook): "
+                "the fused form would skip them on the parts it fuses"]
+    hooked = [f"{name}.{path}".rstrip(".") for name, child in module.named_children()
+              if name not in calls and "*" not in calls
+              for path, m in child.named_modules() if any(getattr(m, h, None) for h in _HOOKS)]
+    return [f"hooks on {', '.join(hooked)}: the fused form does not call it as a module"] if hooked else []
 
 
 def children_reasons(module: nn.Module, children) -> list[str]:
@@ -162,29 +225,34 @@ def sibling_class(module: nn.Module, name: str) -> type:
 
 # -- the block seam: y = x + layer_scale(branch); z = norm(y) --------------------------------------
 
-# LayerScale classes and the name of their (C,) scale parameter.
-LAYER_SCALE_PARAM = {"LayerScale": "gamma", "DINOv3ViTLayerScale": "lambda1",
-                     "EomtDinov3LayerScale": "lambda1",
-                     "EomtLayerScale": "lambda1"}
+# LayerScale classes: name -> (the name of their (C,) scale parameter, where they come from).
+LAYER_SCALES = {"LayerScale": ("gamma", dinov3("layers.layer_scale")),
+                "DINOv3ViTLayerScale": ("lambda1", transformers("dinov3_vit")),
+                "EomtDinov3LayerScale": ("lambda1", transformers("eomt_dinov3")),
+                "EomtLayerScale": ("lambda1", transformers("eomt"))}
 
 
 def layer_scale_reasons(module: nn.Module, name: str) -> list[str]:
     if isinstance(module, nn.Identity):
         return []
-    param = LAYER_SCALE_PARAM.get(type(module).__name__)
-    if param is None:
-        return [f"{name} is {type(module).__name__}, not a known LayerScale"]
+    param, source = LAYER_SCALES.get(type(module).__name__, (None, None))
+    if param is None or not is_from(module, type(module).__name__, source):
+        return [f"{name} is {type(module).__module__}.{type(module).__name__}, not a known LayerScale"]
     gamma = getattr(module, param, None)
     if not isinstance(gamma, Tensor) or gamma.dim() != 1:
         return [f"{name}.{param} is not a 1-D tensor"]
-    return []
+    extra = sorted(n for n, c in module._modules.items() if c is not None)
+    return [f"{name} has submodules {', '.join(extra)}"] if extra else []
+
+
+TIMM_NORM = timm("layers.norm")
 
 
 def _is_plain_layer_norm(module: nn.Module) -> bool:
     """nn.LayerNorm, or timm's LayerNorm subclass when it runs F.layer_norm (its fast-norm path off)."""
     if type(module) is nn.LayerNorm:
         return True
-    return (isinstance(module, nn.LayerNorm) and type(module).__name__ == "LayerNorm"
+    return (isinstance(module, nn.LayerNorm) and is_from(module, "LayerNorm", TIMM_NORM)
             and getattr(module, "_fast_norm", None) is False)
 
 
@@ -229,7 +297,7 @@ def layer_scale_gamma(layer_scale) -> Optional[Tensor]:
         return layer_scale
     if isinstance(layer_scale, nn.Identity):
         return None
-    return getattr(layer_scale, LAYER_SCALE_PARAM[type(layer_scale).__name__])
+    return getattr(layer_scale, LAYER_SCALES[type(layer_scale).__name__][0])
 
 
 def _keeps_dtype(x: Tensor, branch: Tensor, gamma: Optional[Tensor], norm: nn.LayerNorm) -> bool:
@@ -244,7 +312,7 @@ def _keeps_dtype(x: Tensor, branch: Tensor, gamma: Optional[Tensor], norm: nn.La
     t = branch.dtype if gamma is None else torch.promote_types(branch.dtype, gamma.dtype)
     if torch.promote_types(dt, t) != dt:
         return False
-    if torch.is_autocast_enabled(x.device.type):
+    if autocast_on(x.device.type):
         return dt == torch.float32  # autocast runs layer_norm in fp32 and returns fp32
     return torch.promote_types(dt, torch.promote_types(norm.weight.dtype, norm.bias.dtype)) == dt
 

@@ -13,6 +13,7 @@ structure) with its own channels_last `LayerNorm`; transformers: `DINOv3ConvNext
 (BatchNorm + 1x1 conv over the concatenated taps) runs with its BatchNorm folded into the conv.
 """
 
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -25,17 +26,22 @@ from .common import (
     ForwardCache,
     Rule,
     _is_plain_layer_norm,
+    autocast_on,
     buffer_key,
     children_reasons,
     decide,
     picked,
 )
 from .mlp import fused_mlp, is_exact_gelu, mlp_residual
+from .sources import dinov3, is_from, timm, transformers
+
+DINOV3_CONVNEXT = dinov3("models.convnext")
+HF_CONVNEXT = transformers("dinov3_convnext")
 
 # Channels-last LayerNorms of the three libraries: dinov3's own class (weight, bias, eps,
 # data_format; runs F.layer_norm) and transformers' nn.LayerNorm subclass; timm's is checked by
 # _is_plain_layer_norm.
-_DATA_FORMAT_NORMS = ("LayerNorm", "DINOv3ConvNextLayerNorm")
+_DATA_FORMAT_NORMS = (("LayerNorm", DINOV3_CONVNEXT), ("DINOv3ConvNextLayerNorm", HF_CONVNEXT))
 
 
 def dwconv_reasons(conv: nn.Module, name: str) -> list[str]:
@@ -55,8 +61,9 @@ def dwconv_reasons(conv: nn.Module, name: str) -> list[str]:
 
 def channels_norm_reasons(norm: nn.Module, name: str, C: int) -> list[str]:
     """A LayerNorm over the last dim of (B, H, W, C) tokens, with affine weight and bias."""
-    if type(norm).__name__ not in _DATA_FORMAT_NORMS and not _is_plain_layer_norm(norm):
-        return [f"{name} is {type(norm).__name__}, not a LayerNorm fastdino knows"]
+    known = any(is_from(norm, n, source) for n, source in _DATA_FORMAT_NORMS)
+    if not known and not _is_plain_layer_norm(norm):
+        return [f"{name} is {type(norm).__module__}.{type(norm).__name__}, not a LayerNorm fastdino knows"]
     if getattr(norm, "data_format", "channels_last") != "channels_last":
         return [f"{name} normalizes {norm.data_format}"]
     weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
@@ -84,7 +91,7 @@ class _FusedConvNextBlock:
     _fastdino_more_ops = ("fused_linear",)  # also run (the MLP): patch self-checks them ahead
 
     def _fastdino_block(self, x: Tensor) -> Optional[Tensor]:
-        if x.dim() != 4 or torch.is_autocast_enabled(x.device.type):
+        if x.dim() != 4 or autocast_on(x.device.type):
             return None
         if self.training and getattr(self.drop_path, "drop_prob", 0.0):
             return None
@@ -190,11 +197,6 @@ def timm_block_reasons(module: nn.Module) -> list[str]:
     return why + block_reasons("conv_dw", "norm", "fc1", "act", "fc2", mlp="mlp")(module)
 
 
-def is_official_block(module: nn.Module) -> bool:
-    """dinov3's ConvNeXt Block by its structure (timm's ViT blocks share the class name)."""
-    return all(hasattr(module, n) for n in ("dwconv", "norm", "pwconv1", "pwconv2", "gamma"))
-
-
 def block_backend(conv: str):
     """The report's backend: dwconv_layer_norm's pick for the block's parameters."""
 
@@ -271,10 +273,22 @@ def linear_head_reasons(module: nn.Module) -> list[str]:
 RULES = (
     Rule("Block", FusedConvNeXtOfficialBlock,
          block_reasons("dwconv", "norm", "pwconv1", "act", "pwconv2"), block_backend("dwconv"),
-         matches=is_official_block),
+         DINOV3_CONVNEXT,
+         parts=("dwconv", "norm", "pwconv1", "act", "pwconv2", "drop_path"), params=("gamma",)),
     Rule("DINOv3ConvNextLayer", FusedDINOv3ConvNextLayer,
          block_reasons("depthwise_conv", "layer_norm", "pointwise_conv1", "activation_fn", "pointwise_conv2"),
-         block_backend("depthwise_conv")),
-    Rule("ConvNeXtBlock", FusedConvNeXtBlock, timm_block_reasons, block_backend("conv_dw")),
-    Rule("LinearHead", FoldedLinearHead, linear_head_reasons, lambda module: "fold", pinnable=False),
+         block_backend("depthwise_conv"), HF_CONVNEXT,
+         parts=("depthwise_conv", "layer_norm", "pointwise_conv1", "activation_fn", "pointwise_conv2",
+                "drop_path"), params=("gamma",)),
+    # timm's block: its mlp is called as a module where it is not fused (fused.mlp's Mlp rule)
+    Rule("ConvNeXtBlock", FusedConvNeXtBlock, timm_block_reasons, block_backend("conv_dw"),
+         timm("models.convnext"), parts=("conv_dw", "norm", "mlp", "shortcut", "drop_path"),
+         params=("gamma",),
+         calls=("mlp",)),
+    # fastdino.bench.models: the benchmarks' copy of the head
+    Rule("LinearHead", FoldedLinearHead, linear_head_reasons, lambda module: "fold",
+         replace(dinov3("eval.segmentation.models.heads.linear_head"),
+                 modules=("dinov3.eval.segmentation.models.heads.linear_head", "fastdino.bench.models")),
+         parts=("batchnorm_layer", "conv", "dropout"),
+         pinnable=False),
 )

@@ -14,12 +14,14 @@ from .common import (
     ForwardCache,
     Rule,
     activation_dtype,
+    autocast_on,
     children_reasons,
     decide,
     linear_reasons,
     needs_grad,
     picked,
 )
+from .sources import dinov3, is_from, transformers
 
 
 def ms_deform_attn_reasons(module: nn.Module) -> list[str]:
@@ -32,6 +34,10 @@ def ms_deform_attn_reasons(module: nn.Module) -> list[str]:
     if not reasons and module.value_proj.out_features % module.n_heads:
         reasons.append(f"value_proj width {module.value_proj.out_features} does not split into "
                        f"{module.n_heads} heads")
+    core = getattr(module, "attn", None)
+    if core is not None and not is_from(core, "MultiScaleDeformableAttention", DEFORMABLE_DETR):
+        reasons.append(f"attn is {type(core).__module__}.{type(core).__name__}, not Deformable DETR's "
+                       "MultiScaleDeformableAttention")
     return reasons
 
 
@@ -65,7 +71,7 @@ class _FusedMSDeformAttn(ForwardCache):
     def _fastdino_bf16(self, x: Tensor) -> bool:
         """The bf16 precision policy (patch(..., precision="bf16")) under an enabled autocast."""
         policy = getattr(self, "_fastdino_precision", None)
-        return policy == "bf16" and torch.is_autocast_enabled(x.device.type)
+        return policy == "bf16" and autocast_on(x.device.type)
 
     def _fastdino_forward(self, query, value_input, reference_points, shapes, level_start_index, padding_mask,
                           fp32=False, need_weights=False):
@@ -198,11 +204,19 @@ def _backend(module: nn.Module) -> str:
                    Like(w.device, torch.float32, (1, 1, L, 2)))
 
 
-RULES = tuple(Rule(name, mixin, ms_deform_attn_reasons, _backend) for name, mixin in (
-    ("MSDeformAttn", FusedMSDeformAttn),  # dinov3's ViT-Adapter and Mask2Former pixel decoder
+DEFORMABLE_DETR = transformers("deformable_detr")
+MS_DEFORM_ATTN_PARTS = ("sampling_offsets", "attention_weights", "value_proj", "output_proj")
+
+RULES = tuple(Rule(name, mixin, ms_deform_attn_reasons, _backend, source, parts=MS_DEFORM_ATTN_PARTS + extra,
+                   calls=("value_proj", "sampling_offsets", "attention_weights", "output_proj"))
+              for name, mixin, source, extra in (
+    # dinov3's ViT-Adapter and Mask2Former pixel decoder
+    ("MSDeformAttn", FusedMSDeformAttn, dinov3("eval.segmentation.models.utils.ms_deform_attn"), ()),
     ("Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention",
-     FusedMask2FormerPixelDecoderEncoderMultiscaleDeformableAttention),
-    ("DeformableDetrMultiscaleDeformableAttention", FusedDeformableDetrMultiscaleDeformableAttention),
+     FusedMask2FormerPixelDecoderEncoderMultiscaleDeformableAttention, transformers("mask2former"), ()),
+    # `attn`: the sampling core (MultiScaleDeformableAttention), which the kernel replaces
+    ("DeformableDetrMultiscaleDeformableAttention", FusedDeformableDetrMultiscaleDeformableAttention,
+     DEFORMABLE_DETR, ("attn",)),
     ("OneFormerPixelDecoderEncoderMultiscaleDeformableAttention",
-     FusedOneFormerPixelDecoderEncoderMultiscaleDeformableAttention),
+     FusedOneFormerPixelDecoderEncoderMultiscaleDeformableAttention, transformers("oneformer"), ()),
 ))

@@ -8,9 +8,13 @@ from torch import nn
 
 from ..ops._dispatch import Like
 from ..ops.rope_attention import OP as ROPE_ATTENTION
-from .common import Rule, children_reasons, is_fused, picked, seam_backend, sibling_class
+from .common import Rule, children_reasons, is_fused, linear_reasons, picked, seam_backend, sibling_class
+from .sources import transformers
 from .vit import (
     HF_ATTENTION_BACKEND,
+    HF_ATTENTION_PARTS,
+    HF_LAYER_CALLS,
+    HF_LAYER_PARTS,
     LAYER_REASONS,
     FusedDINOv3ViTAttention,
     FusedDINOv3ViTLayer,
@@ -106,7 +110,7 @@ def eomt_attention_reasons(module: nn.Module) -> list[str]:
     """transformers' EomtAttention (EoMT on DINOv2: no RoPE, so any head dim)."""
     return children_reasons(module, ("q_proj", "k_proj", "v_proj", "out_proj", "num_heads", "head_dim",
                                      "scale",
-                                     "dropout"))
+                                     "dropout")) or linear_reasons(module, EOMT_ATTENTION_PARTS)
 
 
 class FusedEomtAttention(FusedDINOv3ViTAttention):
@@ -124,12 +128,27 @@ def _backend(module: nn.Module) -> str:
     return picked(ROPE_ATTENTION, qkv, qkv, qkv)
 
 
+EOMT, EOMT_DINOV3 = transformers("eomt"), transformers("eomt_dinov3")
+EOMT_ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "out_proj")
+# what the fused EoMT forward calls as modules: all but `query` (it reads its weight)
+EOMT_CALLS = ("embeddings", "layers", "layernorm", "upscale_block", "mask_head", "class_predictor",
+              "criterion",
+              "dropout", "rope_embeddings")
+
 RULES = (
-    Rule("EomtDinov3ForUniversalSegmentation", FusedEomtForUniversalSegmentation, eomt_reasons, _backend),
-    Rule("EomtForUniversalSegmentation", FusedEomtForUniversalSegmentation, eomt_reasons, _backend),
+    # The models: composites (their parts are checked by their own rules; the fused forward
+    # requires its masked layers and their attention swapped).
+    Rule("EomtDinov3ForUniversalSegmentation", FusedEomtForUniversalSegmentation, eomt_reasons, _backend,
+         EOMT_DINOV3, calls=EOMT_CALLS),
+    Rule("EomtForUniversalSegmentation", FusedEomtForUniversalSegmentation, eomt_reasons, _backend, EOMT,
+         calls=EOMT_CALLS),
     # EoMT-DINOv3 layers are DINOv3ViT layers; EoMT on DINOv2 has no RoPE. The MLPs: fused.mlp
-    Rule("EomtDinov3Layer", FusedDINOv3ViTLayer, LAYER_REASONS, seam_backend("norm2")),
-    Rule("EomtLayer", FusedDINOv3ViTLayer, LAYER_REASONS, seam_backend("norm2")),
-    Rule("EomtDinov3Attention", FusedDINOv3ViTAttention, hf_attention_reasons, HF_ATTENTION_BACKEND),
-    Rule("EomtAttention", FusedEomtAttention, eomt_attention_reasons, HF_ATTENTION_BACKEND),
+    Rule("EomtDinov3Layer", FusedDINOv3ViTLayer, LAYER_REASONS, seam_backend("norm2"), EOMT_DINOV3,
+         parts=HF_LAYER_PARTS, calls=HF_LAYER_CALLS),
+    Rule("EomtLayer", FusedDINOv3ViTLayer, LAYER_REASONS, seam_backend("norm2"), EOMT, parts=HF_LAYER_PARTS,
+         calls=HF_LAYER_CALLS),
+    Rule("EomtDinov3Attention", FusedDINOv3ViTAttention, hf_attention_reasons, HF_ATTENTION_BACKEND,
+         EOMT_DINOV3, parts=HF_ATTENTION_PARTS, calls=HF_ATTENTION_PARTS),
+    Rule("EomtAttention", FusedEomtAttention, eomt_attention_reasons, HF_ATTENTION_BACKEND, EOMT,
+         parts=EOMT_ATTENTION_PARTS, calls=EOMT_ATTENTION_PARTS),
 )

@@ -22,6 +22,7 @@ from .common import (
     residual_layer_norm,
     sibling_class,
 )
+from .sources import dinov3, transformers
 
 
 def _multihead_attention_reasons(attn: nn.Module, name: str) -> list[str]:
@@ -310,10 +311,13 @@ class FusedMultiScaleMaskedTransformerDecoder:
 
 
 RULES = (
+    # Composites: every layer's parts are checked above; a hook anywhere below leaves them alone
+    # (the fused forward calls the attention, norm and FFN modules' weights, not the modules).
     Rule("Mask2FormerMaskedAttentionDecoder", FusedMask2FormerMaskedAttentionDecoder,
          mask2former_decoder_reasons,
-         decoder_backend("layernorm", lambda m: m.mask_predictor.num_heads)),
+         decoder_backend("layernorm", lambda m: m.mask_predictor.num_heads), transformers("mask2former")),
     # dinov3/eval/segmentation/models/heads/mask2former_transformer_decoder.py
     Rule("MultiScaleMaskedTransformerDecoder", FusedMultiScaleMaskedTransformerDecoder,
-         official_mask2former_decoder_reasons, decoder_backend("post_norm", lambda m: m.num_heads)),
+         official_mask2former_decoder_reasons, decoder_backend("post_norm", lambda m: m.num_heads),
+         dinov3("eval.segmentation.models.heads.mask2former_transformer_decoder")),
 )

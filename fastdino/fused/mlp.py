@@ -3,25 +3,37 @@ one GEMM, the output projection with the block's LayerScale + residual in its ep
 
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
 
 from ..ops._dispatch import Like
 from ..ops.fused_linear import OP as FUSED_LINEAR
-from .common import Rule, children_reasons, decide, layer_scale_gamma, linear_reasons, picked
+from .common import (
+    Rule,
+    autocast_on,
+    children_reasons,
+    decide,
+    layer_scale_gamma,
+    linear_reasons,
+    picked,
+    user_hooks,
+)
+from .sources import Source, dinov3, is_from, timm, transformers
+
+TRANSFORMERS_ACTIVATIONS = Source("transformers", ("transformers.activations",), ("4.56", "6"))
+TIMM_ACTIVATIONS = timm("layers.activations")
 
 
 def is_exact_gelu(act: nn.Module) -> bool:
-    """nn.GELU(), transformers' GELUActivation ("gelu") or timm's GELU (timm.layers.activations, what
-    its ConvNeXt blocks get for "gelu"), all erf GELU; not the tanh forms."""
+    """nn.GELU(), transformers' GELUActivation ("gelu": F.gelu or its erf form in Python) or timm's
+    GELU (timm.layers.activations, what its ConvNeXt blocks get for "gelu"): all erf GELU, not the
+    tanh forms."""
     if type(act) is nn.GELU:
         return act.approximate == "none"
-    name, module = type(act).__name__, type(act).__module__
-    return name == "GELUActivation" or (name == "GELU" and module.startswith("timm."))
+    return is_from(act, "GELUActivation", TRANSFORMERS_ACTIVATIONS) or is_from(act, "GELU", TIMM_ACTIVATIONS)
 
 
 def is_silu(act: nn.Module) -> bool:
-    return type(act) is nn.SiLU or type(act).__name__ == "SiLUActivation"
+    return type(act) is nn.SiLU or is_from(act, "SiLUActivation", TRANSFORMERS_ACTIVATIONS)
 
 
 def mlp_reasons(linears, act=None, act_check=None, act_kind="", identity=()):
@@ -51,7 +63,7 @@ def fused_mlp(module: nn.Module, x: Tensor, w: Tensor, b: Optional[Tensor], act:
     "original"), autocast is on (the Linears would run in another dtype), or the unfused add would
     promote. One decision covers both GEMMs. A non-contiguous residual (a ConvNeXt block's NCHW
     input seen as NHWC) is made contiguous for the epilogue."""
-    if torch.is_autocast_enabled(x.device.type):
+    if autocast_on(x.device.type):
         return None
     if residual is not None and (residual.dtype != x.dtype or (gamma is not None and gamma.dtype != x.dtype)):
         return None  # promotion in the unfused add: leave it to the original ops
@@ -102,6 +114,8 @@ def mlp_residual(mlp: nn.Module, x: Tensor, residual: Tensor, layer_scale) -> Te
     """``residual + layer_scale(mlp(x))``: one fused epilogue for fc2 + LayerScale + residual when
     `mlp` is a fused MLP whose kernels run, else the modules as they are."""
     fused = getattr(mlp, "_fastdino_mlp", None)
+    if fused is not None and user_hooks(mlp):
+        fused = None  # hooks on the MLP itself (added after patch): called as a module, so they run
     y = fused(x, residual, layer_scale) if fused is not None else None
     if y is not None:
         return y
@@ -175,21 +189,32 @@ def _backend(linear: str):
 HF_MLP_REASONS = mlp_reasons(("up_proj", "down_proj"), "act_fn", is_exact_gelu, "exact GELU")
 HF_GATED_MLP_REASONS = mlp_reasons(("gate_proj", "up_proj", "down_proj"), "act_fn", is_silu, "SiLU")
 
+DINOV3_FFN = dinov3("layers.ffn_layers")
+TIMM_MLP = timm("layers.mlp")
+
 RULES = (
     # transformers (and the EoMT copies)
-    Rule("DINOv3ViTMLP", FusedDINOv3ViTMLP, HF_MLP_REASONS, _backend("up_proj")),
-    Rule("DINOv3ViTGatedMLP", FusedDINOv3ViTGatedMLP, HF_GATED_MLP_REASONS, _backend("gate_proj")),
-    Rule("EomtDinov3MLP", FusedDINOv3ViTMLP, HF_MLP_REASONS, _backend("up_proj")),
-    Rule("EomtDinov3GatedMLP", FusedDINOv3ViTGatedMLP, HF_GATED_MLP_REASONS, _backend("gate_proj")),
-    Rule("EomtSwiGLUFFN", FusedDINOv3ViTGatedMLP, HF_GATED_MLP_REASONS, _backend("gate_proj")),
+    Rule("DINOv3ViTMLP", FusedDINOv3ViTMLP, HF_MLP_REASONS, _backend("up_proj"), transformers("dinov3_vit"),
+         parts=("up_proj", "down_proj", "act_fn")),
+    Rule("DINOv3ViTGatedMLP", FusedDINOv3ViTGatedMLP, HF_GATED_MLP_REASONS, _backend("gate_proj"),
+         transformers("dinov3_vit"), parts=("gate_proj", "up_proj", "down_proj", "act_fn")),
+    Rule("EomtDinov3MLP", FusedDINOv3ViTMLP, HF_MLP_REASONS, _backend("up_proj"), transformers("eomt_dinov3"),
+         parts=("up_proj", "down_proj", "act_fn")),
+    Rule("EomtDinov3GatedMLP", FusedDINOv3ViTGatedMLP, HF_GATED_MLP_REASONS, _backend("gate_proj"),
+         transformers("eomt_dinov3"), parts=("gate_proj", "up_proj", "down_proj", "act_fn")),
+    Rule("EomtSwiGLUFFN", FusedDINOv3ViTGatedMLP, HF_GATED_MLP_REASONS, _backend("gate_proj"),
+         transformers("eomt"), parts=("gate_proj", "up_proj", "down_proj", "act_fn")),
     Rule("EomtMLP", FusedEomtMLP, mlp_reasons(("fc1", "fc2"), "activation_fn", is_exact_gelu, "exact GELU"),
-         _backend("fc1")),
-    # facebookresearch/dinov3 (dinov3/layers/ffn_layers.py); timm's Mlp shares the name
-    Rule("Mlp", FusedMlp, mlp_reasons(("fc1", "fc2"), "act", is_exact_gelu, "exact GELU", identity=("norm",)),
-         _backend("fc1")),
-    Rule("SwiGLUFFN", FusedSwiGLUFFN, mlp_reasons(("w1", "w2", "w3")), _backend("w1")),
+         _backend("fc1"), transformers("eomt"), parts=("fc1", "activation_fn", "fc2")),
+    # facebookresearch/dinov3 (dinov3/layers/ffn_layers.py)
+    Rule("Mlp", FusedMlp, mlp_reasons(("fc1", "fc2"), "act", is_exact_gelu, "exact GELU"), _backend("fc1"),
+         DINOV3_FFN, parts=("fc1", "act", "fc2", "drop")),
+    Rule("SwiGLUFFN", FusedSwiGLUFFN, mlp_reasons(("w1", "w2", "w3")), _backend("w1"), DINOV3_FFN,
+         parts=("w1", "w2", "w3")),
     # timm (timm/layers/mlp.py)
+    Rule("Mlp", FusedMlp, mlp_reasons(("fc1", "fc2"), "act", is_exact_gelu, "exact GELU", identity=("norm",)),
+         _backend("fc1"), TIMM_MLP, parts=("fc1", "act", "drop1", "norm", "fc2", "drop2")),
     Rule("SwiGLU", FusedSwiGLU, mlp_reasons(("fc1_g", "fc1_x", "fc2"), "act", is_silu, "SiLU",
                                             identity=("norm",)),
-         _backend("fc1_g")),
+         _backend("fc1_g"), TIMM_MLP, parts=("fc1_g", "fc1_x", "act", "drop1", "norm", "fc2", "drop2")),
 )

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from .common import Rule
+from .sources import dinov3, transformers
 
 
 def _unwrap_autocast(fn):
@@ -72,7 +73,11 @@ def bf16_region_reasons(module: nn.Module) -> list[str]:
     return []
 
 
-RULES = tuple(Rule(name, mixin, bf16_region_reasons, lambda m: "bf16", pinnable=False, precision="bf16")
-              for name, mixin in (("MSDeformAttnPixelDecoder", Bf16MSDeformAttnPixelDecoder),  # dinov3
-                                  ("DINOv3_Adapter", Bf16Forward),  # dinov3
-                                  ("Mask2FormerPixelDecoder", Bf16Forward)))  # transformers
+# The regions run their original forward under autocast: every part is called as a module.
+RULES = tuple(Rule(name, mixin, bf16_region_reasons, lambda m: "bf16", source, calls=("*",), pinnable=False,
+                   precision="bf16")
+              for name, mixin, source in (
+                  ("MSDeformAttnPixelDecoder", Bf16MSDeformAttnPixelDecoder,
+                   dinov3("eval.segmentation.models.heads.pixel_decoder")),
+                  ("DINOv3_Adapter", Bf16Forward, dinov3("eval.segmentation.models.backbone.dinov3_adapter")),
+                  ("Mask2FormerPixelDecoder", Bf16Forward, transformers("mask2former"))))

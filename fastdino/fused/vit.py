@@ -21,6 +21,7 @@ from .common import (
     decide,
     layer_norm_reasons,
     like,
+    linear_reasons,
     picked,
     residual_layer_norm,
     seam_backend,
@@ -28,6 +29,7 @@ from .common import (
     transformers_records,
 )
 from .mlp import mlp_residual
+from .sources import dinov3, is_from, timm, transformers
 
 
 def _attention_fallback(training: bool, dropout: float, **why) -> bool:
@@ -83,6 +85,9 @@ class FusedDINOv3ViTLayer:
 def hf_attention_reasons(module: nn.Module) -> list[str]:
     reasons = children_reasons(module, ("q_proj", "k_proj", "v_proj", "o_proj", "num_heads", "head_dim",
                                         "scaling"))
+    if reasons:
+        return reasons
+    reasons = linear_reasons(module, ("q_proj", "k_proj", "v_proj", "o_proj"))
     if reasons:
         return reasons
     if module.head_dim % 2:
@@ -178,8 +183,12 @@ def self_attention_reasons(module: nn.Module) -> list[str]:
     reasons = children_reasons(module, ("qkv", "proj", "proj_drop", "num_heads"))
     if reasons:
         return reasons
-    if not isinstance(module.qkv, nn.Linear) or module.qkv.out_features != 3 * module.qkv.in_features:
+    if type(module.qkv) is not nn.Linear and not is_from(module.qkv, "LinearKMaskedBias", DINOV3_ATTENTION):
+        return [f"qkv is {type(module.qkv).__name__}, not nn.Linear or dinov3's LinearKMaskedBias"]
+    if module.qkv.out_features != 3 * module.qkv.in_features:
         return ["qkv is not a (D, 3D) Linear"]
+    if type(module.proj) is not nn.Linear:
+        return [f"proj is {type(module.proj).__name__}, not nn.Linear"]
     D, H = module.qkv.in_features, module.num_heads
     if D % H or (D // H) % 2:
         return [f"dim {D} over {H} heads gives no even head dim"]
@@ -225,6 +234,9 @@ def eva_attention_reasons(module: nn.Module) -> list[str]:
         return reasons
     if module.qkv is None:
         return ["separate q/k/v projections (qkv_fused=False)"]
+    reasons = linear_reasons(module, ("qkv", "proj"))
+    if reasons:
+        return reasons
     if not getattr(module, "rotate_half", False):
         return ["interleaved RoPE layout (rotate_half=False)"]
     active = [n for n in ("q_norm", "k_norm", "norm") if not isinstance(getattr(module, n), nn.Identity)]
@@ -302,23 +314,41 @@ def _has_buffer(name: str):
     return lambda m: [] if isinstance(getattr(m, name, None), Tensor) else [f"no {name} buffer"]
 
 
+DINOV3_VIT = transformers("dinov3_vit")
+DINOV3_ATTENTION = dinov3("layers.attention")
+EVA = timm("models.eva")
+# The children of transformers' DINOv3ViT layer (and EoMT's copies); the fused forward calls
+# norm1 and the attention as modules.
+HF_LAYER_PARTS = ("norm1", "attention", "layer_scale1", "drop_path", "norm2", "mlp", "layer_scale2")
+HF_LAYER_CALLS = ("norm1", "attention")
+HF_ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
 RULES = (
     # transformers (4.56+ and 5.x; the layer sits at layer.{i} or model.layer.{i})
-    Rule("DINOv3ViTLayer", FusedDINOv3ViTLayer, LAYER_REASONS, seam_backend("norm2")),
-    Rule("DINOv3ViTAttention", FusedDINOv3ViTAttention, hf_attention_reasons, HF_ATTENTION_BACKEND),
+    Rule("DINOv3ViTLayer", FusedDINOv3ViTLayer, LAYER_REASONS, seam_backend("norm2"), DINOV3_VIT,
+         parts=HF_LAYER_PARTS, calls=HF_LAYER_CALLS),
+    Rule("DINOv3ViTAttention", FusedDINOv3ViTAttention, hf_attention_reasons, HF_ATTENTION_BACKEND,
+         DINOV3_VIT,
+         parts=HF_ATTENTION_PARTS, calls=HF_ATTENTION_PARTS),
     Rule("DINOv3ViTRopePositionEmbedding", CachedDINOv3ViTRopePositionEmbedding, _has_buffer("inv_freq"),
-         lambda m: "cache", pinnable=False),
+         lambda m: "cache", DINOV3_VIT, parts=(), params=("inv_freq",), pinnable=False),
     # facebookresearch/dinov3 (dinov3/layers/block.py, attention.py, rope_position_encoding.py)
     Rule("SelfAttentionBlock", FusedSelfAttentionBlock,
          seam_reasons(("norm1", "attn", "ls1", "norm2", "mlp", "ls2", "sample_drop_ratio", "_forward_list"),
                       "ls1", "norm2"),
-         seam_backend("norm2")),
+         seam_backend("norm2"), dinov3("layers.block"), parts=("norm1", "attn", "ls1", "norm2", "mlp", "ls2"),
+         calls=("norm1", "attn")),
     Rule("SelfAttention", FusedSelfAttention, self_attention_reasons,
-         attention_backend("qkv", lambda m: m.qkv.in_features // m.num_heads)),
+         attention_backend("qkv", lambda m: m.qkv.in_features // m.num_heads), DINOV3_ATTENTION,
+         parts=("qkv", "attn_drop", "proj", "proj_drop"), calls=("qkv", "proj", "proj_drop")),
     Rule("RopePositionEmbedding", CachedRopePositionEmbedding, _has_buffer("periods"), lambda m: "cache",
-         pinnable=False),
+         dinov3("layers.rope_position_encoding"), parts=(), params=("periods",), pinnable=False),
     # timm (timm/models/eva.py)
-    Rule("EvaBlock", FusedEvaBlock, eva_block_reasons, seam_backend("norm2")),
-    Rule("EvaAttention", FusedEvaAttention, eva_attention_reasons, attention_backend("qkv",
-                                                                                     lambda m: m.head_dim)),
+    Rule("EvaBlock", FusedEvaBlock, eva_block_reasons, seam_backend("norm2"), EVA,
+         parts=("norm1", "attn", "drop_path1", "norm2", "mlp", "drop_path2"), params=("gamma_1", "gamma_2"),
+         calls=("norm1", "attn")),
+    Rule("EvaAttention", FusedEvaAttention, eva_attention_reasons,
+         attention_backend("qkv", lambda m: m.head_dim),
+         EVA, parts=("qkv", "q_norm", "k_norm", "attn_drop", "norm", "proj", "proj_drop"),
+         params=("q_bias", "k_bias", "v_bias"), calls=("proj", "proj_drop")),
 )

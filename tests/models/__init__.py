@@ -2,3 +2,14 @@
 signatures of the official facebookresearch/dinov3 code (ViT, ViT-Adapter, Mask2Former head) and
 of timm's Eva (the DINOv3 ViTs), so that `fastdino.patch` sees what it sees in those libraries
 when they are not installed. Random init; no weights."""
+
+import fastdino
+
+# The stand-ins are copies of dinov3's and timm's classes in another module: fastdino swaps them
+# only when trusted, as a user trusts a vendored copy.
+TRUST = ["models"]
+
+
+def patch_trusted(model, **options):
+    """fastdino.patch(model, trust=TRUST, **options)."""
+    return fastdino.patch(model, trust=TRUST, **options)
