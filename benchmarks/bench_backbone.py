@@ -25,7 +25,8 @@ import fastdino
 from fastdino.bench import times_ms
 from fastdino.info import build_info
 
-# Published configurations (dinov3-stack.md §4.1); all ViT/16 with 4 registers.
+# Published configurations (github.com/facebookresearch/dinov3, arXiv 2508.10104); all ViT/16 with
+# 4 registers.
 MODELS = {
     "vits16": dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=6),
     "vitb16": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),

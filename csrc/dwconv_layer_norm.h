@@ -49,10 +49,10 @@ inline void check_dwconv_layer_norm_args(const at::Tensor& x, const at::Tensor& 
   if (bias.has_value()) check(*bias, "bias", true);
   check(norm_weight, "norm_weight", true);
   check(norm_bias, "norm_bias", true);
-  int64_t span = 0;
-  for (int64_t d = 1; d < 4; ++d) span += (x.size(d) > 0 ? x.size(d) - 1 : 0) * x.stride(d);
-  TORCH_CHECK(span < (int64_t(1) << 31) && C * x.size(2) * x.size(3) < (int64_t(1) << 31),
-              "dwconv_layer_norm: one image of x spans 2**31 elements or more (shape ", shape_str(x), ")");
+  // Offsets into x and z are int64; a pixel's row and column (with halo and tile arithmetic) are int.
+  constexpr int64_t kMaxSide = int64_t(1) << 30;
+  TORCH_CHECK(x.size(2) <= kMaxSide && x.size(3) <= kMaxSide, "dwconv_layer_norm: x has H=", num(x.size(2)),
+              ", W=", num(x.size(3)), "; the kernels index rows and columns in 32 bits (limit 2**30 each)");
 }
 
 }  // namespace fastdino

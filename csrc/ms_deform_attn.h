@@ -137,6 +137,10 @@ inline void check_ms_deform_attn_args(const at::Tensor& value, const at::Tensor&
               "ms_deform_attn: sampling_locations must be (B=", num(B), ", Lq, heads=", num(Hh), ", L, P, 2), got ",
               shape_str(sampling_locations));
   const int64_t Lq = sampling_locations.size(1), L = sampling_locations.size(3), P = sampling_locations.size(4);
+  // Offsets are int64; heads, channels and samples per query-head are held in int.
+  TORCH_CHECK(Hh <= INT32_MAX && value.size(3) <= INT32_MAX && L * P <= INT32_MAX, "ms_deform_attn: value has ",
+              num(Hh), " heads of ", num(value.size(3)), " channels, sampling_locations ", num(L), " * ", num(P),
+              " samples per query-head; the C++ kernels count each in 32 bits (limit 2**31 - 1)");
   TORCH_CHECK(attention_weights.dim() == 5 && attention_weights.size(0) == B && attention_weights.size(1) == Lq &&
                   attention_weights.size(2) == Hh && attention_weights.size(3) == L && attention_weights.size(4) == P,
               "ms_deform_attn: attention_weights must be (", num(B), ", ", num(Lq), ", ", num(Hh), ", ", num(L), ", ",

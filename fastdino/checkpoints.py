@@ -5,7 +5,8 @@ import re
 
 import torch
 
-# Keys of the official layout with no counterpart in transformers' model (dinov3-stack.md §1.1, §4.1).
+# Keys of the official layout (dinov3/models/vision_transformer.py, github.com/facebookresearch/dinov3)
+# with no counterpart in transformers' model.
 OFFICIAL_DROPPED = re.compile(r"^(rope_embed\.periods|blocks\.\d+\.attn\.qkv\.bias_mask|cls_norm\..*|"
                               r"local_cls_norm\..*|head\..*)$")
 ACCEPTED = ("a transformers DINOv3ViTModel state_dict (keys embeddings.*, layer.N.* or model.layer.N.*) "

@@ -1,6 +1,8 @@
 """`fastdino.patch(model)`: recognise DINOv3 modules by class name and structure, swap them for
 their fused forms in place, and report what was swapped and what was left alone and why."""
 
+import functools
+import inspect
 import os
 import re
 from collections import Counter
@@ -34,8 +36,23 @@ def _fused_class(mixin: type, original: type) -> type:
             # str(type(model)), save_pretrained's config "architectures" and the loss on its name
             name = original.__name__
             attrs.update(__module__=original.__module__, __qualname__=original.__qualname__)
+            if "forward" in vars(mixin):
+                attrs["forward"] = _with_signature(mixin.forward, original.forward)
         _FUSED_CLASSES[key] = type(name, (mixin, original), attrs)
     return _FUSED_CLASSES[key]
+
+
+def _with_signature(forward, original_forward):
+    """`forward` as the original's signature shows it: transformers reads a model's forward
+    signature (which outputs it can return) through inspect."""
+
+    @functools.wraps(original_forward)
+    def fused_forward(self, *args, **kwargs):
+        return forward(self, *args, **kwargs)
+
+    del fused_forward.__wrapped__  # inspect shows the original's signature through __signature__
+    fused_forward.__signature__ = inspect.signature(original_forward)
+    return fused_forward
 
 
 def _keeps_class_name(original: type) -> bool:
@@ -214,14 +231,14 @@ def _patch(model: nn.Module, backend: Optional[str], precision: Optional[str], c
             report.skipped.append(Skipped(path, type(module).__name__, reasons))
             continue
         original = type(module)
+        pinned = backend is not None and rule.pinnable
+        shown = backend if pinned else rule.backend(module)  # before the swap: an error leaves no half
         module.__class__ = _fused_class(rule.mixin, original)
         module._fastdino_backend = backend
         module._fastdino_precision = precision  # e.g. values in bf16 where a bf16 region's autocast is on
         _forget(module, tuned)
-        pinned = backend is not None and rule.pinnable
         # a class that keeps its name (transformers models) is reported by the fused forward it runs
         fused = rule.mixin.__name__ if _keeps_class_name(original) else type(module).__name__
-        shown = backend if pinned else rule.backend(module)
         if not pinned and rule.pinnable and tuned and any(k == original.__name__ for k, _, _ in tuned):
             shown = "tuned"
         report.swapped.append(Swapped(path, original.__name__, fused, shown, pinned,

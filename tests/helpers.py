@@ -1,4 +1,5 @@
-"""Shared test helpers: dtypes, tolerances, skip markers, the tolerance rule and op-call counting."""
+"""Shared test helpers: dtypes, tolerances, skip and quick markers, the tolerance rule and op-call
+counting."""
 
 import contextlib
 import inspect
@@ -24,11 +25,32 @@ ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 requires_ext = pytest.mark.skipif(not _ext.HAS_EXT, reason=f"fastdino._C not built: {_ext.EXT_ERROR}")
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-requires_cuda_ext = pytest.mark.skipif(
-    not (torch.cuda.is_available() and _ext.BUILD["cuda"]),
-    reason="needs a CUDA device and fastdino._C CUDA kernels"
-)
+
+
+def quick_cases(values, *chosen, spread: bool = False) -> list:
+    """`values` for parametrize, with those in `chosen` also marked `quick` (the representative
+    subset `pytest -m quick` runs). `spread`: each value holds the arguments of a multi-name
+    parametrize."""
+    missing = [c for c in chosen if c not in values]
+    assert not missing, f"not among the cases: {missing}"
+    return [pytest.param(*(v if spread else (v,)), marks=pytest.mark.quick) if v in chosen else v
+            for v in values]
+
+
+def _needs_cuda(missing: bool, reason: str):
+    """A decorator: skipped where `missing`, and marked `cuda`, so that `-m cuda` selects exactly
+    the tests that need a GPU (and `-m "not cuda"` leaves them out)."""
+    skip = pytest.mark.skipif(missing, reason=reason)
+
+    def decorate(test):
+        return pytest.mark.cuda(skip(test))
+
+    return decorate
+
+
+requires_cuda = _needs_cuda(not torch.cuda.is_available(), "needs a CUDA device")
+requires_cuda_ext = _needs_cuda(not (torch.cuda.is_available() and _ext.BUILD["cuda"]),
+                                "needs a CUDA device and fastdino._C CUDA kernels")
 
 
 def assert_close_to_ref(name, out, exact, lowp, atol):

@@ -3,7 +3,16 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ATOL, DEVICE, DTYPES, assert_close_to_ref, requires_cuda, requires_cuda_ext, requires_ext
+from helpers import (
+    ATOL,
+    DEVICE,
+    DTYPES,
+    assert_close_to_ref,
+    quick_cases,
+    requires_cuda,
+    requires_cuda_ext,
+    requires_ext,
+)
 
 from fastdino import _ext
 from fastdino.ops import add_layer_norm, add_layer_norm_ref
@@ -17,6 +26,9 @@ SHAPES_FULL = [((2, 1029, 384), True), ((1, 197, 1024), True), ((1, 5, 4096), Tr
 # Under the Triton interpreter every program runs serially on the CPU: fewer rows.
 SHAPES_INTERP = [((2, 37, 384), True), ((1, 3, 1024), True), ((1, 2, 4096), False), ((3, 7, 97), True),
                  ((2, 3, 1023), False), ((1, 1, 1), True), ((0, 384), True)]
+CUDA_SHAPES = SHAPES_FULL + [((32, 1029, 768), True), ((1, 4101, 1280), True)]
+TRITON_SHAPES = SHAPES_FULL if DEVICE.type == "cuda" else SHAPES_INTERP
+QUICK = ((3, 7, 97), True)  # `pytest -m quick`: odd rows, odd C, a masked tail
 
 
 def make_inputs(shape, dtype, device, has_gamma=True):
@@ -55,21 +67,20 @@ def test_add_layer_norm_ref_matches(shape, has_gamma, dtype):
 
 @requires_ext
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-@pytest.mark.parametrize("shape,has_gamma", SHAPES_FULL, ids=str)
+@pytest.mark.parametrize("shape,has_gamma", quick_cases(SHAPES_FULL, QUICK, spread=True), ids=str)
 def test_add_layer_norm_cpu_matches_ref(shape, has_gamma, dtype):
     check_backend("cpu", shape, has_gamma, dtype, "cpu")
 
 
 @requires_cuda_ext
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-@pytest.mark.parametrize("shape,has_gamma", SHAPES_FULL + [((32, 1029, 768), True), ((1, 4101, 1280), True)],
-                         ids=str)
+@pytest.mark.parametrize("shape,has_gamma", quick_cases(CUDA_SHAPES, QUICK, spread=True), ids=str)
 def test_add_layer_norm_cuda_matches_ref(shape, has_gamma, dtype):
     check_backend("cuda", shape, has_gamma, dtype, "cuda")
 
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-@pytest.mark.parametrize("shape,has_gamma", SHAPES_FULL if DEVICE.type == "cuda" else SHAPES_INTERP, ids=str)
+@pytest.mark.parametrize("shape,has_gamma", quick_cases(TRITON_SHAPES, QUICK, spread=True), ids=str)
 def test_add_layer_norm_triton_matches_ref(shape, has_gamma, dtype):
     # On CPU this runs the Triton interpreter, which rounds fp32 -> bf16 by truncation instead of
     # to nearest (measured with triton 3.9): bf16 stays within the rule, the GPU run is exact.
@@ -105,6 +116,7 @@ def rows(device, dtype, C):
     return x, x, vec, vec, vec
 
 
+@pytest.mark.quick
 def test_dispatch_explains_each_skipped_backend():
     # CPU tensors: the reference is the fastest measured path, nothing is tried before it.
     assert OP.pick(*make_inputs((2, 5, 64), torch.float32, "cpu")) == ("ref", {})
@@ -152,6 +164,7 @@ def test_bad_arguments_are_named(mutate, match):
         add_layer_norm(*args)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_pinned_backend_that_cannot_run_says_why(backend):
     args = make_inputs((4, 6, 32), torch.float64, "cpu")

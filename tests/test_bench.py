@@ -49,6 +49,7 @@ def test_tune_command_writes_the_cache(tmp_path, capsys):
     assert "fastdino.tune:" in printed and "applies  DINOv3ConvNextLayer dwconv_layer_norm" in printed
 
 
+@pytest.mark.quick
 def test_unknown_names_are_refused(capsys):
     assert main(["bench", "--device", "cpu", "--models", "vit-huge"]) == 2
     assert main(["bench", "--device", "cpu", "--variants", "fastest"]) == 2
@@ -102,6 +103,7 @@ def test_nested_parts_are_timed_without_their_inner_parts():
     assert _exclusive(inclusive) == {"adapter": 4.0, "backbone": 2.0, "blocks": 4.0, "head": 3.0}
 
 
+@pytest.mark.quick
 def test_cuda_graph_says_why_it_cannot_capture():
     graphed = fastdino.cuda_graph(Tiny())
     with pytest.raises(fastdino.GraphCaptureError, match=r"CUDA tensors only; got 0\.0 on cpu"):
@@ -124,6 +126,7 @@ def test_cuda_graph_keys_on_shapes_and_values():
     assert list(rebuilt[1]) == ["z", "m"] and rebuilt[0][1] == 3 and not rebuilt[1]["z"].any()
 
 
+@pytest.mark.quick
 def test_star_paths_expand_to_the_called_children():
     from fastdino.bench import expand
 

@@ -42,6 +42,7 @@ def test_demo_runs_a_checkpoint_of_either_layout(layout, tmp_path, capsys):
     assert "fastdino.tune: 3 decisions: " in out
 
 
+@pytest.mark.quick
 def test_demo_names_what_it_cannot_use(tmp_path, capsys):
     assert main(["demo", "--weights", str(tmp_path / "missing-model"), *FAST]) == 2
     assert "no such file or directory, and not in the local Hugging Face cache" in capsys.readouterr().out

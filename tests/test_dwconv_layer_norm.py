@@ -3,7 +3,16 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ATOL, DEVICE, DTYPES, assert_close_to_ref, requires_cuda, requires_ext
+from helpers import (
+    ATOL,
+    DEVICE,
+    DTYPES,
+    assert_close_to_ref,
+    quick_cases,
+    requires_cuda,
+    requires_cuda_ext,
+    requires_ext,
+)
 
 from fastdino import _ext
 from fastdino.ops import dwconv_layer_norm, dwconv_layer_norm_ref
@@ -22,6 +31,11 @@ CPU_KERNEL = ["cpu"] if _ext.HAS_EXT and DEVICE.type == "cpu" else []  # the C++
 SHAPES_INTERP = [(2, 96, 9, 11, False, True), (1, 96, 9, 11, True, True), (1, 192, 5, 6, True, False),
                  (1, 384, 7, 7, False, True), (1, 768, 3, 5, True, True), (1, 1536, 1, 1, False, True),
                  (1, 97, 3, 5, True, True), (1, 1, 4, 4, False, True), (0, 96, 4, 4, False, True)]
+CUDA_SHAPES = SHAPES_FULL + [(32, 96, 128, 128, True, True), (4, 2048, 5, 7, True, True)]
+# `pytest -m quick`: odd channels, maps smaller than the 7x7 window or not a tile multiple
+QUICK = (3, 97, 9, 11, True, False)
+TRITON_SHAPES = (quick_cases(SHAPES_FULL, QUICK) if DEVICE.type == "cuda"
+                 else quick_cases(SHAPES_INTERP, (1, 97, 3, 5, True, True)))
 
 
 def make_inputs(B, C, H, W, channels_last=False, has_bias=True, dtype=torch.float32, device=DEVICE):
@@ -61,22 +75,20 @@ def test_dwconv_layer_norm_ref_matches(shape, dtype):
 
 @requires_ext
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-@pytest.mark.parametrize("shape", SHAPES_FULL, ids=str)
+@pytest.mark.parametrize("shape", quick_cases(SHAPES_FULL, QUICK), ids=str)
 def test_dwconv_layer_norm_cpu_matches_ref(shape, dtype):
     check_backend("cpu", shape, dtype, "cpu")
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() and _ext.BUILD["cuda"]),
-                    reason="needs a CUDA device and fastdino._C CUDA kernels")
+@requires_cuda_ext
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-@pytest.mark.parametrize("shape", SHAPES_FULL + [(32, 96, 128, 128, True, True), (4, 2048, 5, 7, True, True)],
-                         ids=str)
+@pytest.mark.parametrize("shape", quick_cases(CUDA_SHAPES, QUICK), ids=str)
 def test_dwconv_layer_norm_cuda_matches_ref(shape, dtype):
     check_backend("cuda", shape, dtype, "cuda")
 
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-@pytest.mark.parametrize("shape", SHAPES_FULL if DEVICE.type == "cuda" else SHAPES_INTERP, ids=str)
+@pytest.mark.parametrize("shape", TRITON_SHAPES, ids=str)
 def test_dwconv_layer_norm_triton_matches_ref(shape, dtype):
     # On CPU this runs the Triton interpreter, which rounds fp32 -> bf16 by truncation instead of
     # to nearest (measured with triton 3.9): bf16 stays within the rule, the GPU run is exact.
@@ -126,6 +138,7 @@ def like_args(device, dtype, C, K=7):
     return Like(d, dtype, (1, C, 16, 16)), Like(d, dtype, (C, 1, K, K)), vec, vec, vec
 
 
+@pytest.mark.quick
 def test_dispatch_explains_each_skipped_backend():
     # CPU tensors: the reference is picked, nothing is tried before it.
     assert OP.pick(*make_inputs(1, 16, 5, 5, device="cpu")) == ("ref", {})
@@ -178,6 +191,7 @@ def test_bad_arguments_are_named(mutate, match):
         dwconv_layer_norm(*args)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_pinned_backend_that_cannot_run_says_why(backend):
     args = make_inputs(1, 16, 5, 5, dtype=torch.float64, device="cpu")

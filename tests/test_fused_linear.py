@@ -4,7 +4,7 @@ rule of helpers."""
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ATOL, DEVICE, DTYPES, assert_close_to_ref, requires_ext
+from helpers import ATOL, DEVICE, DTYPES, assert_close_to_ref, quick_cases, requires_ext
 
 from fastdino.ops.fused_linear import OP, fused_linear, fused_linear_ref, reasons
 
@@ -14,6 +14,9 @@ SHAPES_FULL = [(2 * 1029, 384, 1536), (1029, 4096, 1024), (197, 384, 1024), (97,
                                                                                                        96,
                                                                                                        200)]
 SHAPES_INTERP = [(37, 64, 97), (5, 48, 33), (1, 16, 1), (130, 96, 64)]
+# `pytest -m quick`: odd M, K and N, every mask of the tiles
+TRITON_SHAPES = (quick_cases(SHAPES_FULL, (97, 48, 33)) if DEVICE.type == "cuda"
+                 else quick_cases(SHAPES_INTERP, (5, 48, 33)))
 VARIANTS = {  # name: (act, residual + gamma)
     "gelu": ("gelu", False), "swiglu": ("swiglu", False), "linear": (None, False), "residual": (None, True),
 }
@@ -39,7 +42,7 @@ def unfused(x, w, b, act, w2, b2, r, g):
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("shape", SHAPES_FULL if DEVICE.type == "cuda" else SHAPES_INTERP, ids=str)
+@pytest.mark.parametrize("shape", TRITON_SHAPES, ids=str)
 def test_fused_linear_triton_matches_ref(shape, variant, dtype):
     args = make_inputs(*shape, *VARIANTS[variant], dtype)
     out = fused_linear(*args, backend="triton")
@@ -53,7 +56,7 @@ def test_fused_linear_triton_matches_ref(shape, variant, dtype):
 @requires_ext
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("shape", SHAPES_FULL, ids=str)
+@pytest.mark.parametrize("shape", quick_cases(SHAPES_FULL, (97, 48, 33)), ids=str)
 def test_fused_linear_cpp_matches_ref(shape, variant, dtype):
     args = make_inputs(*shape, *VARIANTS[variant], dtype)
     out = fused_linear(*args, backend=DEVICE.type)
@@ -103,6 +106,7 @@ def test_tolerance_rule_rejects_tanh_gelu():
         assert_close_to_ref("tanh", approx, exact, F.gelu(F.linear(x, w, b)), ATOL[torch.float32] * 8)
 
 
+@pytest.mark.quick
 def test_dispatch_runs_the_reference_until_measured():
     args = make_inputs(4, 16, 8, "gelu", False, torch.float32, "cpu")
     assert OP.pick(*args)[0] == "ref"
@@ -126,6 +130,7 @@ def test_bad_arguments_are_named(kwargs, match):
         fused_linear(x, w, **kwargs)
 
 
+@pytest.mark.quick
 def test_triton_op_rejects_bad_layouts_by_name():
     x, w, b, act, *_ = make_inputs(4, 32, 16, "gelu", False, torch.float32)
     with pytest.raises(ValueError, match="weight is not contiguous"):

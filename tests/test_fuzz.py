@@ -1,20 +1,29 @@
 """Fuzzing every op against its reference with hypothesis: random sizes (1, primes, one past a
 tile), head dims, batches, dtypes, strided and broadcast inputs, NaN and Inf injected. For each
 kernel backend on this machine (C++ and Triton; the interpreter on CPU), either the backend refuses
-the arguments with the ValueError of its reasons, or its output has NaN and Inf exactly where the
-reference has them and is close elsewhere.
+the arguments with the ValueError of its reasons, each reason naming the argument it is about, or
+the backend's kernel runs (seen through dispatch's observer hook: a pinned backend that failed its
+self-check would quietly run the reference) and its output has NaN and Inf exactly where the
+reference has them and is close elsewhere. Each test counts its runs and refusals per backend,
+fails where a backend ran fewer than MIN_RUN_SHARE of its examples (a test that only saw
+refusals would compare nothing), and reports the counts (`record_property`, and a terminal
+summary section where the tests run in one process).
 
 The examples are derived from a fixed seed (derandomize), so CI sees the same examples every run
-and a failure is reproducible; FASTDINO_FUZZ_EXAMPLES (default 40 per op, under a minute in all
-on 2 cores) and FASTDINO_FUZZ_RANDOM=1 (fresh examples) explore further. hypothesis prints the
-failing example, shrunk.
+and a failure is reproducible; FASTDINO_FUZZ_EXAMPLES (default 40 per op, about a minute in all
+on 2 cores) and FASTDINO_FUZZ_RANDOM=1 (fresh examples) explore further; the `quick` variants
+(`pytest -m quick`) run QUICK_EXAMPLES per op. hypothesis prints the failing example, shrunk.
 """
 
+import inspect
+import math
 import os
+import re
+from collections import Counter
 
 import pytest
 import torch
-from helpers import DEVICE
+from helpers import DEVICE, op_runs
 from test_nan_inf import assert_same_non_finite
 
 from fastdino import _ext
@@ -33,12 +42,20 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 KERNELS = ["triton"] + ([DEVICE.type] if _ext.BUILD[DEVICE.type] else [])
-FUZZ = settings(max_examples=int(os.environ.get("FASTDINO_FUZZ_EXAMPLES", "40")), deadline=None,
+EXAMPLES = int(os.environ.get("FASTDINO_FUZZ_EXAMPLES", "40"))
+QUICK_EXAMPLES = 6
+FUZZ = settings(max_examples=EXAMPLES, deadline=None,
                 derandomize=os.environ.get("FASTDINO_FUZZ_RANDOM") != "1", database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# The strategies draw what the kernels take in about two of three examples (the rest: layouts and
+# head dims they refuse), so fewer than this share of runs means the kernels went untested.
+MIN_RUN_SHARE = 0.4
+# Sizes a reason may name instead of the argument they belong to (the ops' docstrings use them).
+SIZE_NAMES = {"C": "x", "head dim": "q", "kernel size": "weight"}
 DTYPES = st.sampled_from([torch.float32, torch.bfloat16, torch.float16])
 TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 SIZES = st.sampled_from([1, 2, 3, 7, 13, 17, 31, 33, 65])  # 1, primes, one past a tile of 16/32/64
+COUNTS: dict = {}  # test id -> Counter of (backend, "ran" or "refused: <reason>"), for the summary
 
 
 def inject(draw, tensors, names, dtype, nan_only=()):
@@ -60,49 +77,122 @@ def inject(draw, tensors, names, dtype, nan_only=()):
     return f"{kind} in {name}{list(at)}"
 
 
-def compare(op, args, kwargs, dtype, what):
-    """Each kernel backend against the reference: a clean refusal, or the same non-finite positions
-    and close finite values."""
+def refusal(name, backend, args, kwargs, error) -> str:
+    """A refusal must be the ValueError of the backend's reasons (a C++ op may accept more than they
+    allow), each reason naming an argument of the op or a size of one. Returns its count key."""
+    op = OPS[name]
+    why = op.reasons(backend, *args, *kwargs.values())
+    assert why and f"backend '{backend}' cannot run: {'; '.join(why)}" in str(error), str(error)
+    params = list(inspect.signature(op.reasons).parameters)[1:]
+    for reason in why:
+        assert any(re.search(rf"\b{re.escape(word)}\b", reason) for word in params + list(SIZE_NAMES)), (
+            f"{name}: {backend}'s reason {reason!r} names none of the arguments {params}")
+    return "refused: " + "; ".join(re.sub(r"\d+", "#", reason) for reason in why)
+
+
+def compare(counts, op, args, kwargs, dtype, what):
+    """Each kernel backend against the reference: a refusal naming the arguments, or a run of that
+    backend's kernel with the same non-finite positions and close finite values. Counted in `counts`."""
+    name = op.__name__
     ref = op(*args, backend="ref", **kwargs)
     refs = ref if isinstance(ref, tuple) else (ref,)
     for backend in KERNELS:
-        try:
-            out = op(*args, backend=backend, **kwargs)
-        except ValueError as e:  # a refusal must be the one its reasons give (a C++ op may accept more)
-            why = OPS[op.__name__].reasons(backend, *args, *kwargs.values())
-            assert why and f"backend '{backend}' cannot run: {'; '.join(why)}" in str(e), str(e)
-            continue
-        for o, r in zip(out if isinstance(out, tuple) else (out,), refs):
+        with op_runs(name) as runs:
+            try:
+                out = op(*args, backend=backend, **kwargs)
+            except ValueError as e:
+                counts[backend, refusal(name, backend, args, kwargs, e)] += 1
+                continue
+        ran = [call.args[0] for call in runs[name].call_args_list]
+        assert ran == [backend], f"{name} pinned to {backend} ran {ran} ({what})"
+        counts[backend, "ran"] += 1
+        outs = out if isinstance(out, tuple) else (out,)
+        assert len(outs) == len(refs)
+        for o, r in zip(outs, refs):
             assert o.shape == r.shape and o.dtype == r.dtype
-            assert_same_non_finite(f"{op.__name__} {backend} ({what})", o.cpu(), r.cpu(), TOL[dtype])
+            assert_same_non_finite(f"{name} {backend} ({what})", o.cpu(), r.cpu(), TOL[dtype])
+        if backend != "triton":
+            # Unobserved, a C++ backend that passed its self-check is called at once (no dispatch):
+            # that path must give the same numbers.
+            again = op(*args, backend=backend, **kwargs)
+            for o, a in zip(outs, again if isinstance(again, tuple) else (again,)):
+                torch.testing.assert_close(a, o, rtol=0, atol=0, equal_nan=True,
+                                           msg=f"{name} {backend} unobserved ({what})")
+
+
+def describe(counts) -> str:
+    """Per backend: the examples it ran and those it refused, by reason."""
+    lines = []
+    for backend in KERNELS:
+        mine = {k[1]: n for k, n in counts.items() if k[0] == backend}
+        refused = {why.removeprefix("refused: "): n for why, n in mine.items() if why != "ran"}
+        why = f" ({', '.join(f'{n} x {r}' for r, n in sorted(refused.items()))})" if refused else ""
+        lines.append(f"{backend}: ran {mine.get('ran', 0)} of {sum(mine.values())}, "
+                     f"refused {sum(refused.values())}{why}")
+    return "\n".join(lines)
+
+
+class _Summary:
+    """The counts of the fuzz tests that ran in this process, as a terminal summary section."""
+
+    @staticmethod
+    def pytest_terminal_summary(terminalreporter):
+        if COUNTS:
+            terminalreporter.section("fuzz: kernel runs and refusals per backend")
+            for test, counts in COUNTS.items():
+                terminalreporter.write_line(test)
+                for line in describe(counts).splitlines():
+                    terminalreporter.write_line(f"    {line}")
+
+
+def fuzz(request, record_property, body, examples):
+    """Run `body(counts, draw)` on `examples` hypothesis examples, then require every kernel backend
+    to have run (not refused) at least MIN_RUN_SHARE of them."""
+    counts = Counter()
+
+    @settings(FUZZ, max_examples=examples)
+    @given(data=st.data())
+    def run(data):
+        body(counts, data.draw)
+
+    run.hypothesis.inner_test._hypothesis_internal_add_digest = body.__name__.encode()  # its own seed
+    run()
+    COUNTS[request.node.nodeid] = counts
+    record_property("fuzz", describe(counts))
+    plugins = request.config.pluginmanager
+    if plugins.getplugin("terminalreporter") and not plugins.is_registered(_Summary):
+        plugins.register(_Summary)
+    for backend in KERNELS:
+        ran = counts[backend, "ran"]
+        total = sum(n for k, n in counts.items() if k[0] == backend)
+        assert total and ran >= math.ceil(MIN_RUN_SHARE * total), (
+            f"{body.__name__}: under {MIN_RUN_SHARE:.0%} of the examples ran a kernel:\n{describe(counts)}")
 
 
 def randn(shape, dtype, scale=1.0):
     return (torch.randn(shape, device=DEVICE) * scale).to(dtype)
 
 
-@FUZZ
-@given(st.data())
-def test_fuzz_add_layer_norm(data):
-    draw = data.draw
+def add_layer_norm_example(counts, draw):
     rows, C, dtype = draw(SIZES), draw(st.sampled_from([1, 3, 17, 48, 97, 130, 384])), draw(DTYPES)
-    layout = draw(st.sampled_from(["contiguous", "transposed", "broadcast-branch"]))
+    # two in three examples in layouts the kernels read (at the start of a buffer or inside one),
+    # the others in layouts they refuse
+    layout = draw(st.sampled_from(["contiguous", "offset"] * 2 + ["transposed", "broadcast-branch"]))
     x = randn((rows, 3, C), dtype, 2.0) + 0.5
     branch = randn((rows, 3, C), dtype)
-    if layout == "transposed":
+    if layout == "offset":  # contiguous views past the start of their buffers
+        x, branch = (torch.cat([randn((1, 3, C), dtype), t])[1:] for t in (x, branch))
+    elif layout == "transposed":
         x, branch = x.transpose(0, 1), branch.transpose(0, 1)
     elif layout == "broadcast-branch":
         branch = branch[:1].expand_as(x)
     gamma = draw(st.sampled_from([None, "gamma"])) and randn((C,), dtype)
     weight, bias = randn((C,), dtype), randn((C,), dtype)
     what = inject(draw, {"x": x, "branch": branch, "weight": weight}, ["x", "branch", "weight"], dtype)
-    compare(add_layer_norm, (x, branch, gamma, weight, bias, 1e-6), {}, dtype, f"{layout}, {what}")
+    compare(counts, add_layer_norm, (x, branch, gamma, weight, bias, 1e-6), {}, dtype, f"{layout}, {what}")
 
 
-@FUZZ
-@given(st.data())
-def test_fuzz_dwconv_layer_norm(data):
-    draw = data.draw
+def dwconv_layer_norm_example(counts, draw):
     # maps up to 13 (the 7x7 window, one past the CUDA tile of 8): the interpreter runs every pixel
     maps = st.sampled_from([1, 2, 3, 7, 9, 13])
     B, H, W, dtype = draw(st.sampled_from([1, 2, 3])), draw(maps), draw(maps), draw(DTYPES)
@@ -118,29 +208,26 @@ def test_fuzz_dwconv_layer_norm(data):
     bias = draw(st.sampled_from([None, "bias"])) and randn((C,), dtype)
     nw, nb = randn((C,), dtype), randn((C,), dtype)
     what = inject(draw, {"x": x, "weight": weight}, ["x", "weight"], dtype)
-    compare(dwconv_layer_norm, (x, weight, bias, nw, nb, 1e-6), {}, dtype, f"{layout}, {what}")
+    compare(counts, dwconv_layer_norm, (x, weight, bias, nw, nb, 1e-6), {}, dtype, f"{layout}, {what}")
 
 
-@FUZZ
-@given(st.data())
-def test_fuzz_fused_linear(data):
-    draw = data.draw
+def fused_linear_example(counts, draw):
     M, K, N, dtype = draw(SIZES), draw(SIZES), draw(SIZES), draw(DTYPES)
     act = draw(st.sampled_from([None, "gelu", "swiglu"]))
+    layout = draw(st.sampled_from(["contiguous", "offset", "strided"]))  # the kernels refuse strided x
     x = randn((M, K), dtype)
-    if draw(st.booleans()):  # a strided view (every other column of a wider activation)
+    if layout == "offset":  # a contiguous view past the start of its buffer
+        x = randn((M + 1, K), dtype)[1:]
+    elif layout == "strided":  # every other column of a wider activation
         x = randn((M, 2 * K), dtype)[:, ::2]
     w, b = randn((N, K), dtype, K ** -0.5), randn((N,), dtype)
     w2, b2 = (randn((N, K), dtype, K ** -0.5), randn((N,), dtype)) if act == "swiglu" else (None, None)
     r, g = (randn((M, N), dtype), randn((N,), dtype)) if act is None and draw(st.booleans()) else (None, None)
     what = inject(draw, {"x": x, "weight": w, "bias": b}, ["x", "weight", "bias"], dtype)
-    compare(fused_linear, (x, w, b, act, w2, b2, r, g), {}, dtype, f"act={act}, {what}")
+    compare(counts, fused_linear, (x, w, b, act, w2, b2, r, g), {}, dtype, f"act={act}, {layout}, {what}")
 
 
-@FUZZ
-@given(st.data())
-def test_fuzz_rope_attention(data):
-    draw = data.draw
+def rope_attention_example(counts, draw):
     B, N, dtype = draw(st.sampled_from([1, 2])), draw(SIZES), draw(DTYPES)
     H = draw(st.sampled_from([1, 2, 3]))
     D = draw(st.sampled_from([16, 32, 48, 64, 2, 24]))
@@ -161,14 +248,11 @@ def test_fuzz_rope_attention(data):
     names = ["v", "mask_logits"] + (["k"] if N > 1 else [])
     what = inject(draw, {"k": qkv[:, :, 1], "v": qkv[:, :, 2], "mask_logits": logits}, names, dtype,
                   nan_only=["k"])
-    compare(rope_attention, (q, k, v, cos, sin), {"mask_logits": logits, "scale": None}, dtype,
+    compare(counts, rope_attention, (q, k, v, cos, sin), {"mask_logits": logits, "scale": None}, dtype,
             f"D={D}, HW={hw}, {what}")
 
 
-@FUZZ
-@given(st.data())
-def test_fuzz_masked_attention(data):
-    draw = data.draw
+def masked_attention_example(counts, draw):
     B, Lq, Lk, dtype = draw(st.sampled_from([1, 2])), draw(SIZES), draw(SIZES), draw(DTYPES)
     H, D = draw(st.sampled_from([1, 2, 3])), draw(st.sampled_from([1, 2, 8, 24, 32, 64]))
     # sequence-first projections, as nn.MultiheadAttention lays them out: (L, B, H * D) viewed as heads
@@ -180,13 +264,10 @@ def test_fuzz_masked_attention(data):
         logits[:, ::4] = -5.0  # some rows with every key blocked
     what = inject(draw, {"q": q, "k": k, "v": v, "mask_logits": logits}, ["q", "k", "v", "mask_logits"],
                   dtype)
-    compare(masked_attention, (q, k, v, logits), {}, dtype, f"D={D}, {what}")
+    compare(counts, masked_attention, (q, k, v, logits), {}, dtype, f"D={D}, {what}")
 
 
-@FUZZ
-@given(st.data())
-def test_fuzz_ms_deform_attn(data):
-    draw = data.draw
+def ms_deform_attn_example(counts, draw):
     dtype = draw(DTYPES)
     shapes = draw(st.lists(st.tuples(st.integers(1, 6), st.integers(1, 6)), min_size=1, max_size=4))
     B, Lq, H = draw(st.sampled_from([1, 2])), draw(SIZES), draw(st.sampled_from([1, 2, 3]))
@@ -208,8 +289,24 @@ def test_fuzz_ms_deform_attn(data):
     # weights: NaN only (an infinite weight, which no softmax gives, is outside the rule: see the op)
     what = inject(draw, {"value": value, "locations": loc, "weights": w}, ["value", "locations", "weights"],
                   dtype, nan_only=["weights"])
-    compare(ms_deform_attn, (value, *levels, loc, w), {"reference_points": ref_points}, dtype,
+    compare(counts, ms_deform_attn, (value, *levels, loc, w), {"reference_points": ref_points}, dtype,
             f"shapes={shapes}, {what}")
+
+
+EXAMPLE_BODIES = [add_layer_norm_example, dwconv_layer_norm_example, fused_linear_example,
+                  rope_attention_example, masked_attention_example, ms_deform_attn_example]
+BODY_IDS = [b.__name__.removesuffix("_example") for b in EXAMPLE_BODIES]
+
+
+@pytest.mark.parametrize("body", EXAMPLE_BODIES, ids=BODY_IDS)
+def test_fuzz(request, record_property, body):
+    fuzz(request, record_property, body, EXAMPLES)
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("body", EXAMPLE_BODIES, ids=BODY_IDS)
+def test_fuzz_quick(request, record_property, body):
+    fuzz(request, record_property, body, QUICK_EXAMPLES)
 
 
 def zeros_case(name):

@@ -305,6 +305,10 @@ def _hf_vit():
                                           intermediate_size=2 * DIM, image_size=32, patch_size=16)).eval()
 
 
+def _first(model, cls):
+    return next(m for m in model.modules() if type(m).__name__ == cls)
+
+
 def test_a_library_release_outside_the_range_is_left_alone(monkeypatch):
     monkeypatch.setattr(sources, "library_version", lambda library: "6.1.0")
     report = fastdino.patch(_hf_vit())
@@ -435,7 +439,7 @@ def test_the_digest_ignores_comments_formatting_and_docstrings_not_code():
 
 def test_a_hook_on_a_part_the_fused_forward_skips_leaves_the_module_alone():
     model = _hf_vit()
-    layer = model.model.layer[0]
+    layer = _first(model, "DINOv3ViTLayer")
     seen = []
     layer.norm2.register_forward_hook(lambda m, args, out: seen.append(out.shape))
     pixels = torch.randn(1, 3, 32, 32)
@@ -453,7 +457,7 @@ def test_a_hook_on_a_part_the_fused_forward_skips_leaves_the_module_alone():
 
 def test_a_hook_on_the_mlp_runs_after_patching():
     model = _hf_vit()
-    mlp = model.model.layer[0].mlp
+    mlp = _first(model, "DINOv3ViTLayer").mlp
     seen = []
     mlp.register_forward_hook(lambda m, args, out: seen.append(1))
     fastdino.patch(model, backend="cpu")

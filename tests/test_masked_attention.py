@@ -3,7 +3,7 @@ with the tolerance rule of helpers; the mask rule itself (sigmoid rounding, lift
 
 import pytest
 import torch
-from helpers import ATOL, DEVICE, DTYPES, assert_close_to_ref, requires_cuda_ext, requires_ext
+from helpers import ATOL, DEVICE, DTYPES, assert_close_to_ref, quick_cases, requires_cuda_ext, requires_ext
 
 from fastdino import _ext
 from fastdino.kernels.masked_attention import MASK_THRESHOLDS
@@ -26,6 +26,10 @@ SHAPES_FULL = [(1, 100, 1024, 16, 16), (2, 100, 4096, 8, 32), (1, 100, 1024, 16,
 SHAPES_INTERP = [(1, 10, 64, 4, 16), (2, 13, 97, 2, 24), (1, 9, 33, 3, 2), (1, 5, 70, 2, 128), (1, 1, 1, 1,
                                                                                                 5),
                  (2, 17, 40, 2, 32)]
+# `pytest -m quick`: odd queries and keys (partial tiles), a head dim that is not a power of 2
+QUICK, QUICK_FULL = (2, 13, 97, 2, 24), (3, 7, 97, 3, 5)
+TRITON_SHAPES = (quick_cases(SHAPES_FULL, QUICK_FULL) if DEVICE.type == "cuda"
+                 else quick_cases(SHAPES_INTERP, QUICK))
 
 
 def make_inputs(B, Lq, Lk, H, D, dtype, mask_dtype=None, device=DEVICE):
@@ -57,7 +61,7 @@ def check_backend(backend, shape, dtype, mask_dtype=None, device=DEVICE, masked=
 
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-@pytest.mark.parametrize("shape", SHAPES_FULL if DEVICE.type == "cuda" else SHAPES_INTERP, ids=str)
+@pytest.mark.parametrize("shape", TRITON_SHAPES, ids=str)
 def test_masked_attention_triton_matches_ref(shape, dtype):
     check_backend("triton", shape, dtype)
 
@@ -71,7 +75,8 @@ def test_masked_attention_triton_fp32_logits_and_no_mask(dtype):
 
 @requires_ext
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-@pytest.mark.parametrize("shape", SHAPES_INTERP + [(1, 100, 1024, 16, 16), (2, 100, 256, 8, 32)], ids=str)
+@pytest.mark.parametrize("shape", quick_cases(SHAPES_INTERP + [(1, 100, 1024, 16, 16), (2, 100, 256, 8, 32)],
+                                              QUICK), ids=str)
 def test_masked_attention_cpu_matches_ref(shape, dtype):
     check_backend("cpu", shape, dtype, device="cpu")
     if dtype != torch.float32:
@@ -85,7 +90,7 @@ def test_masked_attention_cpu_without_mask():
 
 @requires_cuda_ext
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-@pytest.mark.parametrize("shape", SHAPES_FULL, ids=str)
+@pytest.mark.parametrize("shape", quick_cases(SHAPES_FULL, QUICK_FULL), ids=str)
 def test_masked_attention_cuda_matches_ref(shape, dtype):
     check_backend("cuda", shape, dtype, device="cuda")
     if dtype != torch.float32:
@@ -149,6 +154,7 @@ def test_masked_attention_kernels_apply_the_rule_exactly(logit_dtype):
         torch.testing.assert_close(exact[0, 0], v[0, 0].double(), atol=1e-6, rtol=0)
 
 
+@pytest.mark.quick
 def test_masked_attention_dispatch():
     q, k, v, logits = make_inputs(1, 4, 8, 2, 16, torch.float32, device="cpu")
     assert OP.pick(q, k, v, logits)[0] == "ref"  # measured faster than the C++ CPU kernel
@@ -162,6 +168,7 @@ def test_masked_attention_dispatch():
     assert reasons("triton", qkv, qkv, qkv) == ["head dim 160 is not in 1..128"]
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("backend", ["triton", "cpu", "ref"])
 def test_masked_attention_errors_name_the_argument(backend):
     if backend == "cpu" and not _ext.HAS_EXT:

@@ -102,3 +102,24 @@ def test_a_mask2former_built_under_the_meta_device_context_patches():
     assert {"Mask2FormerMaskedAttentionDecoder", "DINOv3ViTLayer",
             "Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention"} <= swapped, str(report)
     assert [n for n, p in model.named_parameters() if p.is_meta] == meta  # nothing materialised
+
+
+def test_self_checks_hold_under_another_default_dtype():
+    """from_pretrained(dtype=...) builds (and a post-init patch would run) with the default dtype
+    set: the self-checks' sample problems keep their own dtypes."""
+    from fastdino import _ext, selfcheck
+    from fastdino.ops import OPS
+
+    if not _ext.HAS_EXT:
+        pytest.skip("needs fastdino._C")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)
+    try:
+        for op in OPS.values():
+            if "cpu" in op.priority.get("cpu", ()):
+                key = (op.name, "cpu", "cpu", torch.float16)
+                selfcheck.PASSED.discard(key)  # checked again here, whatever ran before
+                selfcheck.RESULTS.pop(key, None)
+                assert not selfcheck.reasons(op, "cpu", torch.device("cpu"), torch.float16), op.name
+    finally:
+        torch.set_default_dtype(previous)

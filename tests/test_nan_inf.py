@@ -157,6 +157,7 @@ def test_ms_deform_attn_non_finite_as_grid_sample(case, backend):
     assert_same_non_finite(f"{backend} {case}", out.cpu(), expected)
 
 
+@pytest.mark.quick
 def test_gelu_at_infinity_is_pinned_on_every_backend():
     # nn.GELU's formula 0.5 * y * (1 + erf(y / sqrt(2))), as torch runs it on CUDA: +Inf at +Inf.
     # torch's vectorised CPU GELU gives NaN there; fastdino deliberately gives +Inf on every device.
@@ -171,6 +172,7 @@ def test_gelu_at_infinity_is_pinned_on_every_backend():
         assert_same_non_finite(f"{backend} swiglu", swiglu, F.silu(x.cpu()) * x.cpu())
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_add_layer_norm_non_finite_rows_as_layer_norm(backend):
     torch.manual_seed(0)

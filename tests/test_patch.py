@@ -8,7 +8,7 @@ from unittest import mock
 import pytest
 import torch
 from helpers import DEVICE, op_args, op_runs, requires_ext
-from models import patch_trusted
+from models import patch_trusted, require_transformers
 from models.dinov3_official import DinoVisionTransformer, RopePositionEmbedding
 from models.timm_eva import Eva
 
@@ -340,6 +340,7 @@ def test_hf_backbone_feature_maps_match(backend):
                                        num_attention_heads=4, num_register_tokens=4, image_size=64,
                                        patch_size=16,
                                        layerscale_value=0.5, out_indices=[1, 3])
+    require_transformers("DINOv3ViTBackbone", "5.0")
     model = transformers.DINOv3ViTBackbone(cfg).eval().to(DEVICE)
     pixels = torch.randn(2, 3, 64, 48, device=DEVICE)
     with torch.no_grad():

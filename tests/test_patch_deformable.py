@@ -7,7 +7,7 @@ OneFormer models. Patched outputs match, state_dict is untouched, unpatch restor
 import pytest
 import torch
 from helpers import DEVICE, op_args, op_runs
-from models import patch_trusted
+from models import patch_trusted, require_transformers
 from models.dinov3_official import DinoVisionTransformer
 from models.dinov3_seg_official import (
     DINOv3_Adapter,
@@ -101,7 +101,9 @@ def official_adapter():
 
 
 def mask2former_config(backbone="swin", **overrides):
-    """A tiny Mask2FormerConfig (dinov3-stack.md §4.5) with a Swin or a DINOv3ViT backbone."""
+    """A tiny Mask2FormerConfig with a Swin or a DINOv3ViT backbone."""
+    if backbone != "swin":
+        require_transformers("DINOv3ViTBackbone", "5.0")
     if backbone == "swin":
         bc = transformers.SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1],
                                      num_heads=[1, 1, 2, 2], window_size=4,
@@ -144,7 +146,8 @@ def deformable_detr(boxes=False):
                                          depths=[1, 1, 1, 1],
                                          out_features=["stage2", "stage3", "stage4"])
     cfg = transformers.DeformableDetrConfig(
-        use_timm_backbone=False, backbone_config=backbone, use_pretrained_backbone=False, d_model=32,
+        use_timm_backbone=False, backbone_config=backbone, backbone=None, use_pretrained_backbone=False,
+        d_model=32,
         encoder_layers=1, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
         encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=10, num_feature_levels=4,
         with_box_refine=boxes, two_stage=boxes, two_stage_num_proposals=10)

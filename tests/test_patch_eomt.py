@@ -7,6 +7,7 @@ unpatch restores."""
 import pytest
 import torch
 from helpers import DEVICE, op_args, op_runs
+from models import require_transformers
 from test_patch import BACKENDS, rel_err
 
 import fastdino
@@ -32,6 +33,7 @@ def eomt(kind="dinov3", dtype=torch.float32, **cfg):
     common = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=128, patch_size=16,
                   num_queries=10, num_blocks=2, num_labels=5, layerscale_value=0.5)
     if kind == "dinov3":
+        require_transformers("EomtDinov3Config", "5.1")
         config = transformers.EomtDinov3Config(intermediate_size=128, **{**common, **cfg})
         model = transformers.EomtDinov3ForUniversalSegmentation(config)
     else:

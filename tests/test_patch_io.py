@@ -73,9 +73,11 @@ def fused_classes(model):
 def test_patched_model_saves_and_loads_back_patched(name, how, tmp_path):
     model, run = MODELS[name]()
     if name == "hf-mask2former" and how != "deepcopy":
-        with pytest.raises(AttributeError, match="Can't pickle local object"):
+        try:
             pickle.dumps(model)
-        pytest.skip("transformers' Mask2Former does not pickle, patched or not (a local output hook)")
+        except AttributeError as e:  # transformers 5.x: a local output hook
+            assert "Can't pickle local object" in str(e)
+            pytest.skip("transformers' Mask2Former does not pickle, patched or not (a local output hook)")
     patch_trusted(model, backend=PINNED)
     with torch.no_grad():
         expected = run(model)
@@ -130,7 +132,8 @@ def test_patch_again_applies_the_new_backend_and_reports_it():
     assert all(c.change == f"backend None -> {PINNED!r}" for c in second.changed)
     text = str(second)
     assert f"{len(second.changed)} changed" in text and f"changed: backend None -> {PINNED!r}" in text
-    assert f"changed  model.layer.0: backend None -> {PINNED!r}" in second.details()
+    # transformers 5.x keeps the layers at model.layer, 4.x at layer
+    assert re.search(rf"changed  (model\.)?layer\.0: backend None -> {PINNED!r}", second.details())
     with torch.no_grad(), op_runs("rope_attention") as calls:
         run(model)
     backends = {op_args("rope_attention", c)["backend"] for c in calls["rope_attention"].call_args_list}

@@ -49,6 +49,15 @@ def hf_mask2former(backbone="swin", dtype=torch.float32, **cfg):
     return model, run
 
 
+def needs_mask_logits_off_zero():
+    """Skip a close comparison of a random-init transformers Mask2Former on transformers 4.x: its
+    init gives mask logits of ~1e-3, some within rounding noise of the blocking threshold, where
+    any change of summation order (another BLAS, a fused kernel) flips a mask bit and the flip
+    spreads through the layers. 5.x's init gives logits of ~0.1; the decoder is compared there."""
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip(f"transformers {transformers.__version__}: random-init mask logits sit at the threshold")
+
+
 def count_layers(model):
     return model.config.decoder_layers - 1
 
@@ -56,6 +65,7 @@ def count_layers(model):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("backbone", ["swin", "dinov3"])
 def test_patched_decoder_matches_original(backbone, backend):
+    needs_mask_logits_off_zero()
     model, run = hf_mask2former(backbone)
     with torch.no_grad():
         ref = run()
@@ -85,6 +95,7 @@ def test_patched_decoder_matches_original(backbone, backend):
 def test_the_comparison_sees_the_mask():
     """Dropping the mask changes the outputs far beyond the tolerance above, and the decoder's
     masks have blocked keys and fully blocked rows: the match is not one the mask could miss."""
+    needs_mask_logits_off_zero()
     model, run = hf_mask2former()
     with torch.no_grad():
         ref = run()
@@ -117,6 +128,7 @@ def test_pre_norm_decoder_matches_original(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS[:2])
 def test_bf16_decoder_matches_original(backend):
+    needs_mask_logits_off_zero()
     model, run = hf_mask2former(dtype=torch.bfloat16)
     with torch.no_grad():
         ref = run()

@@ -4,7 +4,16 @@ import math
 
 import pytest
 import torch
-from helpers import ATOL, DEVICE, DTYPES, assert_close_to_ref, requires_cuda, requires_cuda_ext, requires_ext
+from helpers import (
+    ATOL,
+    DEVICE,
+    DTYPES,
+    assert_close_to_ref,
+    quick_cases,
+    requires_cuda,
+    requires_cuda_ext,
+    requires_ext,
+)
 
 from fastdino import _ext
 from fastdino.kernels.rope_attention import FP32_MAX_HEAD_DIM
@@ -26,6 +35,10 @@ SHAPES_FULL = [(2, 1029, 6, 64, 5), (1, 4101, 16, 64, 5), (64, 197, 6, 64, 5), (
 SHAPES_INTERP = [(2, 37, 3, 64, 5), (1, 70, 2, 128, 5), (2, 21, 2, 48, 5), (1, 29, 1, 16, 0), (1, 1, 1, 32,
                                                                                                0),
                  (1, 45, 2, 80, 13)]
+# `pytest -m quick`: N not a multiple of any block, head dim 48 (not a power of 2)
+QUICK, QUICK_FULL = (2, 21, 2, 48, 5), (3, 97, 5, 48, 5)
+TRITON_SHAPES = (quick_cases(SHAPES_FULL, QUICK_FULL) if DEVICE.type == "cuda"
+                 else quick_cases(SHAPES_INTERP, QUICK))
 
 
 def rope_tables(hw, D, dtype=torch.float32, device=DEVICE):
@@ -58,7 +71,7 @@ def check_backend(backend, shape, dtype, device=DEVICE, rope=True, **kw):
 
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-@pytest.mark.parametrize("shape", SHAPES_FULL if DEVICE.type == "cuda" else SHAPES_INTERP, ids=str)
+@pytest.mark.parametrize("shape", TRITON_SHAPES, ids=str)
 def test_rope_attention_triton_matches_ref(shape, dtype):
     if dtype == torch.float32 and shape[3] > FP32_MAX_HEAD_DIM:
         with pytest.raises(ValueError,
@@ -70,14 +83,14 @@ def test_rope_attention_triton_matches_ref(shape, dtype):
 
 @requires_ext
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-@pytest.mark.parametrize("shape", SHAPES_INTERP + [(2, 261, 6, 64, 5)], ids=str)
+@pytest.mark.parametrize("shape", quick_cases(SHAPES_INTERP + [(2, 261, 6, 64, 5)], QUICK), ids=str)
 def test_rope_attention_cpu_matches_ref(shape, dtype):
     check_backend("cpu", shape, dtype, "cpu")
 
 
 @requires_cuda_ext
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-@pytest.mark.parametrize("shape", SHAPES_FULL, ids=str)
+@pytest.mark.parametrize("shape", quick_cases(SHAPES_FULL, QUICK_FULL), ids=str)
 def test_rope_attention_cuda_matches_ref(shape, dtype):
     check_backend("cuda", shape, dtype, "cuda")
 
@@ -186,7 +199,7 @@ def test_rope_attention_cuda_eomt_mask_matches_dense_ref(shape, dtype):
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda" if DEVICE.type == "cuda" else "cpu", "ref"])
-@pytest.mark.parametrize("variant", ["no-rope", "fp32-logits"])
+@pytest.mark.parametrize("variant", quick_cases(["no-rope", "fp32-logits"], "fp32-logits"))
 def test_rope_attention_eomt_mask_variants(backend, variant):
     # EoMT's DINOv2 form has no RoPE; a caller may keep its logits in fp32 under 16-bit attention.
     if backend in ("cpu", "cuda") and not _ext.HAS_EXT:
@@ -220,6 +233,7 @@ def heads(dtype, D):
     return qkv, qkv, qkv
 
 
+@pytest.mark.quick
 def test_dispatch_reasons():
     assert OP.pick(*make_inputs(1, 9, 2, 64, 4, torch.float32, "cpu")) == ("ref", {})
     assert "head dim 24 is not a multiple of 16 in 16..128" in reasons("triton", *heads(torch.float16, 24))
@@ -249,6 +263,7 @@ def test_grad_inputs_fall_back_to_ref():
     assert q.grad is not None and torch.isfinite(q.grad).all()
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize(
     "mutate,match",
     [

@@ -105,6 +105,7 @@ def _ran(net, x) -> set:
     return seen
 
 
+@pytest.mark.quick
 def test_faster_correct_kernel_wins():
     net, x = _patched(), torch.randn(4, 8)
     report = _tune(net, x)
@@ -117,6 +118,7 @@ def test_faster_correct_kernel_wins():
         torch.testing.assert_close(net(x), ((x * 2 + 1) * 2 + 1) * 2 + 1)
 
 
+@pytest.mark.quick
 def test_wrong_kernel_is_rejected_with_its_error():
     Clock.wrong.add("cpu")
     Clock.cost["cpu"] = 1.0  # the fastest, and wrong
@@ -129,6 +131,7 @@ def test_wrong_kernel_is_rejected_with_its_error():
     assert _ran(net, x) == set()  # the original modules run
 
 
+@pytest.mark.quick
 def test_slower_kernels_never_win():
     Clock.cost.update(cpu=12.0, triton=30.0)
     net, x = _patched(), torch.randn(4, 8)
@@ -137,6 +140,7 @@ def test_slower_kernels_never_win():
     assert _ran(net, x) == set()
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("margin, winner", [(0.03, "original"), (0.01, "cpu")])
 def test_margin(margin, winner):
     Clock.cost.update(cpu=9.8)  # 2% faster than the original
@@ -145,6 +149,7 @@ def test_margin(margin, winner):
     assert t.winner == winner
 
 
+@pytest.mark.quick
 def test_each_signature_is_tuned_and_applied_on_its_own():
     net = _patched()
     _tune(net, torch.randn(4, 8))
@@ -155,6 +160,7 @@ def test_each_signature_is_tuned_and_applied_on_its_own():
     assert _ran(net, torch.randn(6, 8)) == set()
 
 
+@pytest.mark.quick
 def test_decisions_are_kept_per_signature(monkeypatch):
     """A steady-state call does no reasons work: the decision is made once per signature."""
     calls = []
@@ -172,6 +178,7 @@ def test_decisions_are_kept_per_signature(monkeypatch):
     assert len(calls) > first
 
 
+@pytest.mark.quick
 def test_cache_roundtrip_and_report(tmp_path):
     net, x = _patched(), torch.randn(4, 8)
     path = tmp_path / "cache.json"
@@ -188,6 +195,7 @@ def _foreign(entry: dict, **env) -> dict:
     return {**entry, "env": {**entry["env"], **env}}
 
 
+@pytest.mark.quick
 def test_foreign_entries_are_ignored_with_the_reason(tmp_path):
     net, x = _patched(), torch.randn(4, 8)
     path = tmp_path / "cache.json"
@@ -317,6 +325,7 @@ def test_selfcheck_disables_a_broken_backend(monkeypatch):
     assert rows[("rope_attention", "cpu", "float32")].startswith("passed")
 
 
+@pytest.mark.quick
 @requires_ext
 def test_selfcheck_passes_every_op_on_cpu(monkeypatch):
     monkeypatch.setattr(selfcheck, "RESULTS", {})
@@ -427,6 +436,7 @@ def test_tuned_model_compiles_fullgraph_with_its_choices():
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.quick
 def test_output_comparison_holds_nan_and_inf_to_the_original():
     ref = torch.tensor([1.0, float("nan"), float("inf"), -2.0])
     assert selfcheck.rel_error([ref.clone()], [ref]) == 0.0
@@ -437,6 +447,7 @@ def test_output_comparison_holds_nan_and_inf_to_the_original():
     assert selfcheck.rel_error([torch.tensor([1, 2])], [torch.tensor([1, 3])]) == float("inf")
 
 
+@pytest.mark.quick
 def test_a_raising_kernel_is_rejected_and_leaves_tune_consistent():
     """A candidate whose kernel raises is rejected with its error; the hook stack stays balanced,
     so the next layers' decisions are still replayed (and checked) through their own modules."""
@@ -460,6 +471,7 @@ def test_a_raising_kernel_is_rejected_and_leaves_tune_consistent():
     assert common.TUNING is None
 
 
+@pytest.mark.quick
 def test_malformed_and_newer_caches_are_ignored_not_overwritten(tmp_path):
     env = tuning.environment(torch.device("cpu"))
     path = tmp_path / "cache.json"
@@ -482,6 +494,7 @@ def test_malformed_and_newer_caches_are_ignored_not_overwritten(tmp_path):
     assert report.cache is None and json.loads(newer.read_text())["format"] == 99
 
 
+@pytest.mark.quick
 def test_an_unhashable_argument_is_decided_per_call():
     class FusedListProbe:
         def forward(self, x):

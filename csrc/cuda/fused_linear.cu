@@ -62,9 +62,13 @@ void linear_epilogue_cuda(at::Tensor& y, const std::optional<at::Tensor>& y2, co
       auto launch = [&](auto vec_c) {
         constexpr int V = decltype(vec_c)::value;
         const int64_t packs = y.numel() / V;
-        const auto blocks = static_cast<unsigned>((packs + kThreads - 1) / kThreads);
-        linear_epilogue_kernel<T, V, A, R, G><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-            yp, y2p, rp, gp, packs, N);
+        // offsets are int64; only the grid is bounded
+        const int64_t blocks = (packs + kThreads - 1) / kThreads;
+        TORCH_CHECK(blocks <= INT32_MAX, "fused_linear (CUDA kernel): the output (", num(y.numel()),
+                    " elements) needs ", num(blocks), " blocks, more than a grid holds (limit 2**31 - 1)");
+        linear_epilogue_kernel<T, V, A, R, G>
+            <<<static_cast<unsigned>(blocks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(yp, y2p, rp, gp,
+                                                                                                packs, N);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
       if (packed) {

@@ -3,7 +3,8 @@
 // masked_attention_lift_kernel: one warp per (batch, query) row tests the row's logits 32 at a
 // time and stops at the first open key; a row with none is flagged (the decoder lifts its mask).
 // masked_attention_kernel: one warp per (batch, query, head), kWarps queries of one (batch, head)
-// per block so their k and v rows are shared through L1. Each step scores 32 keys, one per lane
+// per block so their k and v rows are shared through L1; the blocks run along grid axis 0 only
+// (axes 1 and 2 stop at 65535), the (batch, head) fastest. Each step scores 32 keys, one per lane
 // (the query row, pre-scaled, in shared memory; the lane's key row in VEC-wide loads), adds -inf
 // to the scores of blocked keys (the models' additive mask, so a NaN or +Inf score stays NaN),
 // updates the online softmax with two warp reductions, then walks the step's keys to accumulate
@@ -65,13 +66,13 @@ struct Strides {
 template <typename T, typename TM, int DPL, int VEC>
 __global__ void masked_attention_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                                         const TM* __restrict__ m, const int8_t* __restrict__ lift,
-                                        T* __restrict__ out, Strides st, int H, int64_t Lq, int64_t Lk, int D,
-                                        float scale) {
+                                        T* __restrict__ out, Strides st, int64_t BH, int H, int64_t Lq,
+                                        int64_t Lk, int D, float scale) {
   using Pk = Pack<T, VEC>;
   extern __shared__ float q_smem[];  // kWarps * D
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t bh = blockIdx.x, b = bh / H, h = bh % H;
-  const int64_t i = static_cast<int64_t>(blockIdx.y) * kWarps + warp;
+  const int64_t block = blockIdx.x, bh = block % BH, b = bh / H, h = bh % H;
+  const int64_t i = block / BH * kWarps + warp;
   if (i >= Lq) return;  // per-warp work only from here: no block-wide barrier follows
   float* qs = q_smem + warp * D;
   const T* qr = q + b * st.qb + i * st.qn + h * st.qh;
@@ -131,11 +132,12 @@ void launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
             const Strides& st, double scale, at::Tensor& out) {
   const int64_t B = q.size(0), Lq = q.size(1), Lk = k.size(1);
   const int H = q.size(2), D = q.size(3);
-  const dim3 grid(static_cast<unsigned>(B * H), static_cast<unsigned>((Lq + kWarps - 1) / kWarps));
+  const int64_t blocks = B * H * ((Lq + kWarps - 1) / kWarps);  // checked by masked_attention_cuda
   const size_t smem = sizeof(float) * kWarps * D;
-  masked_attention_kernel<T, TM, DPL, VEC><<<grid, kWarps * 32, smem, c10::cuda::getCurrentCUDAStream()>>>(
-      q.const_data_ptr<T>(), k.const_data_ptr<T>(), v.const_data_ptr<T>(), m, lift, out.mutable_data_ptr<T>(), st, H,
-      Lq, Lk, D, static_cast<float>(scale));
+  masked_attention_kernel<T, TM, DPL, VEC><<<static_cast<unsigned>(blocks), kWarps * 32, smem,
+                                             c10::cuda::getCurrentCUDAStream()>>>(
+      q.const_data_ptr<T>(), k.const_data_ptr<T>(), v.const_data_ptr<T>(), m, lift, out.mutable_data_ptr<T>(), st,
+      B * H, H, Lq, Lk, D, static_cast<float>(scale));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -167,6 +169,12 @@ at::Tensor masked_attention_cuda(const at::Tensor& q, const at::Tensor& k, const
   auto out = at::empty(q.sizes(), q.options());
   if (out.numel() == 0) return out;
   const int64_t B = q.size(0), Lq = q.size(1), Lk = k.size(1);
+  // Offsets are int64; only the grid is bounded: kWarps query rows per block (the lift kernel's
+  // 8 rows per block then fit too).
+  const int64_t blocks = B * q.size(2) * ((Lq + kWarps - 1) / kWarps);
+  TORCH_CHECK(blocks <= INT32_MAX, "masked_attention (CUDA kernel): q has ", num(B * q.size(2) * Lq),
+              " query rows (B * H * Lq), which need ", num(blocks),
+              " blocks, more than a grid holds (limit 2**31 - 1)");
   Strides st{q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
              v.stride(0), v.stride(1), v.stride(2), 0, 0};
   at::Tensor lift;
@@ -185,8 +193,8 @@ at::Tensor masked_attention_cuda(const at::Tensor& q, const at::Tensor& k, const
       if (mask_logits) {
         m = mask_logits->const_data_ptr<TM>();
         const int64_t rows = B * Lq;
-        const auto blocks = static_cast<unsigned>((rows * 32 + 255) / 256);
-        masked_attention_lift_kernel<TM><<<blocks, 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        const auto lift_blocks = static_cast<unsigned>((rows * 32 + 255) / 256);
+        masked_attention_lift_kernel<TM><<<lift_blocks, 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
             m, lift.mutable_data_ptr<int8_t>(), st.mb, st.mq, rows, Lq, Lk);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         lp = lift.const_data_ptr<int8_t>();

@@ -68,8 +68,10 @@ void launch(const at::Tensor& value, const at::Tensor& shapes, const at::Tensor&
   const int R = ref ? static_cast<int>(ref->size(3)) : 0;
   const int64_t ref_b = ref && ref->size(0) > 1 ? Lq * L * R : 0;  // one set of points for the batch: stride 0
   constexpr int kThreads = 256;
-  const auto blocks = static_cast<unsigned>((threads + kThreads - 1) / kThreads);
-  ms_deform_attn_kernel<T, TL, VEC><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  const int64_t blocks = (threads + kThreads - 1) / kThreads;  // offsets are int64; only the grid is bounded
+  TORCH_CHECK(blocks <= INT32_MAX, "ms_deform_attn (CUDA kernel): the output (", num(out.numel()),
+              " elements) needs ", num(blocks), " blocks, more than a grid holds (limit 2**31 - 1)");
+  ms_deform_attn_kernel<T, TL, VEC><<<static_cast<unsigned>(blocks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       value.const_data_ptr<T>(), shapes.const_data_ptr<int64_t>(),
       loc.const_data_ptr<TL>(), attw.const_data_ptr<TL>(), ref ? ref->const_data_ptr<float>() : nullptr, R, ref_b,
       out.mutable_data_ptr<T>(), threads, Lq, S, Hh, Dh, L, P);

@@ -75,8 +75,10 @@ void launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, con
   const int64_t rows = q.size(0) * static_cast<int64_t>(N) * H;
   const int64_t threads = 2 * rows * (half / VEC);
   constexpr int kThreads = 256;
-  const auto blocks = static_cast<unsigned>((threads + kThreads - 1) / kThreads);
-  rope_qk_kernel<T, TT, VEC><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  const int64_t blocks = (threads + kThreads - 1) / kThreads;  // offsets are int64; only the grid is bounded
+  TORCH_CHECK(blocks <= INT32_MAX, "rope_attention (CUDA kernel): q and k (", num(q.numel()),
+              " elements each) need ", num(blocks), " blocks, more than a grid holds (limit 2**31 - 1)");
+  rope_qk_kernel<T, TT, VEC><<<static_cast<unsigned>(blocks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       q.const_data_ptr<T>(), k.const_data_ptr<T>(), cos.const_data_ptr<TT>(), sin.const_data_ptr<TT>(),
       qo.mutable_data_ptr<T>(), ko.mutable_data_ptr<T>(), rows, N, H, half, static_cast<int>(N - cos.size(0)),
       Strides{q.stride(0), q.stride(1), q.stride(2)}, Strides{k.stride(0), k.stride(1), k.stride(2)});
@@ -93,6 +95,10 @@ bool can_pack(const at::Tensor& t, int64_t vec) {
 
 std::tuple<at::Tensor, at::Tensor> rope_qk_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
                                                 const at::Tensor& sin) {
+  // Offsets are int64; tokens and heads are held in int.
+  TORCH_CHECK(q.size(1) <= INT32_MAX && q.size(2) <= INT32_MAX, "rope_attention (CUDA kernel): q has N=",
+              num(q.size(1)), " tokens, H=", num(q.size(2)), " heads; the CUDA kernel that rotates q and k counts "
+              "each in 32 bits (limit 2**31 - 1)");
   const c10::cuda::CUDAGuard guard(q.device());
   auto qo = at::empty(q.sizes(), q.options());
   auto ko = at::empty(k.sizes(), k.options());

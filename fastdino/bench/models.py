@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# dinov3-stack.md: DINOv3 ViT/16 sizes (all with 4 registers) and ConvNeXt depths and widths.
+# DINOv3 ViT/16 sizes (all with 4 registers) and ConvNeXt depths and widths as published
+# (github.com/facebookresearch/dinov3, arXiv 2508.10104).
 VIT = {"s": dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=6),
        "b": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
        "l": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16)}

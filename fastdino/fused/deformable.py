@@ -187,10 +187,12 @@ class FusedOneFormerPixelDecoderEncoderMultiscaleDeformableAttention(_FusedMSDef
         out = self._fastdino_forward(query, encoder_hidden_states, reference_points, spatial_shapes,
                                      level_start_index, attention_mask, need_weights=output_attentions)
         if out is None:
+            # spatial_shapes_list only where it was given: transformers 4.x's forward has no such argument
+            extra = {} if spatial_shapes_list is None else {"spatial_shapes_list": spatial_shapes_list}
             return super().forward(hidden_states, attention_mask, encoder_hidden_states,
                                    encoder_attention_mask,
                                    position_embeddings, reference_points, spatial_shapes, level_start_index,
-                                   output_attentions, spatial_shapes_list)
+                                   output_attentions, **extra)
         return out
 
 

@@ -3,13 +3,13 @@ one GEMM, the output projection with the block's LayerScale + residual in its ep
 
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
 from ..ops._dispatch import Like
 from ..ops.fused_linear import OP as FUSED_LINEAR
 from .common import (
     Rule,
-    autocast_on,
     children_reasons,
     decide,
     layer_scale_gamma,
@@ -63,7 +63,7 @@ def fused_mlp(module: nn.Module, x: Tensor, w: Tensor, b: Optional[Tensor], act:
     "original"), autocast is on (the Linears would run in another dtype), or the unfused add would
     promote. One decision covers both GEMMs. A non-contiguous residual (a ConvNeXt block's NCHW
     input seen as NHWC) is made contiguous for the epilogue."""
-    if autocast_on(x.device.type):
+    if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):  # autocast_on inline
         return None
     if residual is not None and (residual.dtype != x.dtype or (gamma is not None and gamma.dtype != x.dtype)):
         return None  # promotion in the unfused add: leave it to the original ops
@@ -114,7 +114,7 @@ def mlp_residual(mlp: nn.Module, x: Tensor, residual: Tensor, layer_scale) -> Te
     """``residual + layer_scale(mlp(x))``: one fused epilogue for fc2 + LayerScale + residual when
     `mlp` is a fused MLP whose kernels run, else the modules as they are."""
     fused = getattr(mlp, "_fastdino_mlp", None)
-    if fused is not None and user_hooks(mlp):
+    if fused is not None and (mlp._forward_hooks or mlp._forward_pre_hooks) and user_hooks(mlp):
         fused = None  # hooks on the MLP itself (added after patch): called as a module, so they run
     y = fused(x, residual, layer_scale) if fused is not None else None
     if y is not None:
@@ -206,6 +206,9 @@ RULES = (
          transformers("eomt"), parts=("gate_proj", "up_proj", "down_proj", "act_fn")),
     Rule("EomtMLP", FusedEomtMLP, mlp_reasons(("fc1", "fc2"), "activation_fn", is_exact_gelu, "exact GELU"),
          _backend("fc1"), transformers("eomt"), parts=("fc1", "activation_fn", "fc2")),
+    # transformers 4.x names its activation `activation`
+    Rule("EomtMLP", FusedEomtMLP, mlp_reasons(("fc1", "fc2"), "activation", is_exact_gelu, "exact GELU"),
+         _backend("fc1"), transformers("eomt"), parts=("fc1", "activation", "fc2")),
     # facebookresearch/dinov3 (dinov3/layers/ffn_layers.py)
     Rule("Mlp", FusedMlp, mlp_reasons(("fc1", "fc2"), "act", is_exact_gelu, "exact GELU"), _backend("fc1"),
          DINOV3_FFN, parts=("fc1", "act", "fc2", "drop")),

@@ -54,8 +54,9 @@ def transformers(*models: str) -> Source:
 
 
 def timm(*modules: str) -> Source:
-    """timm's `modules` (e.g. "models.eva"), releases with the DINOv3 Eva models: 1.0.20 to 1.x."""
-    return Source("timm", tuple(f"timm.{m}" for m in modules), ("1.0.20", "2"))
+    """timm's `modules` (e.g. "models.eva"), 1.0.26 to 1.x: the DINOv3 Eva models arrived in
+    1.0.20, but the fused forms follow 1.0.26's EvaAttention (head_dim kept) and forwards (is_causal)."""
+    return Source("timm", tuple(f"timm.{m}" for m in modules), ("1.0.26", "2"))
 
 
 # The dinov3 repository (github.com/facebookresearch/dinov3) as fastdino's fused forms follow it:

@@ -27,6 +27,7 @@ from .common import (
     seam_backend,
     seam_reasons,
     transformers_records,
+    user_hooks,
 )
 from .mlp import mlp_residual
 from .sources import dinov3, is_from, timm, transformers
@@ -123,7 +124,10 @@ class FusedDINOv3ViTAttention:
         rope = self._fastdino_rope and position_embeddings is not None
         cos, sin = position_embeddings if rope else (None, None)
         backend = None
-        weights = kwargs.get("output_attentions") or transformers_records("attentions")
+        # transformers records the weights the attention returns (5.x: a collector; 4.x: hooks on the
+        # module during the call); the fused form returns none, so the original runs there
+        weights = (kwargs.get("output_attentions") or transformers_records("attentions")
+                   or bool(self._forward_hooks or self._forward_pre_hooks) and user_hooks(self))
         no_rope = self._fastdino_rope and position_embeddings is None
         masked = attention_mask is not None
         if not _attention_fallback(self.training, self.dropout, mask=masked, no_rope=no_rope,

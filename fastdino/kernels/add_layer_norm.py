@@ -28,11 +28,12 @@ def _add_layer_norm_fwd_kernel(
     BLOCK_C: tl.constexpr,
     ROWS: tl.constexpr,
 ):
-    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]
+    # rows and offsets in int64: x may hold 2**31 elements or more
+    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)[:, None]
     c = tl.arange(0, BLOCK_C)[None, :]
     col_ok = c < C
     mask = (r < rows) & col_ok
-    off = r.to(tl.int64) * C + c
+    off = r * C + c
     # Statistics in fp32 whatever the storage type.
     x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
     br = tl.load(BR + off, mask=mask, other=0.0).to(tl.float32)
@@ -59,18 +60,17 @@ def add_layer_norm_config(C: int) -> tuple[int, int, int]:
     return block_c, rows, num_warps
 
 
-def add_layer_norm_fwd(x, branch, gamma, weight, bias, eps, y, z, launch=lambda kernel: kernel):
-    """Launch on contiguous (rows, C)-shaped x, branch, y, z; the caller has validated the arguments.
-
-    `launch` wraps the kernel (torch.library.wrap_triton on GPU) before it is indexed with the grid.
-    """
+def add_layer_norm_fwd(x, branch, gamma, weight, bias, eps, y, z):
+    """Launch on contiguous x, branch, y, z of shape (..., C), read as (rows, C), and (C,) gamma
+    (or None), weight and bias; the caller has validated the arguments. One program per ROWS rows,
+    along grid axis 0; offsets are int64."""
     C = x.shape[-1]
     rows = x.numel() // C
     if rows == 0:
         return
     block_c, rows_per_prog, num_warps = add_layer_norm_config(C)
     grid = (triton.cdiv(rows, rows_per_prog),)
-    launch(_add_layer_norm_fwd_kernel)[grid](
+    _add_layer_norm_fwd_kernel[grid](
         x, branch, gamma if gamma is not None else weight, weight, bias, y, z, rows, C, eps,
         HAS_GAMMA=gamma is not None, BLOCK_C=block_c, ROWS=rows_per_prog, num_warps=num_warps,
     )

@@ -54,10 +54,13 @@ def _dwconv_layer_norm_fwd_kernel(
         # a (1, 1) tensor: the interpreter rejects masks combined with a scalar comparison
         hh = tl.full((1, 1), h + dy - K // 2, tl.int32)
         row_ok = c_ok & (hh >= 0) & (hh < H)
+        # int64 offsets within the image too (it may span 2**31 elements): a scalar per kernel row,
+        # a (BLOCK_W, 1) column per tap, next to the (BLOCK_W, BLOCK_C) load they address
+        xr = xb + hh.to(tl.int64) * sxh
         for dx in tl.static_range(K):
             ww = w_in + dx
             m = row_ok & (ww >= 0) & (ww < W)
-            xv = tl.load(xb + hh * sxh + ww * sxw, mask=m, other=0.0).to(tl.float32)
+            xv = tl.load(xr + ww.to(tl.int64) * sxw, mask=m, other=0.0).to(tl.float32)
             wv = tl.load(WC + c * (K * K) + (dy * K + dx), mask=c_ok, other=0.0).to(tl.float32)
             acc += xv * wv
     if HAS_BIAS:

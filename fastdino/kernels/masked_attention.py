@@ -77,8 +77,11 @@ def _masked_attention_fwd_kernel(
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    # One grid axis for (query block, batch * head), query blocks fastest: axis 1 stops at 65535.
+    pid = tl.program_id(0)
+    blocks_m = tl.cdiv(LQ, BLOCK_M)
+    pid_m = pid % blocks_m
+    bh = pid // blocks_m
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     Q += b * stride_qb + h * stride_qh
@@ -165,7 +168,7 @@ def masked_attention_fwd(q, k, v, mask_logits, scale, out, interpret=False):
                 mask_logits, lift, mask_logits.stride(0), mask_logits.stride(1), Lq, Lk, BLOCK=LIFT_BLOCK,
             )
     block_m, block_n, num_warps, num_stages = masked_attention_config(B, H, Lq, D, q.element_size())
-    grid = (triton.cdiv(Lq, block_m), B * H)
+    grid = (triton.cdiv(Lq, block_m) * B * H,)
     _masked_attention_fwd_kernel[grid](
         q, k, v, mask_logits if mask else q, lift if mask else q, out,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],

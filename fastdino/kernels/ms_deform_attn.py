@@ -31,16 +31,22 @@ def _ms_deform_attn_fwd_kernel(
     Dh: tl.constexpr, L: tl.constexpr, P: tl.constexpr, R: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid_q = tl.program_id(0)
-    bh = tl.program_id(1)
+    # One grid axis for (query block, batch * head), query blocks fastest: axis 1 stops at 65535.
+    pid = tl.program_id(0)
+    blocks_q = tl.cdiv(Lq, BLOCK_Q)
+    pid_q = pid % blocks_q
+    bh = pid // blocks_q
     b = bh // Hh
     h = bh % Hh
     q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     d = tl.arange(0, BLOCK_D)
     q_ok = q < Lq
     d_ok = d < Dh
-    qh = ((b * Lq + q) * Hh + h).to(tl.int64)  # (BLOCK_Q,) flattened (b, q, h)
-    v_head = V + (b.to(tl.int64) * S * Hh + h) * Dh  # offsets within one batch fit int32
+    # 32-bit where the op's reasons bound the values (B * Lq * Hh and S * Hh * Dh at most
+    # 2**31 - 1): int64 query-head and row indices cost this kernel up to 16 more registers and
+    # a quarter more instructions on sm_90.
+    qh = ((b * Lq + q) * Hh + h).to(tl.int64)  # (BLOCK_Q,) flattened (b, q, h); times L * P in int64
+    v_head = V + (b.to(tl.int64) * S * Hh + h) * Dh  # value rows of one batch item: int32 below
 
     if R > 0:  # softmax statistics over the L * P logits, online
         m = tl.full((BLOCK_Q,), float("-inf"), tl.float32)
@@ -51,7 +57,7 @@ def _ms_deform_attn_fwd_kernel(
             total = total * tl.exp(m - m_new) + tl.exp(x - m_new)
             m = m_new
         inv_total = 1.0 / total
-        ref_q = REF + b.to(tl.int64) * stride_ref_b + q * (L * R)
+        ref_q = REF + b.to(tl.int64) * stride_ref_b + q.to(tl.int64) * (L * R)
 
     acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
     # A runtime loop over the L * P samples, not pipelined: unrolled or multi-stage, the compiler
@@ -93,6 +99,8 @@ def _ms_deform_attn_fwd_kernel(
             # Validity in float: far-out (or NaN) locations need not fit an int.
             ok = q_ok & (cx >= 0.0) & (cx <= Wl - 1.0) & (cy >= 0.0) & (cy <= Hl - 1.0)
             w = (fy if dy == 1 else 1.0 - fy) * (fx if dx == 1 else 1.0 - fx)
+            # Narrowed before the bounds test (cheaper): memory-safe, though a level past 2**31 rows,
+            # which disagrees with S, may wrap into [0, S) rather than be skipped.
             row = (start + tl.where(ok, cy, 0.0).to(tl.int64) * Wl_i + tl.where(ok, cx,
                                                                                 0.0).to(tl.int64)).to(tl.int32)
             ok = ok & (row >= 0) & (row < S)
@@ -126,7 +134,7 @@ def ms_deform_attn_fwd(value, spatial_shapes, sampling_locations, attention_weig
     R = 0 if ref is None else ref.shape[3]
     stride_ref_b = 0 if ref is None or ref.shape[0] == 1 else Lq * L * R
     block_q, block_d, num_warps = ms_deform_attn_config(Dh)
-    grid = (triton.cdiv(Lq, block_q), B * Hh)
+    grid = (triton.cdiv(Lq, block_q) * B * Hh,)
     _ms_deform_attn_fwd_kernel[grid](
         value, spatial_shapes, sampling_locations, attention_weights,
         sampling_locations if ref is None else ref, out, Lq, S, Hh, stride_ref_b,

@@ -91,7 +91,7 @@ def _attend_block(
     if MASK_KEYS:
         ruled = (offs_m < M)[:, None] & ((offs_n >= mask_start) & n_ok)[None, :]
         col = offs_n - mask_start  # negative only where `ruled` is False; kept contiguous so loads vectorise
-        # M*K < 2**31
+        # int32 within one batch item: the op's reasons bound the logits' span by 2**31 - 1
         logit = tl.load(ML + offs_m[:, None] * stride_mq + col[None, :] * stride_mk, mask=ruled,
                         other=1.0).to(tl.float32)  # exact; the interpreter compares raw bf16 bits otherwise
         # NaN blocks, as `logit > 0` is False; -inf is added, as the models' additive mask, so a NaN or
@@ -118,8 +118,12 @@ def _rope_attention_fwd_kernel(
     ROPE: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     HALF: tl.constexpr = D // 2
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    # One grid axis for (query block, batch * head), query blocks fastest (a head's programs share
+    # its k and v in L2): axis 1 stops at 65535.
+    pid = tl.program_id(0)
+    blocks_m = tl.cdiv(row_end - row_start, BLOCK_M)
+    pid_m = pid % blocks_m
+    bh = pid // blocks_m
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     Q += b * stride_qb + h * stride_qh
@@ -217,7 +221,7 @@ def rope_attention_fwd(q, k, v, cos, sin, scale, out, mask_logits=None, interpre
             continue
         block_m, block_n, num_warps, num_stages = rope_attention_config(B, H, row_end - row_start, D, bytes_,
                                                                         masked=masked)
-        grid = (triton.cdiv(row_end - row_start, block_m), B * H)
+        grid = (triton.cdiv(row_end - row_start, block_m) * B * H,)
         _rope_attention_fwd_kernel[grid](
             q, k, v, cos if rope else q, sin if rope else q, mask_logits if masked else q, out,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],

@@ -1,9 +1,16 @@
-"""Public functionals: each dispatches to the fastest backend that applies, else the reference.
+"""Public functionals. Each checks its arguments and runs the first backend of its op's priority for
+the tensors' device type that can run them and passed its first-use self-check; the reference
+(`<name>_ref`) runs where none can, and where an argument requires grad. `backend=` pins one
+(ValueError with the reasons where it cannot run). The priority is fixed per device type (each op
+module's docstring says why); fastdino.tune's measurements steer the patched modules, not these calls.
 
-`OPS` is the one list of ops ({name: its `Op`}), read by `fastdino info`, the sm_90 compile check
-and the benchmarks; each op's kernels are `fastdino.kernels.<name>`, its C++ sources
-`csrc/<name>.*`. (The submodules share the functionals' names: reach an op's module with
-`import fastdino.ops.<name> as m`.)
+`OPS` is the one list of ops ({name: its `Op`}), read by `fastdino info`, the self-checks
+(fastdino.selfcheck, and `fastdino.patch` ahead of a compile), the sm_90 compile check, the
+benchmarks and scripts/sanitize.py. Each op's Triton kernels are `fastdino.kernels.<name>`; its
+C++ sources are `csrc/<name>.h` (the math the CPU and CUDA kernels share), `csrc/<name>.cpp` (CPU)
+and `csrc/cuda/<name>.cu`. The submodules share the functionals' names, so `import
+fastdino.ops.<name> as m` binds the function: reach an op's module with `from fastdino.ops.<name>
+import ...` or `importlib.import_module("fastdino.ops.<name>")`.
 """
 
 from .add_layer_norm import OP as _ADD_LAYER_NORM

@@ -322,4 +322,4 @@ def sample_generator() -> torch.Generator:
 
 def sample_tensor(g: torch.Generator, device, dtype: torch.dtype, *shape) -> Tensor:
     """Standard normal values drawn on the CPU (the same on every device), then moved."""
-    return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+    return torch.randn(*shape, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)

@@ -17,7 +17,9 @@ of pixels per block with its halo staged in shared memory, channel chunk by chan
 reference any odd K. On CUDA tensors the priority (cuda, triton, ref) follows the design (the
 pass count above; the C++ launch costs a few microseconds less than Triton's): neither kernel is
 timed yet, benchmarks/bench_dwconv_layer_norm.py is what decides. On CPU tensors the reference
-runs unless a backend is pinned: the C++ CPU kernel is the CPU check of the kernel math.
+runs unless a backend is pinned: the C++ CPU kernel is the CPU check of the kernel math. Every
+kernel indexes x and z with 64-bit offsets (H and W up to 2**30) and launches along one grid axis
+(axes 1 and 2 stop at 65535).
 Forward kernels: with grad dispatch picks the reference; a pinned kernel backend recomputes the
 reference for the backward (ops/_dispatch.py).
 
@@ -41,8 +43,10 @@ from ._dispatch import Like, Op, kernel_reasons, sample_generator, sample_tensor
 
 PRIORITY = {"cuda": ("cuda", "triton", "ref"), "cpu": ("ref",)}  # see the module docstring
 CUDA_MAX_C = 2048  # csrc/cuda/dwconv_layer_norm.cu: a tile's conv outputs stay in 64 KB of shared memory
-INT32_SPAN = 2**31  # the kernels index within one image in 32 bits
 NAMES = ("weight", "bias", "norm_weight", "norm_bias")  # the arguments after x
+# Offsets are int64, but the kernels hold a pixel's row and column (and their halo and tile
+# arithmetic) in int32: H and W stay well inside that (csrc/dwconv_layer_norm.h checks the same).
+MAX_SIDE = 2**30
 
 
 def dwconv_layer_norm_ref(x, weight, bias, norm_weight, norm_bias, eps):
@@ -93,9 +97,9 @@ def reasons(backend, x, weight, bias, norm_weight, norm_bias, eps=None) -> list[
     limit = CUDA_MAX_C if backend == "cuda" else TRITON_MAX_C if backend == "triton" else None
     if limit is not None and C > limit:
         why.append(f"C={C} > {limit}")
-    span = sum((n - 1) * x.stride(d) for d, n in enumerate(x.shape) if d > 0 and n > 0)
-    if span >= INT32_SPAN or x.shape[2] * x.shape[3] * C >= INT32_SPAN:
-        why.append("one image spans 2**31 elements or more")
+    if len(x.shape) == 4 and max(x.shape[2:]) > MAX_SIDE:
+        why.append(f"x has H={x.shape[2]}, W={x.shape[3]}; the kernels index rows and columns in 32 bits "
+                   "(limit 2**30 each)")
     for name, t in zip(NAMES, (weight, bias, norm_weight, norm_bias)):
         if t is None:
             continue

@@ -27,6 +27,7 @@ at +Inf (its scalar path, for the tail of a row, gives +Inf): there fastdino del
 and gives +Inf (tests/test_fused_linear.py pins it).
 """
 
+import math
 from typing import Optional
 
 import torch
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _ext
+from ..kernels import tiled_reasons
 from ..kernels.fused_linear import ACTS, fused_linear_fwd
 from ._dispatch import Like, Op, kernel_reasons, layout_reasons, sample_generator, sample_tensor
 
@@ -88,9 +90,15 @@ def reasons(backend, x, weight, bias=None, act=None, weight2=None, bias2=None, r
     """Why `backend` cannot run fused_linear on these tensors ([] if it can)."""
     if backend == "ref":
         return []
-    return kernel_reasons(backend, x.device, x.dtype) + layout_reasons(
+    why = kernel_reasons(backend, x.device, x.dtype) + layout_reasons(
         (("x", x), ("weight", weight), ("bias", bias), ("weight2", weight2), ("bias2", bias2),
          ("residual", residual), ("gamma", gamma)))
+    if backend == "triton" and x.dim() >= 1 and weight.dim() == 2:
+        # offsets are int64 (row * stride); row and column numbers are int32
+        why += tiled_reasons((("x", "rows (its leading dims)", math.prod(x.shape[:-1])),
+                              ("weight", "rows (output features)", weight.shape[0]),
+                              ("x", "input features", x.shape[-1])))
+    return why
 
 
 def launch(backend, x, weight, bias=None, act=None, weight2=None, bias2=None, residual=None, gamma=None):

@@ -17,7 +17,9 @@ the GPU, its 32 lanes scoring 32 keys at a time; a row loop on the CPU), ``ref``
 mask construction, then nn.MultiheadAttention's math, which the decoders run: torch's CPU SDPA
 would give 0, not NaN, for a query row whose every score is NaN). On CUDA tensors the priority
 (triton, cuda, ref) follows the design: the Triton kernel runs its products on tensor cores, the
-C++ kernel on CUDA cores; neither is timed yet (benchmarks/bench_masked_attention.py). On CPU
+C++ kernel on CUDA cores; neither is timed yet (benchmarks/bench_masked_attention.py). Both
+index in 64 bits and launch along one grid axis, whose 2**31 - 1 programs bound B * H * Lq; the
+Triton kernels number query and key rows in 32 bits. On CPU
 tensors the reference is picked, so a patched decoder runs its own modules: with 2 threads, fp32,
 one cross-attention layer with its projections (Q 100, 16 heads) took 4.5 / 18.8 / 561 ms against
 the C++ kernel's 12.8 / 59.0 / 1125 ms at (HW, C) = (1024, 256), (4096, 256), (4096, 2048) (the
@@ -38,7 +40,8 @@ import torch
 from torch import Tensor
 
 from .. import _ext
-from ..kernels.masked_attention import MAX_HEAD_DIM, masked_attention_fwd
+from ..kernels import GRID_LIMIT, tiled_reasons
+from ..kernels.masked_attention import MAX_HEAD_DIM, masked_attention_config, masked_attention_fwd
 from ._dispatch import (
     Like,
     Op,
@@ -51,6 +54,7 @@ from ._dispatch import (
 )
 
 PRIORITY = {"cuda": ("triton", "cuda", "ref"), "cpu": ("ref",)}  # see the module docstring
+CUDA_ROWS_PER_BLOCK = 4  # csrc/cuda/masked_attention.cu: kWarps query rows of one (batch, head) per block
 
 
 def blocked_keys(mask_logits: Tensor) -> Tensor:
@@ -108,7 +112,34 @@ def reasons(backend, q, k, v, mask_logits=None, scale=None) -> list[str]:
             why.append(f"mask_logits has dtype {mask_logits.dtype}, not float32 or q's {q.dtype}")
         if mask_logits.stride(-1) != 1 and mask_logits.shape[-1] > 1:
             why.append(f"mask_logits has stride {mask_logits.stride(-1)} along the keys (needs 1)")
-    return why
+    return why + size_reasons(backend, q, k, mask_logits)
+
+
+def size_reasons(backend, q, k, mask_logits) -> list[str]:
+    """The kernels' offsets are int64; what bounds them is the grid (its one axis holds 2**31 - 1
+    programs) and, in the Triton kernels, the int32 numbering of query and key rows."""
+    if q.dim() != 4:
+        return []
+    B, Lq, H, D = q.shape
+    rows = B * H * Lq
+    if backend == "cuda":  # (the bound on blocks bounds H, which the kernel holds in an int, too)
+        blocks = B * H * -(-Lq // CUDA_ROWS_PER_BLOCK)
+        if blocks > GRID_LIMIT:
+            return [f"q has {rows} query rows (B * H * Lq); the CUDA kernel takes {CUDA_ROWS_PER_BLOCK} per "
+                    f"block: {blocks} blocks, more than a grid holds (limit 2**31 - 1)"]
+    elif backend == "triton":
+        Lk = k.shape[1] if k.dim() == 4 else 0
+        why = tiled_reasons((("q", "queries (Lq)", Lq), ("k", "keys (Lk)", Lk)))
+        if mask_logits is not None and B * Lq > GRID_LIMIT:
+            why.append(f"mask_logits has {B * Lq} rows (B * Lq); the Triton kernel that lifts fully "
+                       "blocked rows runs one program per row, more than a grid holds (limit 2**31 - 1)")
+        block_m = masked_attention_config(B, H, Lq, D, q.dtype.itemsize)[0]
+        programs = B * H * -(-Lq // block_m)
+        if programs > GRID_LIMIT:
+            why.append(f"q has {rows} query rows (B * H * Lq); the Triton kernel takes {block_m} per "
+                       f"program: {programs} programs, more than a grid holds (limit 2**31 - 1)")
+        return why
+    return []
 
 
 def launch(backend, q, k, v, mask_logits=None, scale=None):

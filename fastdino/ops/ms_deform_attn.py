@@ -43,7 +43,9 @@ batch 1, 2 threads (pixel decoder at 512^2, 16 heads, Dh 24: 87 vs 192 ms; Dh 12
 1067 ms; adapter extractor, Dh 12: 16 vs 34 ms). Neither GPU kernel has been timed yet, so on
 CUDA tensors the priority (cuda, triton, ref) follows the design: the C++ kernel's packed loads
 against the Triton kernel's masked head-wide tiles. benchmarks/bench_ms_deform_attn.py measures
-both.
+both. The C++ kernels index in 64 bits; the Triton kernel numbers query-heads and the rows of one
+batch item of value in 32 bits, so dispatch passes it by where B * Lq * heads or S * heads * Dh
+exceeds 2**31 - 1.
 Forward kernels: with grad dispatch picks the reference; a pinned kernel backend recomputes the
 reference for the backward (ops/_dispatch.py).
 """
@@ -55,6 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _ext
+from ..kernels import INDEX_LIMIT, tiled_reasons
 from ..kernels.ms_deform_attn import ms_deform_attn_fwd
 from ._dispatch import Like, Op, kernel_reasons, sample_generator, sample_tensor
 
@@ -239,6 +242,23 @@ def reasons(backend, value, spatial_shapes, level_start_index, sampling_location
         why.append(f"attention_weights is {attention_weights.dtype} but sampling_locations is {ldt}")
     if reference_points is not None and reference_points.dtype != torch.float32:
         why.append(f"reference_points is {reference_points.dtype}, not torch.float32")
+    if backend == "triton" and value.dim() == 4 and sampling_locations.dim() == 6:
+        # the Triton kernel's 32-bit indices: value rows within one batch item, query-heads
+        B, S, Hh, Dh = value.shape
+        if S * Hh * Dh > INDEX_LIMIT:
+            why.append(f"value has {S * Hh * Dh} elements per batch item (S * heads * Dh); the Triton kernel "
+                       "indexes them with 32-bit offsets (limit 2**31 - 1)")
+        query_heads = B * sampling_locations.shape[1] * Hh
+        if query_heads > INDEX_LIMIT:
+            why.append(f"sampling_locations has {query_heads} query-heads (B * Lq * heads); the Triton "
+                       "kernel numbers them with 32-bit integers (limit 2**31 - 1)")
+        why += tiled_reasons((("sampling_locations", "queries (Lq)", sampling_locations.shape[1]),))
+    elif backend in ("cuda", "cpu") and value.dim() == 4 and sampling_locations.dim() == 6:
+        # the C++ kernels index in int64 but hold heads, channels and samples per query-head in int
+        (Hh, Dh), (L, P) = value.shape[2:], sampling_locations.shape[3:5]
+        if max(Hh, Dh, L * P) > INDEX_LIMIT:
+            why.append(f"value has {Hh} heads of {Dh} channels, sampling_locations {L} * {P} samples per "
+                       "query-head; the C++ kernels count each in 32 bits (limit 2**31 - 1)")
     named = {"value": value, "spatial_shapes": spatial_shapes, "level_start_index": level_start_index,
              "sampling_locations": sampling_locations, "attention_weights": attention_weights,
              "reference_points": reference_points}
@@ -276,7 +296,7 @@ def sample(device, dtype):
     starts = torch.tensor([0, 16], device=device)
     offsets = sample_tensor(g, device, torch.float32, 1, 5, 2, 2, 2, 2)
     logits = sample_tensor(g, device, torch.float32, 1, 5, 2, 2, 2)
-    points = torch.rand(1, 5, 2, 2, generator=g).to(device)
+    points = torch.rand(1, 5, 2, 2, generator=g, dtype=torch.float32).to(device)  # whatever the default dtype
     return value, shapes, starts, offsets, logits, points
 
 

@@ -30,7 +30,9 @@ in fastdino/kernels/rope_attention.py, RoPE applied on load), ``ref``. On CUDA t
 cuda, triton, ref, by measurement (benchmarks/bench_rope_attention.py, H100, bf16, ViT-S/L shapes):
 the C++ form ran at 0.66-0.90x of SDPA without RoPE and 2-12x of SDPA with eager RoPE, the Triton
 kernel at 0.24-0.41x of SDPA (157 TFLOP/s at most against SDPA's 390). On CPU tensors the
-reference runs unless a backend is pinned.
+reference runs unless a backend is pinned. Offsets are 64-bit except the Triton kernel's into one
+batch item of mask_logits; it numbers tokens, and the CUDA kernel tokens and heads, in 32 bits:
+beyond those limits dispatch passes the backend by.
 Forward kernels: with grad dispatch picks the reference; a pinned kernel backend recomputes the
 reference for the backward (ops/_dispatch.py).
 """
@@ -42,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _ext
+from ..kernels import INDEX_LIMIT, tiled_reasons
 from ..kernels.rope_attention import FP32_MAX_HEAD_DIM, HEAD_DIMS, rope_attention_fwd
 from ._dispatch import (
     Like,
@@ -152,6 +155,20 @@ def reasons(backend, q, k, v, cos=None, sin=None, mask_logits=None, scale=None) 
             why.append(f"cos has dtype {cos.dtype}")
     if mask_logits is not None and mask_logits.dtype not in _ext.KERNEL_DTYPES:
         why.append(f"mask_logits has dtype {mask_logits.dtype}")
+    if q.dim() != 4:
+        return why
+    if backend == "triton":
+        why += tiled_reasons((("q", "tokens (N)", q.shape[1]),))
+        if mask_logits is not None and mask_logits.dim() == 3:
+            # the Triton kernel reads one batch item's logits with int32 offsets
+            m = mask_logits
+            span = sum((n - 1) * m.stride(d) for d, n in enumerate(m.shape) if d > 0 and n > 0)
+            if span > INDEX_LIMIT:
+                why.append(f"mask_logits reaches offset {span} within one batch item; the Triton kernel "
+                           "indexes it with 32-bit offsets (limit 2**31 - 1)")
+    elif backend == "cuda" and max(q.shape[1], q.shape[2]) > INDEX_LIMIT:
+        why.append(f"q has N={q.shape[1]} tokens, H={q.shape[2]} heads; the CUDA kernel that rotates q and k "
+                   "counts each in 32 bits (limit 2**31 - 1)")
     return why
 
 

@@ -13,3 +13,13 @@ TRUST = ["models"]
 def patch_trusted(model, **options):
     """fastdino.patch(model, trust=TRUST, **options)."""
     return fastdino.patch(model, trust=TRUST, **options)
+
+
+def require_transformers(name: str, release: str):
+    """Skip the calling test where the installed transformers predates `release`, the first with
+    `name` (fastdino supports transformers 4.56 to 5.x; CI runs the lowest and the newest)."""
+    import pytest
+    import transformers
+
+    if not hasattr(transformers, name):
+        pytest.skip(f"transformers {transformers.__version__} has no {name} (added in {release})")

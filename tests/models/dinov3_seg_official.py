@@ -2,7 +2,7 @@
 (keys sampling_offsets, attention_weights, value_proj, output_proj; grid_sample core, forced to
 fp32 under CUDA autocast), the ViT-Adapter (DINOv3_Adapter: spatial prior module, extractors with
 ConvFFN/DWConv, no injector), the pixel decoder and the masked-attention transformer decoder,
-written from their documented structure (dinov3-stack.md §3) so that fastdino can be tested on
+written from their documented structure so that fastdino can be tested on
 them without the dinov3 package."""
 
 import torch
@@ -91,7 +91,7 @@ def reference_points(shapes, batch, device=None, n_levels=None):
     return ref.contiguous()
 
 
-# The ViT-Adapter (dinov3-stack.md §3.2): a spatial prior module gives tokens at 1/8, 1/16, 1/32
+# The ViT-Adapter: a spatial prior module gives tokens at 1/8, 1/16, 1/32
 # (21n tokens for a 1/16 grid of n = H_c * W_c), extractors pull the frozen ViT's taps into them
 # with single-level deformable attention, and the four maps come out batch-normalised.
 
@@ -249,7 +249,7 @@ class PixelDecoderEncoder(nn.Module):
 
 
 class MSDeformAttnPixelDecoder(nn.Module):
-    """The pixel decoder (dinov3-stack.md §3.4): features "4", "3", "2" (1/32, 1/16, 1/8) through
+    """The pixel decoder: features "4", "3", "2" (1/32, 1/16, 1/8) through
     1x1 conv + GroupNorm(32), sine position + level encoding, post-norm deformable encoder layers;
     one FPN level from feature "1" (1/4): lateral 1x1 + GN plus the upsampled 1/8 map, 3x3 conv +
     GN + ReLU; mask features by a 1x1 conv. forward_features runs in fp32 whatever the caller's
