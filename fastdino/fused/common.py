@@ -349,8 +349,10 @@ class ForwardCache:
     dinov3's get_intermediate_layers does, reuse them), level-shape tensors per pyramid.
 
     Only in eval mode (training augments RoPE coordinates at random) and outside torch.compile
-    (which fuses the computation anyway). Keys that depend on a buffer hold its storage and
-    version counter: load_state_dict, .to() or an in-place edit of it invalidates the entries.
+    and torch.export (which trace the computation into the graph, and whose fake tensors have no
+    storage to key on). Keys that depend on a buffer hold its storage and version counter:
+    load_state_dict, .to() or an in-place edit of it invalidates the entries. `key` is a function,
+    called only where the cache applies.
     """
 
     _MAX_ENTRIES = 8
@@ -358,6 +360,7 @@ class ForwardCache:
     def _cached(self, key, compute):
         if self.training or torch.compiler.is_compiling():
             return compute()
+        key = key()
         cache = self.__dict__.setdefault("_fastdino_cache", {})
         if key not in cache:
             if len(cache) >= self._MAX_ENTRIES:

@@ -222,8 +222,8 @@ class FoldedLinearHead(ForwardCache):
     def _fastdino_folded(self) -> tuple[Tensor, Tensor]:
         bn, conv = self.batchnorm_layer, self.conv
         tensors = (bn.running_mean, bn.running_var, bn.weight, bn.bias, conv.weight, conv.bias)
-        key = tuple(None if t is None else buffer_key(t) for t in tensors) + (bn.eps,)
-        return self._cached(key, lambda: fold_batchnorm(bn, conv))
+        return self._cached(lambda: tuple(None if t is None else buffer_key(t) for t in tensors) + (bn.eps,),
+                            lambda: fold_batchnorm(bn, conv))
 
     def _fastdino_runs(self) -> bool:
         bn = self.batchnorm_layer

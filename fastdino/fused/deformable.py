@@ -138,8 +138,9 @@ class FusedMask2FormerPixelDecoderEncoderMultiscaleDeformableAttention(_FusedMSD
         query = hidden_states if position_embeddings is None else hidden_states + position_embeddings
 
         def shapes():  # the (L, 2) shapes on the device, copied there once per pyramid
-            key = (tuple(tuple(int(v) for v in s) for s in spatial_shapes_list), query.device)
-            return self._cached(key, lambda: torch.tensor(key[0], dtype=torch.int64, device=query.device))
+            sizes = tuple(tuple(int(v) for v in s) for s in spatial_shapes_list)
+            return self._cached(lambda: (sizes, query.device),
+                                lambda: torch.tensor(sizes, dtype=torch.int64, device=query.device))
 
         out = self._fastdino_forward(query, encoder_hidden_states, reference_points, shapes,
                                      level_start_index, attention_mask, need_weights=output_attentions)

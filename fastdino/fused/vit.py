@@ -154,8 +154,10 @@ class CachedDINOv3ViTRopePositionEmbedding(ForwardCache):
     """transformers' DINOv3ViTRopePositionEmbedding with its (cos, sin) cached per input size/dtype."""
 
     def forward(self, pixel_values):
-        key = (tuple(pixel_values.shape[-2:]), pixel_values.dtype, pixel_values.device,
-               *buffer_key(self.inv_freq))
+        def key():
+            return (tuple(pixel_values.shape[-2:]), pixel_values.dtype, pixel_values.device,
+                    *buffer_key(self.inv_freq))
+
         return self._cached(key, lambda: super(CachedDINOv3ViTRopePositionEmbedding,
                                                self).forward(pixel_values))
 
@@ -223,7 +225,7 @@ class CachedRopePositionEmbedding(ForwardCache):
     """dinov3's RopePositionEmbedding with its (sin, cos) cached per (H, W) and periods buffer."""
 
     def forward(self, *, H, W):
-        return self._cached((H, W, *buffer_key(self.periods)),
+        return self._cached(lambda: (H, W, *buffer_key(self.periods)),
                             lambda: super(CachedRopePositionEmbedding, self).forward(H=H, W=W))
 
 
