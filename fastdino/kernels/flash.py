@@ -1,4 +1,5 @@
-"""The online-softmax step the flash-style attention kernels share (rope_attention, masked_attention)."""
+"""What the flash-style attention kernels share (rope_attention, masked_attention): the online-softmax
+step and the program -> (query block, batch, head) decode."""
 
 import triton
 import triton.language as tl
@@ -24,3 +25,14 @@ def online_softmax_step(acc, m_i, l_i, s, v, UPCAST: tl.constexpr, PRECISION: tl
         v = v.to(tl.float32)
     acc = tl.dot(p, v, acc, input_precision=PRECISION)
     return acc, m_new, l_i
+
+
+@triton.jit
+def head_program(rows, BLOCK_M: tl.constexpr, H):
+    """(query block, batch, head) of this program on a 1-D grid over (query block, batch * head),
+    query blocks fastest (a head's programs share its k and v in L2; grid axis 1 stops at 65535).
+    Batch and head in int64: they scale strides."""
+    pid = tl.program_id(0)
+    blocks_m = tl.cdiv(rows, BLOCK_M)
+    bh = pid // blocks_m
+    return pid % blocks_m, (bh // H).to(tl.int64), (bh % H).to(tl.int64)

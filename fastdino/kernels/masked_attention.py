@@ -21,7 +21,7 @@ D = 2), are padded inside the kernel with masked loads; the caller's tensors are
 import triton
 import triton.language as tl
 
-from .flash import online_softmax_step
+from .flash import head_program, online_softmax_step
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 128
@@ -77,13 +77,7 @@ def _masked_attention_fwd_kernel(
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    # One grid axis for (query block, batch * head), query blocks fastest: axis 1 stops at 65535.
-    pid = tl.program_id(0)
-    blocks_m = tl.cdiv(LQ, BLOCK_M)
-    pid_m = pid % blocks_m
-    bh = pid // blocks_m
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    pid_m, b, h = head_program(LQ, BLOCK_M, H)
     Q += b * stride_qb + h * stride_qh
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh

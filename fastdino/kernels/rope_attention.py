@@ -24,7 +24,7 @@ compare it in fp32.
 import triton
 import triton.language as tl
 
-from .flash import online_softmax_step
+from .flash import head_program, online_softmax_step
 
 LOG2E = 1.4426950408889634
 HEAD_DIMS = tuple(range(16, 129, 16))  # head dims the kernel is built and tested for
@@ -118,14 +118,7 @@ def _rope_attention_fwd_kernel(
     ROPE: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     HALF: tl.constexpr = D // 2
-    # One grid axis for (query block, batch * head), query blocks fastest (a head's programs share
-    # its k and v in L2): axis 1 stops at 65535.
-    pid = tl.program_id(0)
-    blocks_m = tl.cdiv(row_end - row_start, BLOCK_M)
-    pid_m = pid % blocks_m
-    bh = pid // blocks_m
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    pid_m, b, h = head_program(row_end - row_start, BLOCK_M, H)
     Q += b * stride_qb + h * stride_qh
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
