@@ -3,6 +3,7 @@ parts or other math are left alone, with the reason in the report, and compute e
 computed before. Also: the origin checks themselves (library release, dinov3 code digest, replaced
 methods, hooks, trust)."""
 
+import os
 import sys
 import textwrap
 
@@ -487,3 +488,27 @@ def test_trust_lasts_for_one_patch_call():
     assert sources.TRUSTED == ()
     assert not fastdino.patch(DinoBlock(DIM, HEADS)).swapped
     assert TRUST == ["models"]
+
+
+@pytest.mark.skipif(not os.environ.get("DINOV3_REPO"),
+                    reason="set DINOV3_REPO to a facebookresearch/dinov3 checkout")
+def test_the_known_digests_are_those_of_the_dinov3_checkout():
+    """The digests fastdino keeps are those of the dinov3 code at the commit it names: compute them
+    from a checkout of it (scripts/gpu_run.sh fetches one for the segmentor benchmark)."""
+    root = os.environ["DINOV3_REPO"]
+    modules = {
+        "SelfAttentionBlock": "layers.block", "SelfAttention": "layers.attention",
+        "RopePositionEmbedding": "layers.rope_position_encoding", "Mlp": "layers.ffn_layers",
+        "SwiGLUFFN": "layers.ffn_layers", "LayerScale": "layers.layer_scale", "Block": "models.convnext",
+        "LayerNorm": "models.convnext", "LinearHead": "eval.segmentation.models.heads.linear_head",
+        "MSDeformAttn": "eval.segmentation.models.utils.ms_deform_attn",
+        "MultiScaleMaskedTransformerDecoder":
+            "eval.segmentation.models.heads.mask2former_transformer_decoder",
+        "MSDeformAttnPixelDecoder": "eval.segmentation.models.heads.pixel_decoder",
+        "DINOv3_Adapter": "eval.segmentation.models.backbone.dinov3_adapter",
+    }
+    assert set(modules) == {name for name, _ in sources.DINOV3_DIGESTS}
+    for name, digest in sources.DINOV3_DIGESTS:
+        path = os.path.join(root, "dinov3", *modules[name].split(".")) + ".py"
+        with open(path) as f:
+            assert sources.source_digest(f.read(), name) == digest, name
