@@ -1,0 +1,67 @@
+"""torch.export of patched models: fastdino's ops stay single graph nodes (torch.ops.fastdino.*),
+the batch dimension stays dynamic, and the exported program gives the patched model's outputs, at
+the traced batch size and at another one. Pinned to the C++ CPU kernels (the ops' fake kernels
+describe their outputs to the tracer)."""
+
+import pytest
+import torch
+from helpers import DEVICE
+from models import TRUST
+from test_patch import hf_vit, official_vit
+from test_patch_masked_attention import hf_mask2former
+
+import fastdino
+from fastdino import _ext
+
+pytestmark = pytest.mark.skipif(not _ext.HAS_EXT, reason="needs fastdino._C (the cpu kernels)")
+
+
+def _convnext_linear():
+    from fastdino.bench.models import ConvNeXtLinear
+
+    torch.manual_seed(0)
+    return ConvNeXtLinear("t").eval(), "pixel_values", (3, 64, 64)
+
+
+FAMILIES = {
+    "hf-vit": (lambda: (hf_vit(), "pixel_values", (3, 64, 48)),
+               {"add_layer_norm", "fused_linear", "rope_attention"}),
+    "official-vit": (lambda: (official_vit(embed_dim=64, depth=2, num_heads=4, n_storage_tokens=4), "x",
+                              (3, 64, 48)),
+                     {"add_layer_norm", "fused_linear", "rope_attention"}),
+    "convnext-linear": (_convnext_linear, {"dwconv_layer_norm", "fused_linear"}),
+    "hf-mask2former-dinov3": (lambda: (hf_mask2former("dinov3")[0], "pixel_values", (3, 96, 64)),
+                              {"add_layer_norm", "fused_linear", "masked_attention", "ms_deform_attn"}),
+}
+
+
+def _tensors(out):
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict) or hasattr(out, "values"):
+        return [t for v in out.values() for t in _tensors(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in _tensors(v)]
+    return []
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_patched_model_exports_with_its_ops_as_nodes_and_a_dynamic_batch(name, strict):
+    build, ops = FAMILIES[name]
+    model, arg, shape = build()
+    model.to(DEVICE)
+    fastdino.patch(model, backend="cpu", cache=False, trust=TRUST)
+    inputs = {arg: torch.randn(2, *shape, device=DEVICE)}
+    with torch.no_grad():
+        program = torch.export.export(model, (), inputs, strict=strict,
+                                      dynamic_shapes={arg: {0: torch.export.Dim("batch", min=1, max=64)}})
+    nodes = {str(n.target) for n in program.graph.nodes}
+    assert {f"fastdino.{op}.default" for op in ops} <= nodes, sorted(n for n in nodes if "fastdino" in n)
+    for batch in (2, 3):
+        x = {arg: torch.randn(batch, *shape, device=DEVICE)}
+        with torch.no_grad():
+            want, got = _tensors(model(**x)), _tensors(program.module()(**x))
+        assert len(got) == len(want) and got[0].shape[0] == batch
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
