@@ -134,13 +134,13 @@ def transformers_records(key: str) -> bool:
     capturing = sys.modules.get("transformers.utils.output_capturing")
     collector = getattr(capturing, "_active_collector", None)
     collected = collector.get() if collector is not None else None
-    return bool(collected) and key in collected
+    return collected is not None and key in collected  # not bool(dict): torch 2.11's compiler cannot
 
 
 def autocast_on(device_type: str) -> bool:
-    """Whether autocast is on for the device type; False for one autocast does not know (meta, a
-    model built without memory)."""
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    """Whether autocast is on for the device type; False on meta (a model built without memory),
+    where asking raises. (Not torch.amp.is_autocast_available: torch 2.11's compiler cannot trace it.)"""
+    return device_type != "meta" and torch.is_autocast_enabled(device_type)
 
 
 def activation_dtype(x: Tensor) -> torch.dtype:
