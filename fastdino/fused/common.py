@@ -55,9 +55,9 @@ def decide(module: nn.Module, op: Op, *args, also: Optional[tuple] = None) -> Op
     kernel backend must also pass its first-use self-check. None: the module runs the model's own
     code (the same numbers as before patching, at the same cost)."""
     key = (op.name, torch.is_grad_enabled(), signature(args if also is None else args + also))
-    if torch.compiler.is_compiling():
-        # decided in the trace, once per graph: no memo lookup (hashing the key would specialise
-        # the graph on every size in it, a dynamic batch included), no memo write
+    if torch.compiler.is_dynamo_compiling():
+        # decided in the trace, once per graph: no memo lookup (Dynamo, hashing the key, would
+        # specialise the graph on every size in it, a dynamic batch included), no memo write
         return make_decision(module, op, key, args, also)
     decisions = module.__dict__.get("_fastdino_decisions")
     try:
@@ -71,6 +71,8 @@ def decide(module: nn.Module, op: Op, *args, also: Optional[tuple] = None) -> Op
         pass
     except TypeError:  # an unhashable argument: decided for this call only, neither kept nor tuned
         return make_decision(module, op, None, args, also)
+    if torch.compiler.is_compiling():  # a non-strict export trace: decided in it, not kept
+        return make_decision(module, op, key, args, also)
     chosen = make_decision(module, op, key, args, also)
     if decisions is None or len(decisions) >= 64:
         decisions = {}
