@@ -274,15 +274,17 @@ def _patch(model: nn.Module, backend: Optional[str], precision: Optional[str], c
 def _rule(module: nn.Module, precision: Optional[str]):
     """(the rule that swaps `module`, []), or (a rule for its class name, why none swaps it), or
     (None, None) where no rule has its class name. Two libraries can share a class name (dinov3's
-    and timm's Mlp): the first rule that can swap it wins."""
+    and timm's Mlp): the first rule that can swap it wins; where none can, the reasons of the rule
+    whose checks it passed furthest (timm's Mlp with a norm: "norm is active", not "not dinov3's")."""
     rules = [r for r in RULES if type(module).__name__ == r.class_name and r.precision in (None, precision)]
-    found = None
+    found = (-1, None, None)
     for rule in rules:
-        reasons = rule_reasons(rule, module)
+        passed, reasons = rule_reasons(rule, module)
         if not reasons:
             return rule, []
-        found = found or (rule, reasons)
-    return found or (None, None)
+        if passed > found[0]:
+            found = (passed, rule, reasons)
+    return found[1:]
 
 
 def _check_ahead(model: nn.Module, device, dtype, backend: Optional[str], tuned: Optional[dict]):

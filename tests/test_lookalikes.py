@@ -512,3 +512,14 @@ def test_the_known_digests_are_those_of_the_dinov3_checkout():
         path = os.path.join(root, "dinov3", *modules[name].split(".")) + ".py"
         with open(path) as f:
             assert sources.source_digest(f.read(), name) == digest, name
+
+
+def test_of_two_rules_for_a_class_name_the_report_gives_the_one_that_got_furthest():
+    """timm's Mlp with an active hidden norm: dinov3's Mlp rule fails on structure, timm's on the
+    norm; the report names the norm (a trusted stand-in of timm's class)."""
+    from models.timm_eva import Mlp as TimmMlp
+
+    mlp = TimmMlp(DIM, 4 * DIM)
+    mlp.norm = nn.LayerNorm(4 * DIM)
+    report = patch_trusted(mlp)
+    assert not report.swapped and report.skipped[0].reasons == ["norm is active"], report.details()

@@ -162,15 +162,20 @@ def like(x: Tensor, shape, *params, dtype: Optional[torch.dtype] = None) -> Like
 # -- structural checks (the patch report's reasons) ----------------------------------------------
 
 
-def rule_reasons(rule: Rule, module: nn.Module) -> list[str]:
-    """Why `rule` cannot swap `module` ([] if it can): origin, then structure, then the rule's own
-    configuration checks."""
+def rule_reasons(rule: Rule, module: nn.Module) -> tuple[int, list[str]]:
+    """(how many checks passed, why `rule` cannot swap `module`; [] if it can): origin (with the
+    methods the fused form replaces), then structure, then the rule's own configuration checks."""
     cls = type(module)
     methods = sorted({n for c in rule.mixin.__mro__[:-1] for n in vars(c)
                       if callable(vars(c)[n]) and not n.startswith("_fastdino") and not n.startswith("__")
                       and hasattr(cls, n)})
-    why = origin_reasons(cls, rule.source) or method_reasons(cls, methods, rule.source)
-    return why or structure_reasons(module, rule) or rule.reasons(module)
+    checks = (lambda: origin_reasons(cls, rule.source) or method_reasons(cls, methods, rule.source),
+              lambda: structure_reasons(module, rule), lambda: rule.reasons(module))
+    for passed, check in enumerate(checks):
+        why = check()
+        if why:
+            return passed, why
+    return len(checks), []
 
 
 def structure_reasons(module: nn.Module, rule: Rule) -> list[str]:

@@ -17,9 +17,9 @@ from .common import (
     picked,
     user_hooks,
 )
-from .sources import Source, dinov3, is_from, timm, transformers
+from .sources import TRANSFORMERS_RELEASES, Source, dinov3, is_from, timm, transformers
 
-TRANSFORMERS_ACTIVATIONS = Source("transformers", ("transformers.activations",), ("4.56", "6"))
+TRANSFORMERS_ACTIVATIONS = Source("transformers", ("transformers.activations",), TRANSFORMERS_RELEASES)
 TIMM_ACTIVATIONS = timm("layers.activations")
 
 

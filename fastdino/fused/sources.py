@@ -45,12 +45,15 @@ class Source:
         return f"{self.library} ({where})"
 
 
+# transformers 4.56 to 5.x: DINOv3 arrived in 4.56; the forwards followed were read in 4.56 and 5.x
+# (CI tests the lowest and the newest)
+TRANSFORMERS_RELEASES = ("4.56", "6")
+
+
 def transformers(*models: str) -> Source:
-    """transformers' modeling files of `models` (e.g. "dinov3_vit"), releases 4.56 to 5.x: DINOv3
-    arrived in 4.56; the forwards followed were read in 4.56 and 5.x (CI tests the lowest and the
-    newest)."""
+    """transformers' modeling files of `models` (e.g. "dinov3_vit")."""
     return Source("transformers", tuple(f"transformers.models.{m}.modeling_{m}" for m in models),
-                  ("4.56", "6"))
+                  TRANSFORMERS_RELEASES)
 
 
 def timm(*modules: str) -> Source:
@@ -134,16 +137,17 @@ def origin_reasons(cls: type, source: Source) -> list[str]:
 
 
 def method_reasons(cls: type, names, source: Source) -> list[str]:
-    """Methods the fused form replaces or relies on that something else has replaced on the class
-    (a monkeypatch): their code is not what the fused form follows."""
+    """Methods the fused form replaces or relies on that code outside the library has replaced on
+    the class (a monkeypatch): their code is not what the fused form follows. (The library's own
+    decorators and base classes, and torch's, are its code.)"""
     if is_trusted(cls):
         return []
     out = []
     for name in names:
         fn = getattr(cls, name, None)
-        module = getattr(fn, "__module__", None)
-        if fn is not None and module is not None and module not in source.modules and not module.startswith(
-                "torch."):
+        module = getattr(fn, "__module__", None) or ""
+        own = module in source.modules or module.split(".")[0] in (source.library, "torch")
+        if fn is not None and module and not own:
             out.append(f"{cls.__name__}.{name} was replaced by {module}.{getattr(fn, '__qualname__', name)}")
     return out
 

@@ -127,7 +127,7 @@ class FusedDINOv3ViTAttention:
         # transformers records the weights the attention returns (5.x: a collector; 4.x: hooks on the
         # module during the call); the fused form returns none, so the original runs there
         weights = (kwargs.get("output_attentions") or transformers_records("attentions")
-                   or bool(self._forward_hooks or self._forward_pre_hooks) and user_hooks(self))
+                   or len(self._forward_hooks) + len(self._forward_pre_hooks) > 0 and user_hooks(self))
         no_rope = self._fastdino_rope and position_embeddings is None
         masked = attention_mask is not None
         if not _attention_fallback(self.training, self.dropout, mask=masked, no_rope=no_rope,
