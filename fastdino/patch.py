@@ -335,6 +335,9 @@ def _forget(module: nn.Module, tuned: Optional[dict]):
     for name in _PER_PROCESS:
         module.__dict__.pop(name, None)
     module._fastdino_tuned = tuned
+    refresh = getattr(type(module), "_fastdino_refresh", None)
+    if refresh is not None:  # host-side values a trace of the fused forward reads (EoMT's mask probs)
+        refresh(module)
 
 
 def is_fused(module: nn.Module) -> bool:

@@ -23,6 +23,14 @@ def _convnext_linear():
     return ConvNeXtLinear("t").eval(), "pixel_values", (3, 64, 64)
 
 
+def _eomt():
+    from test_patch_eomt import eomt
+
+    model, _ = eomt()
+    model.attn_mask_probs.copy_(torch.tensor([1.0, 0.0]))  # the first masked block predicts a mask, kept after
+    return model, "pixel_values", (3, 128, 128)
+
+
 FAMILIES = {
     "hf-vit": (lambda: (hf_vit(), "pixel_values", (3, 64, 48)),
                {"add_layer_norm", "fused_linear", "rope_attention"}),
@@ -32,6 +40,7 @@ FAMILIES = {
     "convnext-linear": (_convnext_linear, {"dwconv_layer_norm", "fused_linear"}),
     "hf-mask2former-dinov3": (lambda: (hf_mask2former("dinov3")[0], "pixel_values", (3, 96, 64)),
                               {"add_layer_norm", "fused_linear", "masked_attention", "ms_deform_attn"}),
+    "hf-eomt-dinov3": (_eomt, {"add_layer_norm", "fused_linear", "rope_attention"}),
 }
 
 

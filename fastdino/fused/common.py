@@ -135,8 +135,20 @@ def transformers_records(key: str) -> bool:
     the original there."""
     capturing = sys.modules.get("transformers.utils.output_capturing")
     collector = getattr(capturing, "_active_collector", None)
-    collected = collector.get() if collector is not None else None
-    return collected is not None and key in collected  # not bool(dict): torch 2.11's compiler cannot
+    if collector is None:
+        return False
+    if getattr(collector, "compiling", False):  # set inside a torch.compile trace: a plain global there
+        collected = collector.global_var
+        return collected is not None and key in collected  # not bool(dict): torch 2.11's compiler cannot
+    return _context_records(collector, key)
+
+
+@torch._dynamo.assume_constant_result
+def _context_records(collector, key: str) -> bool:
+    """The collector's ContextVar, which torch.compile cannot trace: a trace reads it once, as a
+    constant (a fused forward traced without transformers' capture decorator, e.g. EoMT's)."""
+    collected = getattr(collector, "context_var", collector).get()
+    return collected is not None and key in collected
 
 
 def autocast_on(device_type: str) -> bool:

@@ -49,6 +49,10 @@ class FusedEomtForUniversalSegmentation:
     class with the same fields. The original forward runs in training, with labels (the loss),
     with any extra argument (output_hidden_states, return_dict, ...), or when a masked layer or its
     attention was left unpatched.
+
+    Which blocks predict a mask depends on the values of attn_mask_probs, which a torch.compile or
+    torch.export trace cannot read: a trace uses the values read by the last eager forward, or at
+    patch time (the exported program has those blocks' structure baked in).
     """
 
     _fastdino_op = "rope_attention"  # what the patch report names
@@ -64,6 +68,20 @@ class FusedEomtForUniversalSegmentation:
         first = self.num_hidden_layers - cfg.num_blocks
         return all(is_fused(layer) and is_fused(layer.attention) for layer in self.layers[first:])
 
+    def _fastdino_refresh(self) -> tuple:
+        """attn_mask_probs as floats: read now, or under a trace the values read last."""
+        cache = self.__dict__.setdefault("_fastdino_cache", {})
+        if torch.compiler.is_compiling():
+            if "attn_mask_probs" not in cache:
+                raise RuntimeError("EoMT: attn_mask_probs decide which blocks predict masks and a trace "
+                                   "cannot read their values: run the patched model once before compiling "
+                                   "or exporting it")
+            return cache["attn_mask_probs"]
+        if self.attn_mask_probs.device.type == "meta":  # no values: a shape-only forward masks every block
+            return cache.get("attn_mask_probs", (1.0,) * self.attn_mask_probs.numel())
+        cache["attn_mask_probs"] = tuple(self.attn_mask_probs.tolist())
+        return cache["attn_mask_probs"]
+
     def forward(self, pixel_values, mask_labels=None, class_labels=None, patch_offsets=None, **kwargs):
         if not self._fastdino_runs(mask_labels, class_labels, kwargs):
             return super().forward(pixel_values, mask_labels=mask_labels, class_labels=class_labels,
@@ -74,7 +92,7 @@ class FusedEomtForUniversalSegmentation:
         extra = {} if rope is None else {"position_embeddings": rope(pixel_values.to(hidden.dtype))}
         first = self.num_hidden_layers - cfg.num_blocks
         queries = cfg.num_queries
-        probs = self.attn_mask_probs.tolist()  # one host read per forward, not two per masked block
+        probs = self._fastdino_refresh()  # one host read per forward, not two per masked block
         logits = None
         for idx, layer in enumerate(self.layers):
             if idx == first:
