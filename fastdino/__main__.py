@@ -1,5 +1,6 @@
 """Command line: `fastdino info` | `fastdino demo [--weights PATH] ...` | `fastdino bench [--models ...]`
-| `fastdino tune [MODELS] ...`."""
+| `fastdino tune [MODELS] ...` | `fastdino export MODEL --out model.pt2`
+| `fastdino segment MODEL SRC --out DIR`."""
 
 import argparse
 import sys
@@ -29,7 +30,25 @@ def main(argv=None):
     from .bench.cli import add_tune_arguments
 
     add_tune_arguments(tune)
+    export = sub.add_parser("export", help="patch a model and export it (AOTInductor package or torch.export "
+                                           "program) with a dynamic batch dimension")
+    from .deploy import add_export_arguments
+
+    add_export_arguments(export)
+    segment = sub.add_parser("segment", help="label a folder of images with a patched model: one process, "
+                                             "torchrun ranks or a Ray Data pipeline; Parquet + PNG out")
+    from .distributed import add_segment_arguments
+
+    add_segment_arguments(segment)
     args = parser.parse_args(argv)
+    if args.cmd == "export":
+        from .deploy import export_main
+
+        return export_main(args)
+    if args.cmd == "segment":
+        from .distributed import segment_main
+
+        return segment_main(args)
     if args.cmd == "info":
         from .info import info
 

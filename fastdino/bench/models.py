@@ -63,7 +63,8 @@ def vit(size: str) -> Spec:
 
         torch.manual_seed(0)
         model = DINOv3ViTModel(_vit_config(size, image_size=resolution)).to(device).eval()
-        layers = [f"layer.{i}" for i in range(len(model.layer))]
+        blocks = "model.layer" if hasattr(model, "model") else "layer"  # transformers 5.x : 4.x
+        layers = [f"{blocks}.{i}" for i in range(len(model.get_submodule(blocks)))]
         return Built(model, {"pixel_values": _pixels(resolution, batch, device)},
                      {"patch embedding": ["embeddings", "rope_embeddings"], "backbone blocks": layers,
                       "norm": ["norm"]})
