@@ -54,8 +54,8 @@ def input_name(model: nn.Module) -> str:
 
 
 def named_outputs(out: Any) -> dict[str, Tensor]:
-    """Every tensor of a model output by dotted name, in a fixed order."""
-    return _leaves(out)
+    """Every tensor of a model output by dotted name, in a fixed order; a lone tensor is "output"."""
+    return {name or "output": t for name, t in _leaves(out).items()}
 
 
 class Outputs(nn.Module):

@@ -123,10 +123,11 @@ def test_a_backbone_gives_features(images, tmp_path):
     assert all(f.shape == (384,) for f in feats) and not np.allclose(feats[0], feats[1])
 
 
-def test_export_writes_a_program_with_a_dynamic_batch(tmp_path):
+def test_export_writes_a_program_with_a_dynamic_batch(tmp_path, capsys):
     out = tmp_path / "model.pt2"
     assert main(["export", MODEL, "--out", str(out), "--format", "program", "--resolution", str(RESOLUTION),
                  "--device", "cpu", "--backend", "cpu"]) == 0
+    assert "outputs, in order: output" in capsys.readouterr().out
     program = torch.export.load(str(out))
     assert any("fastdino" in str(n.target) for n in program.graph.nodes)
     model = load_model(MODEL, RESOLUTION, "cpu")
