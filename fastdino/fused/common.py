@@ -140,13 +140,15 @@ def transformers_records(key: str) -> bool:
     if getattr(collector, "compiling", False):  # set inside a torch.compile trace: a plain global there
         collected = collector.global_var
         return collected is not None and key in collected  # not bool(dict): torch 2.11's compiler cannot
-    return _context_records(collector, key)
+    return _context_records(key)
 
 
 @torch._dynamo.assume_constant_result
-def _context_records(collector, key: str) -> bool:
+def _context_records(key: str) -> bool:
     """The collector's ContextVar, which torch.compile cannot trace: a trace reads it once, as a
-    constant (a fused forward traced without transformers' capture decorator, e.g. EoMT's)."""
+    constant (a fused forward traced without transformers' capture decorator, e.g. EoMT's).
+    Constant arguments only (torch 2.11's compiler), so the collector is looked up again."""
+    collector = sys.modules["transformers.utils.output_capturing"]._active_collector
     collected = getattr(collector, "context_var", collector).get()
     return collected is not None and key in collected
 

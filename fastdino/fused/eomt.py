@@ -70,13 +70,15 @@ class FusedEomtForUniversalSegmentation:
 
     def _fastdino_refresh(self) -> tuple:
         """attn_mask_probs as floats: read now, or under a trace the values read last."""
-        cache = self.__dict__.setdefault("_fastdino_cache", {})
-        if torch.compiler.is_compiling():
-            if "attn_mask_probs" not in cache:
+        if torch.compiler.is_compiling():  # (no dict.setdefault or bool(dict): torch 2.11's compiler cannot)
+            cache = self.__dict__.get("_fastdino_cache")
+            probs = None if cache is None else cache.get("attn_mask_probs")
+            if probs is None:
                 raise RuntimeError("EoMT: attn_mask_probs decide which blocks predict masks and a trace "
                                    "cannot read their values: run the patched model once before compiling "
                                    "or exporting it")
-            return cache["attn_mask_probs"]
+            return probs
+        cache = self.__dict__.setdefault("_fastdino_cache", {})
         if self.attn_mask_probs.device.type == "meta":  # no values: a shape-only forward masks every block
             return cache.get("attn_mask_probs", (1.0,) * self.attn_mask_probs.numel())
         cache["attn_mask_probs"] = tuple(self.attn_mask_probs.tolist())
