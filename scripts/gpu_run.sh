@@ -26,7 +26,9 @@
 #               timed in interleaved rounds (BENCH_TIMEOUT, default 150 s)
 # Other stages, selected with STAGES: tests (the whole suite), sanitizer (every kernel under
 # compute-sanitizer; SANITIZER_TOOLS), kernels-full (every shape and provider), bench-large
-# (ViT-L/16 models, EoMT-L at 640^2, ConvNeXt-T/S/B/L, batch 32, compile and max-autotune),
+# (ViT-L/16 models, EoMT-L at 640^2, ConvNeXt-T/S/B/L, batch 32, compile and max-autotune of the
+# original and of fastdino-bf16), deploy (tests/test_export.py and test_compile.py on the device,
+# `fastdino export` of ViT-S/16 as an AOTInductor package, loaded and run),
 # backbone and segmentation (benchmarks/bench_backbone.py, bench_segmentation.py; BACKBONE_ARGS,
 # SEGMENTATION_ARGS), demo. BENCH_ARGS replaces the bench stage's arguments.
 #
@@ -172,16 +174,31 @@ if [[ $STAGES == *,bench-large,* ]]; then
     local models=m2f-vitl16,convnext-t+linear,convnext-s+linear,convnext-b+linear,convnext-l+linear
     [ -n "${DINOV3_REPO:-}" ] && models=$models,official-m2f-vits16-h32,official-m2f-vitl16-h384
     (cd /tmp && $PY -m fastdino bench --no-progress --models "$models" "${repo[@]}" --resolution 512 \
-      --batch 32 --variants original,original-bf16,compile,max-autotune,fastdino,fastdino-bf16 \
+      --batch 32 --variants original,original-bf16,compile,max-autotune,fastdino,fastdino-bf16,fastdino-bf16+max-autotune \
       --json "$LOGS/bench-large.json" --md "$LOGS/bench-large.md" \
       && $PY -m fastdino bench --no-progress --models eomt-l --resolution 640 \
-      --variants original,original-bf16,compile,max-autotune,fastdino-bf16,fastdino-bf16+graph \
+      --variants original,original-bf16,compile,max-autotune,fastdino-bf16,fastdino-bf16+graph,fastdino-bf16+max-autotune \
       --json "$LOGS/bench-eomt-l.json" --md "$LOGS/bench-eomt-l.md") >"$LOGS/bench-large.log" 2>&1
   }
   export -f large
   stage bench-large 0 large
 fi
 
+if [[ $STAGES == *,deploy,* ]]; then
+  # export, AOTInductor (a fresh process loads the package) and fullgraph compile of every family on
+  # the device, pinned to the CUDA kernels; then `fastdino export` of ViT-S/16 at 512^2 in bf16
+  deploy() {
+    { $PY -m pytest -p no:cacheprovider -q -rs tests/test_export.py tests/test_compile.py \
+      && (cd /tmp && $PY -m fastdino export vits16 --out "$LOGS/vits16.pt2" --resolution 512 --device cuda \
+        --dtype bfloat16 && $PY -c "import sys, torch, fastdino
+r = torch._inductor.aoti_load_package(sys.argv[1])
+x = torch.randn(4, 3, 512, 512, device='cuda', dtype=torch.bfloat16)
+print('vits16.pt2 ran:', [tuple(t.shape) for t in r(x)], r.get_metadata().get('fastdino.outputs'))" "$LOGS/vits16.pt2" \
+        && rm -f "$LOGS/vits16.pt2"); } >"$LOGS/deploy.log" 2>&1
+  }
+  export -f deploy
+  stage deploy 0 deploy
+fi
 if [[ $STAGES == *,backbone,* ]]; then
   # shellcheck disable=SC2086
   stage backbone 0 $PY benchmarks/bench_backbone.py $BACKBONE_ARGS --json "$LOGS/backbone.json" >"$LOGS/backbone.log" 2>&1

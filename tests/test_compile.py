@@ -1,18 +1,18 @@
 """torch.compile(fullgraph=True) of patched models, one per family: Dynamo's count of graph breaks
-is zero, one graph, and the compiled model gives the patched eager outputs. Pinned to the C++ CPU
-kernels, so that fastdino's ops are what gets traced (unpinned, CPU tensors run the models' own
+is zero, one graph, and the compiled model gives the patched eager outputs. Pinned to the device's
+C++ kernels, so that fastdino's ops are what gets traced (unpinned, CPU tensors run the models' own
 code)."""
 
 import pytest
 import torch
 from helpers import DEVICE
 from models import TRUST
-from test_export import FAMILIES, _tensors
+from test_export import BACKEND, FAMILIES, _tensors
 
 import fastdino
 from fastdino import _ext
 
-pytestmark = pytest.mark.skipif(not _ext.HAS_EXT, reason="needs fastdino._C (the cpu kernels)")
+pytestmark = pytest.mark.skipif(not _ext.HAS_EXT, reason="needs fastdino._C (its C++ kernels)")
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -20,7 +20,7 @@ def test_a_patched_model_compiles_fullgraph_without_graph_breaks(name):
     build, ops = FAMILIES[name]
     model, arg, shape = build()
     model.to(DEVICE)
-    fastdino.patch(model, backend="cpu", cache=False, trust=TRUST)
+    fastdino.patch(model, backend=BACKEND, cache=False, trust=TRUST)
     x = {arg: torch.randn(2, *shape, device=DEVICE)}
     torch._dynamo.reset()
     with torch.no_grad():

@@ -1,7 +1,7 @@
 """torch.export of patched models: fastdino's ops stay single graph nodes (torch.ops.fastdino.*),
 the batch dimension stays dynamic, and the exported program gives the patched model's outputs, at
 the traced batch size and at another one. Pinned to the C++ CPU kernels (the ops' fake kernels
-describe their outputs to the tracer)."""
+describe their outputs to the tracer); on a GPU, to the CUDA kernels."""
 
 import pytest
 import torch
@@ -13,7 +13,8 @@ from test_patch_masked_attention import hf_mask2former
 import fastdino
 from fastdino import _ext
 
-pytestmark = pytest.mark.skipif(not _ext.HAS_EXT, reason="needs fastdino._C (the cpu kernels)")
+pytestmark = pytest.mark.skipif(not _ext.HAS_EXT, reason="needs fastdino._C (its C++ kernels)")
+BACKEND = DEVICE.type  # the C++ kernels of the device: "cpu", or "cuda" on a GPU
 
 
 def _convnext_linear():
@@ -60,7 +61,7 @@ def test_a_patched_model_exports_with_its_ops_as_nodes_and_a_dynamic_batch(name,
     build, ops = FAMILIES[name]
     model, arg, shape = build()
     model.to(DEVICE)
-    fastdino.patch(model, backend="cpu", cache=False, trust=TRUST)
+    fastdino.patch(model, backend=BACKEND, cache=False, trust=TRUST)
     inputs = {arg: torch.randn(2, *shape, device=DEVICE)}
     with torch.no_grad():
         program = torch.export.export(model, (), inputs, strict=strict,
@@ -111,7 +112,7 @@ def test_an_aoti_package_of_a_patched_model_runs_in_a_fresh_process(name, tmp_pa
     build, _ = FAMILIES[name]
     model, arg, shape = build()
     model = _Outputs(model, arg).to(DEVICE)
-    fastdino.patch(model, backend="cpu", cache=False, trust=TRUST)
+    fastdino.patch(model, backend=BACKEND, cache=False, trust=TRUST)
     x = torch.randn(2, *shape, device=DEVICE)
     with torch.no_grad():
         want = model(x)

@@ -13,10 +13,10 @@ Variants (VARIANTS): "original" is the model as its code runs, its own precision
 segmentor runs its pixel decoder in fp32); "-bf16" variants run the original under bfloat16
 autocast, or fastdino with precision="bf16" on a bfloat16 copy of the weights and inputs; "+graph"
 replays the patched model from a CUDA graph (fastdino.cuda_graph); "compile" and "max-autotune" are
-torch.compile of the original (max-autotune compiles for minutes: opt-in), "fastdino+compile" of
-the patched model. "fastdino" variants run dispatch's untuned default (no timing cache);
-"-tuned" ones run fastdino.tune on the same inputs first (in memory). The model is unpatched first
-and left unpatched.
+torch.compile of the original (max-autotune compiles for minutes: opt-in), "fastdino+compile" and
+"fastdino-bf16+max-autotune" of the patched model. "fastdino" variants run dispatch's untuned
+default (no timing cache); "-tuned" ones run fastdino.tune on the same inputs first (in memory).
+The model is unpatched first and left unpatched.
 """
 
 import contextlib
@@ -47,6 +47,7 @@ VARIANTS = {
     "fastdino-bf16+graph": "fastdino-bf16 replayed from a CUDA graph",
     "fastdino-bf16-tuned+graph": "fastdino-bf16-tuned replayed from a CUDA graph",
     "fastdino+compile": "torch.compile(fastdino.patch(model))",
+    "fastdino-bf16+max-autotune": "torch.compile(fastdino-bf16, mode='max-autotune') (compiles for minutes)",
 }
 DEFAULT_VARIANTS = {"cuda": ("original", "original-bf16", "compile", "fastdino", "fastdino-tuned",
                              "fastdino-bf16", "fastdino-bf16-tuned", "fastdino-bf16-tuned+graph"),
@@ -275,9 +276,9 @@ def _prepared(variant: str, model: nn.Module, inputs, device: torch.device, bf16
                 if tuned is not None:
                     tuned.update(entries=report.entries, report=report)
         try:
-            if base in ("compile", "max-autotune") or extra == "compile":
+            if base in ("compile", "max-autotune") or extra in ("compile", "max-autotune"):
                 torch._dynamo.reset()
-                compiled = torch.compile(m, mode="max-autotune" if base == "max-autotune" else None)
+                compiled = torch.compile(m, mode="max-autotune" if "max-autotune" in (base, extra) else None)
                 yield (lambda: _call(compiled, x)), None, None
             elif extra == "graph":
                 graphed = cuda_graph(m)
