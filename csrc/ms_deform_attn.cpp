@@ -52,6 +52,26 @@ void ms_deform_attn_rows_cpu(const at::Tensor& value, const at::Tensor& shapes, 
   });
 }
 
+// The level shapes and starts, held on the host with the CPU kernel, against value's S: checked here
+// (a few integers) so that Python dispatch need not read them on every call.
+void check_levels_cpu(const at::Tensor& spatial_shapes, const at::Tensor& level_start_index, int64_t S) {
+  const int64_t L = spatial_shapes.size(0);
+  const int64_t* hw = spatial_shapes.const_data_ptr<int64_t>();
+  const int64_t* starts = level_start_index.const_data_ptr<int64_t>();
+  int64_t packed = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    TORCH_CHECK(hw[2 * l] >= 1 && hw[2 * l + 1] >= 1, "ms_deform_attn: spatial_shapes must be positive (H, W), got ",
+                num(hw[2 * l]), " x ", num(hw[2 * l + 1]), " at level ", num(l));
+    TORCH_CHECK(starts[l] == packed, "ms_deform_attn: level_start_index must be where the levels of spatial_shapes "
+                "start when packed in order: ", num(packed), " at level ", num(l), ", got ", num(starts[l]));
+    TORCH_CHECK(hw[2 * l] <= S && hw[2 * l + 1] <= S / hw[2 * l] && packed <= S - hw[2 * l] * hw[2 * l + 1],
+                "ms_deform_attn: spatial_shapes cover more rows than value has (S=", num(S), ")");
+    packed += hw[2 * l] * hw[2 * l + 1];
+  }
+  TORCH_CHECK(packed == S, "ms_deform_attn: spatial_shapes cover ", num(packed), " rows but value has S=", num(S),
+              " (the levels flattened one after the other)");
+}
+
 at::Tensor ms_deform_attn_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
                               const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
                               const at::Tensor& attention_weights,
@@ -59,6 +79,7 @@ at::Tensor ms_deform_attn_cpu(const at::Tensor& value, const at::Tensor& spatial
   TORCH_CHECK(value.device().is_cpu(), "ms_deform_attn (CPU kernel): value must be on the CPU, got ", device_str(value));
   check_ms_deform_attn_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
                             reference_points);
+  check_levels_cpu(spatial_shapes, level_start_index, value.size(1));
   auto out = at::empty({value.size(0), sampling_locations.size(1), value.size(2) * value.size(3)}, value.options());
   if (out.numel() == 0) return out;
   const bool fp32_loc = sampling_locations.scalar_type() == at::kFloat;

@@ -198,11 +198,26 @@ def test_far_and_nan_locations_contribute_nothing(backend):
 
 
 @requires_ext
+def test_the_cpu_kernel_refuses_level_shapes_and_starts_that_disagree_with_value():
+    # With the CPU kernel the levels live on the host, so the C++ op checks them itself (Python
+    # dispatch calls it without reading them): shapes covering more or fewer rows than value has,
+    # a non-positive shape and a wrong start are refused before any row is read.
+    value, shapes, starts, loc, w = make_inputs(1, 7, 2, 12, [(4, 4)], device="cpu")
+    for bad, match in (([[400, 400]], "cover more rows than value has"), ([[0, 4]], "must be positive"),
+                       ([[3, 4]], "cover 12 rows but value has S=16"), ([[2**40, 2**40]], "cover more rows")):
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.fastdino.ms_deform_attn(value, torch.tensor(bad), starts, loc, w)
+    with pytest.raises(RuntimeError, match="level_start_index must be where the levels"):
+        torch.ops.fastdino.ms_deform_attn(value, shapes, torch.tensor([3]), loc, w)
+
+
+@requires_cuda_ext
+@pytest.mark.cuda
 def test_shapes_that_disagree_with_value_read_nothing_out_of_bounds():
     # On the device the shapes are not checked against value (that would synchronise): rows past
     # value's end must be skipped, not read.
-    value, shapes, starts, loc, w = make_inputs(1, 7, 2, 12, [(4, 4)], device="cpu")
-    big = torch.tensor([[400, 400]], dtype=torch.int64)
+    value, shapes, starts, loc, w = make_inputs(1, 7, 2, 12, [(4, 4)], device="cuda")
+    big = torch.tensor([[400, 400]], dtype=torch.int64, device="cuda")
     out = torch.ops.fastdino.ms_deform_attn(value, big, starts, loc, w)
     assert torch.isfinite(out).all()
 
@@ -332,15 +347,17 @@ def test_value_length_float_shapes_and_integer_values_are_named(backend):
         ms_deform_attn(value.int(), shapes, starts, loc, w, backend=backend)
 
 
-@requires_ext
+@requires_cuda_ext
+@pytest.mark.cuda
 def test_kernels_derive_level_starts_from_the_shapes():
     # On CUDA tensors the index cannot be checked without a host sync. The kernels never read it:
     # each level's first row comes from the shapes (packed levels), so a wrong index, here passed to
     # the C++ op directly past the Python checks, changes nothing and reads nothing out of bounds.
-    value, shapes, starts, loc, w = make_inputs(2, 7, 2, 4, [(4, 5), (2, 3)], device="cpu")
+    value, shapes, starts, loc, w = make_inputs(2, 7, 2, 4, [(4, 5), (2, 3)], device="cuda")
     expected = ms_deform_attn_ref(value, shapes, starts, loc, w)
     for wrong in ([0, 1000], [6, 0], [-50, 3]):
-        out = torch.ops.fastdino.ms_deform_attn(value, shapes, torch.tensor(wrong), loc, w, None)
+        wrong = torch.tensor(wrong, device="cuda")
+        out = torch.ops.fastdino.ms_deform_attn(value, shapes, wrong, loc, w, None)
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -353,6 +370,10 @@ def test_shapes_past_the_value_read_nothing_beyond_it(backend):
     starts = torch.tensor([0, 20], device=DEVICE)
     padded = torch.cat([value, value.new_zeros(1, 3, 2, 4)], dim=1)
     expected = ms_deform_attn_ref(padded, big, starts, loc, w)
+    if backend == "cpu":  # host-held levels: the C++ op checks them (test above)
+        with pytest.raises(RuntimeError, match="cover more rows"):
+            torch.ops.fastdino.ms_deform_attn(value, big, starts, loc, w, None)
+        return
     if backend == "triton":
         from fastdino.kernels.ms_deform_attn import ms_deform_attn_fwd
 

@@ -121,19 +121,17 @@ class Op:
 
     def __call__(self, *args, backend: Optional[str] = None):
         """Check the arguments, choose the backend, run. A native (C++) backend, pinned or first in
-        the priority, whose self-check passed is called at once (after `check_values` on CPU
-        tensors, where the op has one): the registered C++ op checks dtypes, shapes and layouts
-        itself, and the check and reasons run only after it refuses (a pinned call then raises the
+        the priority, whose self-check passed is called at once: the registered C++ op checks
+        dtypes, shapes and layouts itself (and the values `check_values` reads, e.g. host-held level
+        shapes), and the check and reasons run only after it refuses (a pinned call then raises the
         ValueError that names the argument; an unpinned one goes on to the next backend). Other
         decisions are kept per signature of the arguments, so a repeated call does no check and no
         reasons work."""
         x = args[0]
         native = backend if backend is not None else self._native_first.get(x.device.type)
         if ((native, x.dtype, x.is_cuda) in self._ready and not _OBSERVERS
-                and not (torch.is_grad_enabled() and grad_reasons(args))):
+                and not (torch.is_grad_enabled() and _any_requires_grad(*args))):
             try:
-                if self.check_values is not None and not x.is_cuda:
-                    self.check_values(*args)
                 direct = self._direct
                 return direct(*args) if direct is not None else self.launch(native, *args)
             except Exception:  # noqa: BLE001 - the check names the argument, else the error stands
@@ -238,8 +236,12 @@ def _kernel_reasons(backend: str, device_type: str, dtype: torch.dtype) -> list[
     raise ValueError(f"unknown backend {backend!r}, expected one of {BACKENDS}")
 
 
+# whether any tensor argument requires grad, in one C++ call (what torch.library's autograd uses)
+_any_requires_grad = torch._C._any_requires_grad
+
+
 def grad_reasons(args) -> list[str]:
-    if torch.is_grad_enabled() and any(getattr(a, "requires_grad", False) for a in args):
+    if torch.is_grad_enabled() and _any_requires_grad(*args):
         return ["inputs require grad (the reference runs; a pinned kernel backend uses it for the backward)"]
     return []
 
