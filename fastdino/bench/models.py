@@ -138,15 +138,21 @@ class ConvNeXtLinear(nn.Module):
 
     def __init__(self, size: str, classes: int = ADE20K_CLASSES):
         super().__init__()
-        from transformers import DINOv3ConvNextBackbone, DINOv3ConvNextConfig
+        import transformers
 
         depths, dims = CONVNEXT[size]
-        self.backbone = DINOv3ConvNextBackbone(DINOv3ConvNextConfig(hidden_sizes=dims, depths=depths,
-                                                                    out_features=["stage4"]))
+        config = transformers.DINOv3ConvNextConfig(hidden_sizes=dims, depths=depths, out_features=["stage4"])
+        # transformers 4.56 has no DINOv3ConvNextBackbone: its model's last hidden state is the same map
+        backbone = getattr(transformers, "DINOv3ConvNextBackbone", None)
+        self.backbone = (backbone or transformers.DINOv3ConvNextModel)(config)
         self.head = LinearHead([dims[-1]], classes)
 
     def forward(self, pixel_values):
-        logits = self.head(self.backbone(pixel_values).feature_maps)
+        if hasattr(self.backbone, "model"):
+            maps = self.backbone(pixel_values).feature_maps
+        else:
+            maps = self.backbone(pixel_values, output_hidden_states=True).hidden_states[-1:]
+        logits = self.head(maps)
         return F.interpolate(logits, scale_factor=8, mode="bilinear")
 
 
