@@ -16,6 +16,9 @@ def main(argv=None):
                           help="the activation dtype the table is for (default: bfloat16)")
     info_cmd.add_argument("--explain", action="store_true",
                           help="list every timing-cache entry: applied here, or ignored and why")
+    info_cmd.add_argument("--kernels", action="store_true",
+                          help="the static sm_90 profile of every kernel (registers, spills, shared memory, "
+                               "occupancy, tensor cores), compiled here without a GPU; exit 1 on a refusal")
     demo = sub.add_parser("demo", help="patch a DINOv3 ViT-S/16, check outputs, time original vs patched")
     from .demo import add_arguments
 
@@ -49,6 +52,10 @@ def main(argv=None):
         from .distributed import segment_main
 
         return segment_main(args)
+    if args.cmd == "info" and args.kernels:
+        from .info import kernels
+
+        return kernels()
     if args.cmd == "info":
         from .info import info
 

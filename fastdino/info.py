@@ -80,3 +80,23 @@ def info(file=None, device=None, dtype: str = "bfloat16", explain: bool = False)
     text = "\n".join(lines)
     print(text, file=file)
     return text
+
+
+def kernels(file=None) -> int:
+    """`fastdino info --kernels`: the static sm_90 profile of every Triton configuration and CUDA
+    kernel (fastdino.kernels.profile), and what its check refuses; 1 where it refuses something."""
+    from . import _ext
+
+    if _ext.INTERPRET:
+        print("fastdino info --kernels: unset TRITON_INTERPRET (the kernels are compiled for sm_90)",
+              file=file)
+        return 2
+    from .kernels import profile
+
+    text, failures = profile.report()
+    print(text, file=file)
+    for failure in failures:
+        print("FAILED", failure, file=file)
+    print(f"{len(failures)} refused" if failures else "no spills; every matrix-multiplying kernel uses "
+          "tensor cores (or is allowed not to: fastdino.kernels.profile.NO_TENSOR_CORES)", file=file)
+    return 1 if failures else 0

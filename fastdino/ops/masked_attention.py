@@ -15,9 +15,11 @@ Backends: ``triton`` (fastdino/kernels/masked_attention.py: flash-style, the log
 key block), ``cuda`` and ``cpu`` (fastdino._C, csrc/masked_attention.*: one warp per query row on
 the GPU, its 32 lanes scoring 32 keys at a time; a row loop on the CPU), ``ref`` (the models' own
 mask construction, then nn.MultiheadAttention's math, which the decoders run: torch's CPU SDPA
-would give 0, not NaN, for a query row whose every score is NaN). On CUDA tensors the priority
-(triton, cuda, ref) follows the design: the Triton kernel runs its products on tensor cores, the
-C++ kernel on CUDA cores; neither is timed yet (benchmarks/bench_masked_attention.py). Both
+would give 0, not NaN, for a query row whose every score is NaN). On CUDA tensors the untuned
+priority is (triton, ref): the Triton kernel runs its products on tensor cores (HGMMA on sm_90,
+fastdino.kernels.profile); the C++ kernel runs them as scalar FMAs on CUDA cores, estimated an order
+of magnitude slower at batch 32, so it runs only when pinned or when fastdino.tune measures it
+fastest; neither is timed yet (benchmarks/bench_masked_attention.py). Both
 index in 64 bits and launch along one grid axis, whose 2**31 - 1 programs bound B * H * Lq; the
 Triton kernels number query and key rows in 32 bits. On CPU
 tensors the reference is picked, so a patched decoder runs its own modules: with 2 threads, fp32,
@@ -53,7 +55,7 @@ from ._dispatch import (
     sample_tensor,
 )
 
-PRIORITY = {"cuda": ("triton", "cuda", "ref"), "cpu": ("ref",)}  # see the module docstring
+PRIORITY = {"cuda": ("triton", "ref"), "cpu": ("ref",)}  # see the module docstring
 CUDA_ROWS_PER_BLOCK = 4  # csrc/cuda/masked_attention.cu: kWarps query rows of one (batch, head) per block
 
 
