@@ -236,12 +236,13 @@ def _kernel_reasons(backend: str, device_type: str, dtype: torch.dtype) -> list[
     raise ValueError(f"unknown backend {backend!r}, expected one of {BACKENDS}")
 
 
-# whether any tensor argument requires grad, in one C++ call (what torch.library's autograd uses)
+# whether any tensor argument requires grad, in one C++ call (what torch.library's autograd uses);
+# tensors only: the fast path's arguments (grad_reasons also reads `Like`)
 _any_requires_grad = torch._C._any_requires_grad
 
 
 def grad_reasons(args) -> list[str]:
-    if torch.is_grad_enabled() and _any_requires_grad(*args):
+    if torch.is_grad_enabled() and any(getattr(a, "requires_grad", False) for a in args):
         return ["inputs require grad (the reference runs; a pinned kernel backend uses it for the backward)"]
     return []
 
