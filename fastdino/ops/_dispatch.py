@@ -129,8 +129,13 @@ class Op:
         reasons work."""
         x = args[0]
         native = backend if backend is not None else self._native_first.get(x.device.type)
-        if ((native, x.dtype, x.is_cuda) in self._ready and not _OBSERVERS
-                and not (torch.is_grad_enabled() and _any_requires_grad(*args))):
+        fast = (native, x.dtype, x.is_cuda) in self._ready and not _OBSERVERS
+        if fast and torch.is_grad_enabled():
+            for a in args:  # a loop, not grad_reasons: no call or generator frame on the hot path
+                if getattr(a, "requires_grad", False):
+                    fast = False
+                    break
+        if fast:
             try:
                 direct = self._direct
                 return direct(*args) if direct is not None else self.launch(native, *args)
@@ -234,11 +239,6 @@ def _kernel_reasons(backend: str, device_type: str, dtype: torch.dtype) -> list[
             reasons.append(f"device={device_type} (needs {backend})")
         return reasons + _ext.ext_reasons(backend)
     raise ValueError(f"unknown backend {backend!r}, expected one of {BACKENDS}")
-
-
-# whether any tensor argument requires grad, in one C++ call (what torch.library's autograd uses);
-# tensors only: the fast path's arguments (grad_reasons also reads `Like`)
-_any_requires_grad = torch._C._any_requires_grad
 
 
 def grad_reasons(args) -> list[str]:
