@@ -98,3 +98,14 @@ def test_cuda_kernels_are_read_from_a_binary(tmp_path):
     assert spill.spill_bytes > 0 and scalar.spill_bytes == 0 and scalar.regs > 0
     failures = check(list(rows.values()))
     assert len(failures) == 1 and "spilling_toy" in failures[0]
+
+
+def test_headline_grids_count_the_programs_each_launch_starts():
+    # masked_attention at batch 1 (100 queries, 8 heads): 16-row query blocks, 7 x 8 = 56 programs,
+    # under half of the 132 SMs (the finding a split-key redesign answers)
+    rows = {(op, kernel): programs for op, kernel, programs in profile.headline_grids()}
+    assert rows[("masked_attention", "_masked_attention_fwd_kernel")] == "56"
+    assert rows[("masked_attention", "_masked_attention_lift_kernel")] == "100"
+    from fastdino.ops import OPS
+
+    assert {op for op, _ in rows} == set(OPS) and all(p.isdigit() and int(p) > 0 for p in rows.values())

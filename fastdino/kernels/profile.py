@@ -7,10 +7,12 @@ in the cubin), shared memory per CTA, threads per CTA, the CTAs one SM can hold 
 (occupancy), whether the kernel multiplies matrices (Triton: `tl.dot` in its source or in a jit
 function it calls; CUDA: MATMUL_CUDA below) and whether its SASS has tensor-core instructions (HMMA, HGMMA).
 
-`fastdino info --kernels` prints the table; `check` gives what must not ship: a spill, shared
-memory beyond a CTA's limit, a matrix-multiplying kernel without tensor-core instructions (unless
-NO_TENSOR_CORES says why it may). Needs Triton's NVIDIA backend (its ptxas and cuobjdump ship with
-the triton wheel) and TRITON_INTERPRET unset: the kernels must be JITFunctions.
+`headline_grids` gives the programs each Triton launch starts at the op's headline problem
+(batch 1), to read against the 132 SMs. `fastdino info --kernels` prints both; `check` gives what
+must not ship: a spill, shared memory beyond a CTA's limit, a matrix-multiplying kernel without
+tensor-core instructions (unless NO_TENSOR_CORES says why it may). Needs Triton's NVIDIA backend
+(its ptxas and cuobjdump ship with the triton wheel) and, for the compile, TRITON_INTERPRET unset:
+the kernels must be JITFunctions.
 """
 
 import importlib
@@ -247,6 +249,49 @@ def summary(rows: list[KernelProfile]) -> str:
     return "\n".join(lines)
 
 
+def headline_grids(dtype_name: str = "bfloat16") -> list[tuple[str, str, str]]:
+    """(op, kernel, programs launched) for each Triton launch at the op's headline problem (its
+    `example`, batch 1): the launcher runs on meta tensors, its kernels replaced by recorders."""
+    import math
+
+    import torch
+
+    from ..ops import OPS
+    from ..ops._dispatch import Like
+
+    dtype = getattr(torch, dtype_name)
+    rows = []
+    for name, op in OPS.items():
+        module = importlib.import_module(f"fastdino.kernels.{name}")
+        kernels = {k: v for k, v in vars(module).items()
+                   if type(v).__name__ in ("JITFunction", "InterpretedFunction")}  # compiled or interpreted
+        launched = []
+
+        class Recorder:
+            def __init__(self, kernel):
+                self.kernel = kernel
+
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    launched.append((self.kernel, grid(kwargs) if callable(grid) else grid))
+                return launch
+
+        args = tuple(torch.empty(a.shape, dtype=a.dtype, device="meta") if isinstance(a, Like) else a
+                     for a in op.example(torch.device("meta"), dtype))
+        try:
+            for k in kernels:
+                setattr(module, k, Recorder(k))
+            op.launch("triton", *args)
+        except Exception as e:  # noqa: BLE001 - a launcher that reads values cannot run on meta tensors
+            rows.append((name, "?", f"not run on meta tensors ({type(e).__name__})"))
+        finally:
+            for k, v in kernels.items():
+                setattr(module, k, v)
+        for kernel, grid in launched:
+            rows.append((name, kernel, str(math.prod(grid))))
+    return rows
+
+
 def report() -> tuple[str, list[str]]:
     """(the per-kernel summary of every Triton configuration and every CUDA kernel of this build,
     the check's failures)."""
@@ -255,10 +300,18 @@ def report() -> tuple[str, list[str]]:
     rows = triton_profiles() + cuda_profiles()
     head = (f"sm_90 static kernel profile ({SM90['sms']} SMs; CTAs/SM from registers, shared memory and "
             "threads; '?' where the launch decides the threads)")
+    grids = ["", f"Triton grids at each op's headline problem (batch 1, bf16) against {SM90['sms']} SMs:",
+             "| op | problem | kernel | programs | per SM |", "|---|---|---|---:|---:|"]
+    from ..ops import OPS
+
+    for op, kernel, programs in headline_grids():
+        problem = " ".join((OPS[op].example.__doc__ or "").split())
+        per_sm = f"{int(programs) / SM90['sms']:.2f}" if programs.isdigit() else ""
+        grids.append(f"| {op} | {problem} | {kernel} | {programs} | {per_sm} |")
     failures = check(rows)
     if _ext.HAS_EXT and _ext.BUILD["cuda"] and not any(r.source == "cuda" for r in rows):
         failures.append("fastdino._C has CUDA kernels but none was read (no cuobjdump in triton, PATH or "
                         "CUDA_HOME)")
     if any(r.tensor_cores is None for r in rows):
         failures.append("cuobjdump not found: registers, spills and SASS of the Triton kernels not read")
-    return head + "\n" + summary(rows), failures
+    return head + "\n" + summary(rows) + "\n" + "\n".join(grids), failures
