@@ -14,7 +14,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from .verify import MASK_CLASSIFICATION_PAIRS, _leaves, semantic_map
+from .verify import _leaves, class_maps
 
 
 def load_model(spec: str, resolution: int = 512, device="cpu",
@@ -72,18 +72,9 @@ class Outputs(nn.Module):
 
 
 def class_map(outputs: dict[str, Tensor]) -> Optional[Tensor]:
-    """(B, H, W) class indices from a model's named outputs: Mask2Former/EoMT semantic inference
-    from class and mask logits, or the argmax over dim 1 of (B, classes, H, W) logits; None for a
-    backbone."""
-    for cls_name, mask_name in MASK_CLASSIFICATION_PAIRS:
-        for key, value in outputs.items():
-            mask_key = key[: len(key) - len(cls_name)] + mask_name
-            if key.endswith(cls_name) and mask_key in outputs and value.dim() == 3:
-                return semantic_map(value, outputs[mask_key])
-    first = next(iter(outputs.values()), None)
-    if len(outputs) == 1 and first.dim() == 4 and first.is_floating_point():
-        return first.argmax(1)
-    return None
+    """(B, H, W) class indices from a model's named outputs (fastdino.verify.class_maps: Mask2Former/
+    EoMT semantic inference, or the argmax of (B, classes, H, W) logits); None for a backbone."""
+    return next(iter(class_maps(outputs).values()), None)
 
 
 def features(outputs: dict[str, Tensor]) -> Tensor:

@@ -131,19 +131,26 @@ def _agreement(name: str, ref_map: Tensor, out_map: Tensor) -> Agreement:
                      (counts.max() / ref_map.numel()).item() if ref_map.numel() else 0.0)
 
 
-def _agreements(ref: dict[str, Tensor], out: dict[str, Tensor]) -> list[Agreement]:
-    found = []
+def class_maps(leaves: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The (B, H, W) class maps a segmentation model's output tensors (by name) give: Mask2Former's
+    semantic inference from each pair of class and mask logits, or the argmax over dim 1 of a lone
+    (B, classes, H, W) logits output. Empty for a backbone."""
+    maps = {}
     for cls_name, mask_name in MASK_CLASSIFICATION_PAIRS:
-        for key in ref:
-            if not key.endswith(cls_name):
-                continue
-            mask_key = key[: len(key) - len(cls_name)] + mask_name
-            if mask_key in ref and ref[key].dim() == 3 and ref[mask_key].dim() == 4:
-                found.append(_agreement(f"{key} + {mask_name}", semantic_map(ref[key], ref[mask_key]),
-                                        semantic_map(out[key], out[mask_key])))
-    if "" in ref and ref[""].dim() == 4 and ref[""].is_floating_point():  # a (B, classes, H, W) logits map
-        found.append(_agreement("<output> argmax over dim 1", ref[""].argmax(1), out[""].argmax(1)))
-    return found
+        for key, value in leaves.items():
+            mask = leaves.get(key[: len(key) - len(cls_name)] + mask_name)
+            if key.endswith(cls_name) and mask is not None and value.dim() == 3 and mask.dim() == 4:
+                maps[f"{key} + {mask_name}"] = semantic_map(value, mask)
+    if len(leaves) == 1:
+        (value,) = leaves.values()
+        if value.dim() == 4 and value.is_floating_point():
+            maps["<output> argmax over dim 1"] = value.argmax(1)
+    return maps
+
+
+def _agreements(ref: dict[str, Tensor], out: dict[str, Tensor]) -> list[Agreement]:
+    outs = class_maps(out)
+    return [_agreement(name, m, outs[name]) for name, m in class_maps(ref).items() if name in outs]
 
 
 def ran_summary(ran: dict) -> str:

@@ -12,6 +12,7 @@ from test_patch_masked_attention import hf_mask2former
 
 import fastdino
 from fastdino import _ext
+from fastdino.deploy import Outputs, named_outputs
 
 pytestmark = pytest.mark.skipif(not _ext.HAS_EXT, reason="needs fastdino._C (its C++ kernels)")
 BACKEND = DEVICE.type  # the C++ kernels of the device: "cpu", or "cuda" on a GPU
@@ -46,13 +47,7 @@ FAMILIES = {
 
 
 def _tensors(out):
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict) or hasattr(out, "values"):
-        return [t for v in out.values() for t in _tensors(v)]
-    if isinstance(out, (list, tuple)):
-        return [t for v in out for t in _tensors(v)]
-    return []
+    return list(named_outputs(out).values())
 
 
 @pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
@@ -77,17 +72,6 @@ def test_a_patched_model_exports_with_its_ops_as_nodes_and_a_dynamic_batch(name,
             torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
 
 
-class _Outputs(torch.nn.Module):
-    """The model's output tensors as a flat tuple: what a deployed program returns."""
-
-    def __init__(self, model, arg):
-        super().__init__()
-        self.model, self.arg = model, arg
-
-    def forward(self, x):
-        return tuple(_tensors(self.model(**{self.arg: x})))
-
-
 _LOAD = """
 import sys, torch, fastdino  # fastdino registers the ops the package calls; nothing else is imported
 runner = torch._inductor.aoti_load_package(sys.argv[1])
@@ -110,8 +94,8 @@ def test_an_aoti_package_of_a_patched_model_runs_in_a_fresh_process(name, tmp_pa
     import sys
 
     build, _ = FAMILIES[name]
-    model, arg, shape = build()
-    model = _Outputs(model, arg).to(DEVICE)
+    model, _, shape = build()
+    model = Outputs(model).to(DEVICE)  # what `fastdino export` packages: the output tensors as a tuple
     fastdino.patch(model, backend=BACKEND, cache=False, trust=TRUST)
     x = torch.randn(2, *shape, device=DEVICE)
     with torch.no_grad():

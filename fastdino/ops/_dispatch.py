@@ -68,8 +68,9 @@ class Op:
                  check_values: Optional[Callable] = None, native_args: bool = False):
         self.name, self.check, self.reasons, self.launch, self.example = name, check, reasons, launch, example
         self.priority, self.sample = priority, sample
-        # The part of `check` that reads values (level shapes held on the host), run on every call
-        # with CPU tensors: equal signatures do not mean equal values.
+        # The part of `check` that reads values (level shapes held on the host), run on every
+        # decided call with CPU tensors: equal signatures do not mean equal values. (The native
+        # C++ ops that __call__ runs at once check those values themselves.)
         self.check_values = check_values
         # The public function's decisions, per (pinned backend, grad mode, signature of the arguments).
         self._decisions: dict = {}

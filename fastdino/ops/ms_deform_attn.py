@@ -127,8 +127,10 @@ def check_starts(shapes, level_start_index):
 
 
 def check_values(value, spatial_shapes, level_start_index, *rest):
-    """What `check` reads of values, run on every call (dispatch keeps the rest per signature):
-    level shapes and starts held on the host. On the device they are not read (no sync). The
+    """What `check` reads of values, run on every call that dispatch decided before (it keeps the
+    rest per signature): level shapes and starts held on the host. The C++ CPU op, which dispatch
+    calls at once, checks them itself (csrc/ms_deform_attn.cpp: check_levels_cpu); on the device
+    they are not read (no sync). The
     tensors last checked are held with their version counters: the same unchanged tensors (a
     pixel decoder passes one pair to every layer) are not read again."""
     global _LAST_LEVELS
