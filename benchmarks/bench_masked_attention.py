@@ -4,6 +4,8 @@ at a time (in/out projections included in every provider, so the comparison is t
 - ``mha``: the models' path: sigmoid of the resized mask logits, repeat per head, `< 0.5`, the
   all-blocked-row fix-up, then nn.MultiheadAttention with that (B * heads, Q, HW) boolean mask;
 - ``flex``: FlexAttention (compiled) with a block mask built from the same logits, build included;
+- ``sdpa``: F.scaled_dot_product_attention with the same mask as a float (B, 1, Q, HW) additive mask
+  (0 or -inf), built from the logits in the timed region: eager PyTorch's fused path for this layer;
 - ``triton`` / ``cuda``: the projections, then fastdino's kernels reading the logits directly.
 
 bf16 on the GPU, Q = 100 queries, 16 heads, HW 1024/4096/16384 keys (a 1/8, 1/16 or 1/32 level),
@@ -21,7 +23,7 @@ CUDA = torch.cuda.is_available()
 SHAPES = [(1, 100, hw, c) for hw in (1024, 4096, 16384) for c in (256, 384, 2048)] if CUDA else [(1, 100, 256,
                                                                                                   256)]
 SHAPES = quick(SHAPES, (0, 3))  # C 256 with HW 1024 and 4096 keys (1/16 and 1/8 of 512^2)
-PROVIDERS = providers((["mha", "flex", "triton"] + (["cuda"] if _ext.BUILD["cuda"] else [])) if CUDA else (
+PROVIDERS = providers((["mha", "flex", "sdpa", "triton"] + (["cuda"] if _ext.BUILD["cuda"] else [])) if CUDA else (
     ["mha"] + (["cpu"] if _ext.HAS_EXT else [])))
 HEADS = 16
 
@@ -58,6 +60,14 @@ def fused_layer(backend):
     return run
 
 
+def sdpa_layer(attn, query, qpos, memory, pos, logits):
+    q, k, v = (t.transpose(1, 2) for t in projections(attn, query, qpos, memory, pos))
+    mask = torch.zeros(logits.shape, dtype=q.dtype, device=q.device).masked_fill(blocked_keys(logits),
+                                                                                  float("-inf"))
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+    return attn.out_proj(out.permute(2, 0, 1, 3).flatten(2))
+
+
 def flex_layer():
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -81,10 +91,10 @@ def flex_layer():
 def test_bench_masked_attention(benchmark, B, Q, HW, C, provider):
     dtype = torch.bfloat16 if CUDA else torch.float32
     args = make_layer(B, Q, HW, C, dtype, "cuda" if CUDA else "cpu")
-    fn = {"mha": lambda: mha_layer, "flex": flex_layer}.get(provider, lambda: fused_layer(provider))()
+    fn = {"mha": lambda: mha_layer, "flex": flex_layer, "sdpa": lambda: sdpa_layer}.get(provider, lambda: fused_layer(provider))()
     benchmark.group = f"masked_attention Q={Q} HW={HW} C={C}"
     benchmark.extra_info.update(op="masked_attention", shape=f"B={B} Q={Q} HW={HW} C={C} heads={HEADS}",
-                                dtype=str(dtype), provider=provider, baselines=["mha", "flex"])
+                                dtype=str(dtype), provider=provider, baselines=["mha", "flex", "sdpa"])
     with torch.no_grad():
         ms = bench_ms(benchmark, lambda: fn(*args))
     if ms:

@@ -45,8 +45,8 @@ TILED = "(limit 2**31 - 1025)"
 def test_the_limits_are_what_the_kernels_hold():
     assert INDEX_LIMIT == torch.iinfo(torch.int32).max
     assert GRID_LIMIT == 2**31 - 1  # CUDA's grid axis 0; axes 1 and 2 hold 65535
-    # the widest tile along a dim the Triton kernels number: the lift kernel's keys
-    assert TILED_LIMIT == INDEX_LIMIT - k_masked_attention.LIFT_BLOCK
+    # the widest tile along a dim the Triton kernels number: the pack kernel's keys
+    assert TILED_LIMIT == INDEX_LIMIT - k_masked_attention.PACK_BLOCK
 
 
 @pytest.fixture
@@ -257,17 +257,17 @@ def test_masked_attention_cuda_refuses_more_blocks_than_a_grid_holds(gpu_build, 
 
 def test_masked_attention_triton_refuses_more_programs_than_a_grid_holds(gpu_build, monkeypatch):
     op = masked_attention_op.OP
-    # the lift kernel: one program per row of mask_logits
+    # the pack kernel: one program per row of mask_logits
     assert_refused(monkeypatch, op, "triton", masked_args(2, 2**30, 1), "mask_logits has 2147483648 rows",
                    LIMIT)
     assert_accepted(monkeypatch, op, "triton", masked_args(2, 2**30 - 1, 1))
     assert_accepted(monkeypatch, op, "triton", masked_args(2, 2**30, 1, mask=False))
-    # the attention kernel: 64 query rows per program here
-    H = 2**26
-    assert masked_attention_op.masked_attention_config(1, H, 2**11, 2, 2)[0] == 64
+    # the attention kernel: 128 query rows per program here (bf16, head dim 2)
+    H = 2**27
+    assert masked_attention_op.masked_attention_config(1, H, 2**11, 1, 2, 2)[0] == 128
     assert_refused(monkeypatch, op, "triton", masked_args(1, 2**11, H, mask=False), "2147483648 programs",
                    LIMIT)
-    assert_accepted(monkeypatch, op, "triton", masked_args(1, 2**11 - 64, H, mask=False))
+    assert_accepted(monkeypatch, op, "triton", masked_args(1, 2**11 - 128, H, mask=False))
 
 
 def test_masked_attention_triton_refuses_row_counts_past_int32(gpu_build, monkeypatch):
@@ -295,13 +295,13 @@ def test_masked_attention_pinned_cuda_names_q():
 
 def test_masked_attention_triton_grids_have_one_axis(monkeypatch):
     B, Lq, H, D, Lk = 4096, 100, 32, 32, 50  # B * H = 131072 > 65535
-    lift, fwd = record(monkeypatch, k_masked_attention, "_masked_attention_lift_kernel",
+    pack, fwd = record(monkeypatch, k_masked_attention, "_masked_attention_pack_kernel",
                        "_masked_attention_fwd_kernel")
     q, kv = meta(B, Lq, H, D), meta(B, Lk, H, D)
     k_masked_attention.masked_attention_fwd(q, kv, kv, meta(B, Lq, Lk), 0.5, q)
-    block_m = k_masked_attention.masked_attention_config(B, H, Lq, D, 2)[0]
-    assert lift.grids == [(B * Lq,)]
-    assert fwd.grids == [(triton.cdiv(Lq, block_m) * B * H,)]
+    block_m, _, _, _, splits = k_masked_attention.masked_attention_config(B, H, Lq, Lk, D, 2)
+    assert pack.grids == [(B * Lq,)]
+    assert splits == 1 and fwd.grids == [(triton.cdiv(Lq, block_m) * B * H,)]
 
 
 # -- add_layer_norm, dwconv_layer_norm, fused_linear: 64-bit offsets -----------------------------

@@ -101,11 +101,13 @@ def test_cuda_kernels_are_read_from_a_binary(tmp_path):
 
 
 def test_headline_grids_count_the_programs_each_launch_starts():
-    # masked_attention at batch 1 (100 queries, 8 heads): 16-row query blocks, 7 x 8 = 56 programs,
-    # under half of the 132 SMs (the finding a split-key redesign answers)
+    # masked_attention at batch 1 (100 queries, 8 heads, 1024 keys): one 128-row query block per head,
+    # the keys split in 8 (4 blocks of 32 each, the least a split takes): 64 programs, then the combine
+    # step over 16-row blocks, 7 x 8; the mask packed by one program per query row
     rows = {(op, kernel): programs for op, kernel, programs in profile.headline_grids()}
-    assert rows[("masked_attention", "_masked_attention_fwd_kernel")] == "56"
-    assert rows[("masked_attention", "_masked_attention_lift_kernel")] == "100"
+    assert rows[("masked_attention", "_masked_attention_fwd_kernel")] == "64"
+    assert rows[("masked_attention", "_masked_attention_combine_kernel")] == "56"
+    assert rows[("masked_attention", "_masked_attention_pack_kernel")] == "100"
     from fastdino.ops import OPS
 
     assert {op for op, _ in rows} == set(OPS) and all(p.isdigit() and int(p) > 0 for p in rows.values())

@@ -6,7 +6,7 @@ import torch
 from helpers import ATOL, DEVICE, DTYPES, assert_close_to_ref, quick_cases, requires_cuda_ext, requires_ext
 
 from fastdino import _ext
-from fastdino.kernels.masked_attention import MASK_THRESHOLDS
+from fastdino.kernels.masked_attention import MASK_THRESHOLDS, masked_attention_config, masked_attention_fwd
 from fastdino.ops._dispatch import Like
 from fastdino.ops.masked_attention import (
     OP,
@@ -152,6 +152,59 @@ def test_masked_attention_kernels_apply_the_rule_exactly(logit_dtype):
         torch.testing.assert_close(out.double(), exact, atol=tol, rtol=tol, msg=backend)
     if logit_dtype == torch.float32:  # one open key: the output is that key's value row
         torch.testing.assert_close(exact[0, 0], v[0, 0].double(), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("splits", [2, 3, 7])
+def test_masked_attention_triton_split_keys_match_ref(splits, dtype):
+    """The split-key schedule (what batch 1 runs on a GPU) forced on a small problem: each split's
+    partial output and statistics, rescaled and combined. Rows open in the last split only, in the
+    first only, fully blocked (lifted), and the usual mix."""
+    B, Lq, Lk, H, D = 2, 9, 200, 2, 24  # 7 key blocks of 32: splits of 3, 3, 1 blocks at splits=3
+    q, k, v, logits = make_inputs(B, Lq, Lk, H, D, dtype, torch.float32)
+    logits[:, 1] = -5.0
+    logits[:, 1, Lk - 1] = 1.0  # open only in the last split (the one partial key block)
+    logits[:, 2] = -5.0
+    logits[:, 2, :3] = 1.0  # open only in the first split
+    out = torch.empty(q.shape, dtype=dtype, device=DEVICE)
+    masked_attention_fwd(q, k, v, logits, D**-0.5, out, interpret=_ext.INTERPRET, splits=splits)
+    exact = masked_attention_ref(q.double(), k.double(), v.double(), logits)
+    lowp = masked_attention_ref(q, k, v, logits)
+    assert_close_to_ref(f"split {splits} {dtype}", out, exact, lowp, ATOL[dtype])
+    # no mask: the decoder's self-attention, split the same way
+    masked_attention_fwd(q, k, v, None, D**-0.5, out, interpret=_ext.INTERPRET, splits=splits)
+    exact, lowp = masked_attention_ref(q.double(), k.double(), v.double()), masked_attention_ref(q, k, v)
+    assert_close_to_ref(f"split {splits} {dtype} no mask", out, exact, lowp, ATOL[dtype])
+
+
+def test_masked_attention_triton_split_keys_keep_nan_where_the_models_do():
+    """A NaN in a blocked key's value row reaches every query's channel (weight 0 times NaN), and a
+    NaN score of an open key its row, through the combine step as in one pass."""
+    B, Lq, Lk, H, D = 1, 5, 130, 2, 16
+    q, k, v, logits = make_inputs(B, Lq, Lk, H, D, torch.float32, torch.float32)
+    logits[:, :, 100] = -5.0
+    v[0, 100, 1, 3] = float("nan")  # blocked for every row, in the third of three splits
+    k[0, 5, 0, :] = float("nan")
+    logits[0, 4, 5] = 1.0  # open for row 4 only: that row's head-0 output is NaN
+    logits[0, :4, 5] = -5.0
+    out = torch.empty(q.shape, dtype=q.dtype, device=DEVICE)
+    masked_attention_fwd(q, k, v, logits, D**-0.5, out, interpret=_ext.INTERPRET, splits=3)
+    ref = masked_attention_ref(q, k, v, logits)
+    assert ref.isnan().any() and not ref.isnan().all()
+    assert torch.equal(out.isnan(), ref.isnan())
+    torch.testing.assert_close(out.nan_to_num(), ref.nan_to_num(), atol=1e-5, rtol=1e-5)
+
+
+def test_masked_attention_config_splits_keys_only_to_fill_the_sms():
+    # batch 1, 8 heads, 100 queries over a 64x64 level: 8 programs unsplit, 16 splits of 8 key blocks
+    assert masked_attention_config(1, 8, 100, 4096, 32, 2) == (128, 32, 8, 2, 16)
+    assert masked_attention_config(32, 8, 100, 4096, 32, 2)[4] == 1  # 256 programs already
+    assert masked_attention_config(1, 8, 100, 100, 32, 2)[4] == 1  # self-attention: 4 key blocks
+    problems = [(1, 16, 100, 1024, 16, 2), (1, 8, 200, 16384, 128, 4), (2, 3, 7, 97, 5, 2)]
+    for B, H, Lq, Lk, D, nbytes in problems:
+        block_m, block_n, _, _, splits = masked_attention_config(B, H, Lq, Lk, D, nbytes)
+        programs = B * H * -(-Lq // block_m)
+        assert splits == 1 or (programs * splits <= 132 + programs and -(-Lk // block_n) >= 4 * splits)
 
 
 @pytest.mark.quick

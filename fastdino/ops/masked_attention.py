@@ -11,24 +11,24 @@ nn.MultiheadAttention, without that mask. Without mask_logits it is plain attent
 decoder's self-attention over the queries). Token-major q, k, v with any strides, so the
 projections' outputs are read in place; any head dim up to 128 (2, 24, 32 occur).
 
-Backends: ``triton`` (fastdino/kernels/masked_attention.py: flash-style, the logits tile loaded next to each
-key block), ``cuda`` and ``cpu`` (fastdino._C, csrc/masked_attention.*: one warp per query row on
-the GPU, its 32 lanes scoring 32 keys at a time; a row loop on the CPU), ``ref`` (the models' own
-mask construction, then nn.MultiheadAttention's math, which the decoders run: torch's CPU SDPA
-would give 0, not NaN, for a query row whose every score is NaN). On CUDA tensors the untuned
-priority is (triton, ref): the Triton kernel runs its products on tensor cores (HGMMA on sm_90,
+Backends: ``triton`` (fastdino/kernels/masked_attention.py: the mask packed once as bits, then
+flash-style attention whose keys are split across programs where the queries alone leave SMs idle),
+``cuda`` and ``cpu`` (fastdino._C, csrc/masked_attention.*: one warp per query row on the GPU, its
+32 lanes scoring 32 keys at a time; a row loop on the CPU), ``ref`` (the models' own mask
+construction, then nn.MultiheadAttention's math, which the decoders run: torch's CPU SDPA would give
+0, not NaN, for a query row whose every score is NaN). On CUDA tensors the untuned priority is
+(triton, ref): the Triton kernel runs its products on tensor cores (HGMMA on sm_90,
 fastdino.kernels.profile); the C++ kernel runs them as scalar FMAs on CUDA cores, estimated an order
 of magnitude slower at batch 32, so it runs only when pinned or when fastdino.tune measures it
-fastest; neither is timed yet (benchmarks/bench_masked_attention.py). Both
-index in 64 bits and launch along one grid axis, whose 2**31 - 1 programs bound B * H * Lq; the
-Triton kernels number query and key rows in 32 bits. On CPU
-tensors the reference is picked, so a patched decoder runs its own modules: with 2 threads, fp32,
-one cross-attention layer with its projections (Q 100, 16 heads) took 4.5 / 18.8 / 561 ms against
-the C++ kernel's 12.8 / 59.0 / 1125 ms at (HW, C) = (1024, 256), (4096, 256), (4096, 2048) (the
-kernel then skipped blocked keys; it now reads them, see below); the C++ CPU kernel is kept as the
-compile-friendly form and runs when pinned.
-Forward kernels: with grad dispatch picks the reference; a pinned kernel backend recomputes the
-reference for the backward (ops/_dispatch.py).
+fastest; neither is timed yet (benchmarks/bench_masked_attention.py). Both index in 64 bits and
+launch along one grid axis, whose 2**31 - 1 programs bound B * H * Lq; the Triton kernels number
+query and key rows in 32 bits. On CPU tensors the reference is picked, so a patched decoder runs its
+own modules: with 2 threads, fp32, one cross-attention layer with its projections (Q 100, 16 heads)
+took 4.5 / 18.8 / 561 ms against the C++ kernel's 12.8 / 59.0 / 1125 ms at (HW, C) = (1024, 256),
+(4096, 256), (4096, 2048) (the kernel then skipped blocked keys; it now reads them, see below); the
+C++ CPU kernel is kept as the compile-friendly form and runs when pinned. Forward kernels: with grad
+dispatch picks the reference; a pinned kernel backend recomputes the reference for the backward
+(ops/_dispatch.py).
 
 NaN and Inf as in nn.MultiheadAttention with the decoders' mask, on every backend: a blocked key's
 score gets -inf added (so a NaN or +Inf score stays NaN and poisons its row's softmax) and its
@@ -133,10 +133,10 @@ def size_reasons(backend, q, k, mask_logits) -> list[str]:
         Lk = k.shape[1] if k.dim() == 4 else 0
         why = tiled_reasons((("q", "queries (Lq)", Lq), ("k", "keys (Lk)", Lk)))
         if mask_logits is not None and B * Lq > GRID_LIMIT:
-            why.append(f"mask_logits has {B * Lq} rows (B * Lq); the Triton kernel that lifts fully "
-                       "blocked rows runs one program per row, more than a grid holds (limit 2**31 - 1)")
-        block_m = masked_attention_config(B, H, Lq, D, q.dtype.itemsize)[0]
-        programs = B * H * -(-Lq // block_m)
+            why.append(f"mask_logits has {B * Lq} rows (B * Lq); the Triton kernel that packs the mask "
+                       "runs one program per row, more than a grid holds (limit 2**31 - 1)")
+        block_m, _, _, _, splits = masked_attention_config(B, H, Lq, Lk, D, q.dtype.itemsize)
+        programs = B * H * -(-Lq // block_m) * splits
         if programs > GRID_LIMIT:
             why.append(f"q has {rows} query rows (B * H * Lq); the Triton kernel takes {block_m} per "
                        f"program: {programs} programs, more than a grid holds (limit 2**31 - 1)")
