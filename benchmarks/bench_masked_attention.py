@@ -23,8 +23,8 @@ CUDA = torch.cuda.is_available()
 SHAPES = [(1, 100, hw, c) for hw in (1024, 4096, 16384) for c in (256, 384, 2048)] if CUDA else [(1, 100, 256,
                                                                                                   256)]
 SHAPES = quick(SHAPES, (0, 3))  # C 256 with HW 1024 and 4096 keys (1/16 and 1/8 of 512^2)
-PROVIDERS = providers((["mha", "flex", "sdpa", "triton"] + (["cuda"] if _ext.BUILD["cuda"] else [])) if CUDA else (
-    ["mha"] + (["cpu"] if _ext.HAS_EXT else [])))
+GPU_PROVIDERS = ["mha", "flex", "sdpa", "triton"] + (["cuda"] if _ext.BUILD["cuda"] else [])
+PROVIDERS = providers(GPU_PROVIDERS if CUDA else (["mha"] + (["cpu"] if _ext.HAS_EXT else [])))
 HEADS = 16
 
 
@@ -91,7 +91,8 @@ def flex_layer():
 def test_bench_masked_attention(benchmark, B, Q, HW, C, provider):
     dtype = torch.bfloat16 if CUDA else torch.float32
     args = make_layer(B, Q, HW, C, dtype, "cuda" if CUDA else "cpu")
-    fn = {"mha": lambda: mha_layer, "flex": flex_layer, "sdpa": lambda: sdpa_layer}.get(provider, lambda: fused_layer(provider))()
+    layers = {"mha": lambda: mha_layer, "flex": flex_layer, "sdpa": lambda: sdpa_layer}
+    fn = layers.get(provider, lambda: fused_layer(provider))()
     benchmark.group = f"masked_attention Q={Q} HW={HW} C={C}"
     benchmark.extra_info.update(op="masked_attention", shape=f"B={B} Q={Q} HW={HW} C={C} heads={HEADS}",
                                 dtype=str(dtype), provider=provider, baselines=["mha", "flex", "sdpa"])

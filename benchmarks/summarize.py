@@ -6,7 +6,9 @@ the ratio is the fraction of achievable bandwidth).  Usage: python benchmarks/su
 The roofline: each benchmark computes the bytes its op must move, or the FLOPs it must do, from the
 shapes alone (its module docstring says how); "of peak" is the achieved GB/s over the GPU's HBM
 bandwidth, or the achieved TFLOP/s over its dense tensor-core peak (bf16/fp16; TF32 for fp32), from
-the datasheet figures in PEAKS (empty for a GPU not listed there)."""
+the datasheet figures in PEAKS (empty for a GPU not listed there). For GB/s, "of copy" is the
+achieved rate over the device-to-device copy rate measured at the start of the same run
+(benchmarks/conftest.py): the bandwidth a memory-bound kernel can reach on that GPU."""
 
 import json
 import sys
@@ -34,6 +36,9 @@ def main(path):
           f"(CUDA {meta.get('torch_cuda')}); triton {meta.get('triton')}; fastdino._C CUDA runtime "
           f"{meta.get('extension_cuda_runtime')}, archs "
           f"{meta.get('extension_cuda_archs')}; commit {meta.get('commit')}; {data.get('datetime')}")
+    copy = meta.get("copy_gbps")
+    if copy:
+        print(f"Measured device-to-device copy: {copy:.0f} GB/s")
     ops = defaultdict(lambda: defaultdict(dict))
     baselines = {}
     for b in data["benchmarks"]:
@@ -45,15 +50,17 @@ def main(path):
         names = baselines[op]
         metric = next(iter(next(iter(shapes.values())).values()))["metric"]
         print(f"\n### {op}\n")
-        print(f"| shape | dtype | provider | ms | {metric} | of peak | "
+        of_copy = metric == "GB/s" and bool(copy)
+        print(f"| shape | dtype | provider | ms | {metric} | of peak | " + ("of copy | " if of_copy else "")
               + " | ".join(f"vs {n}" for n in names) + " |")
-        print("|---|---|---|---:|---:|---:|" + "---:|" * len(names))
+        print("|---|---|---|---:|---:|---:|" + "---:|" * (len(names) + of_copy))
         for (shape, dtype), prov in shapes.items():
             for p, e in prov.items():
                 ratios = [f"{prov[n]['ms'] / e['ms']:.2f}x" if n in prov else "-" for n in names]
                 top = peak(meta.get("gpu"), e["metric"], dtype)
                 share = f"{100 * e['value'] / top:.0f}%" if top else ""
-                print(f"| {shape} | {dtype} | {p} | {e['ms']:.4f} | {e['value']:.4g} | {share} | "
+                copied = f"{100 * e['value'] / copy:.0f}% | " if of_copy else ""
+                print(f"| {shape} | {dtype} | {p} | {e['ms']:.4f} | {e['value']:.4g} | {share} | {copied}"
                       + " | ".join(ratios) + " |")
 
 

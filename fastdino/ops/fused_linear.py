@@ -17,6 +17,11 @@ Backends:
   GELU, or silu + mul, or mul + add passes. The GEMM output is rounded to the activation dtype
   before the epilogue, as in eager PyTorch;
 - ``ref``: the unfused ops in fp32.
+cuBLASLt's other epilogues are not used, because they compute something else: its GELU epilogue
+(torch's ``_addmm_activation(use_gelu=True)`` on CUDA) is the tanh approximation, not the models'
+exact erf GELU, and LayerScale scales each output channel, which the GEMM's scalar alpha/beta and
+C input cannot express without folding gamma into a rounded copy of the weight. The bias epilogue
+is the one that applies, and at::addmm already takes it.
 Neither kernel form has been timed on a GPU yet against cuBLAS + eager epilogues, so dispatch does
 not pick them: they run only when pinned (``backend=...``), and the patched MLP modules run their
 original forward. benchmarks/bench_fused_linear.py is the measurement that will decide.
