@@ -166,6 +166,8 @@ def test_masked_attention_triton_split_keys_match_ref(splits, dtype):
     logits[:, 1, Lk - 1] = 1.0  # open only in the last split (the one partial key block)
     logits[:, 2] = -5.0
     logits[:, 2, :3] = 1.0  # open only in the first split
+    logits[:, 3] = -5.0
+    logits[:, 3, 100] = 1.0  # open only in a middle split (96..191 at splits=3)
     out = torch.empty(q.shape, dtype=dtype, device=DEVICE)
     masked_attention_fwd(q, k, v, logits, D**-0.5, out, interpret=_ext.INTERPRET, splits=splits)
     exact = masked_attention_ref(q.double(), k.double(), v.double(), logits)
@@ -182,8 +184,8 @@ def test_masked_attention_triton_split_keys_keep_nan_where_the_models_do():
     NaN score of an open key its row, through the combine step as in one pass."""
     B, Lq, Lk, H, D = 1, 5, 130, 2, 16
     q, k, v, logits = make_inputs(B, Lq, Lk, H, D, torch.float32, torch.float32)
-    logits[:, :, 100] = -5.0
-    v[0, 100, 1, 3] = float("nan")  # blocked for every row, in the third of three splits
+    logits[:, :, 128:] = -5.0  # the third of three splits (keys 128, 129): no open key for any row,
+    v[0, 129, 1, 3] = float("nan")  # so only 0 * NaN in the combine step carries this NaN
     k[0, 5, 0, :] = float("nan")
     logits[0, 4, 5] = 1.0  # open for row 4 only: that row's head-0 output is NaN
     logits[0, :4, 5] = -5.0
@@ -195,6 +197,23 @@ def test_masked_attention_triton_split_keys_keep_nan_where_the_models_do():
     torch.testing.assert_close(out.nan_to_num(), ref.nan_to_num(), atol=1e-5, rtol=1e-5)
 
 
+def test_masked_attention_triton_packs_rows_longer_than_one_step():
+    """Rows of more than PACK_BLOCK (1024) keys: the pack kernel's later steps and their words, a
+    row lifted only after its last step, split keys over them."""
+    B, Lq, Lk, H, D = 1, 4, 1100, 1, 16
+    q, k, v, logits = make_inputs(B, Lq, Lk, H, D, torch.float32, torch.float32)
+    logits[0, 1] = -5.0
+    logits[0, 1, 1090] = 1.0  # its one open key in the pack kernel's second step
+    logits[0, 2] = -5.0  # every key blocked: lifted after the second step
+    out = torch.empty(q.shape, dtype=q.dtype, device=DEVICE)
+    exact = masked_attention_ref(q.double(), k.double(), v.double(), logits)
+    for splits in (1, 4):
+        masked_attention_fwd(q, k, v, logits, D**-0.5, out, interpret=_ext.INTERPRET, splits=splits)
+        lowp = masked_attention_ref(q, k, v, logits)
+        assert_close_to_ref(f"pack 1100 keys, split {splits}", out, exact, lowp, ATOL[torch.float32])
+    torch.testing.assert_close(out[0, 1, 0].double(), v[0, 1090, 0].double(), atol=1e-6, rtol=0)
+
+
 def test_masked_attention_config_splits_keys_only_to_fill_the_sms():
     # batch 1, 8 heads, 100 queries over a 64x64 level: 8 programs unsplit, 16 splits of 8 key blocks
     assert masked_attention_config(1, 8, 100, 4096, 32, 2) == (128, 32, 8, 2, 16)
@@ -204,7 +223,7 @@ def test_masked_attention_config_splits_keys_only_to_fill_the_sms():
     for B, H, Lq, Lk, D, nbytes in problems:
         block_m, block_n, _, _, splits = masked_attention_config(B, H, Lq, Lk, D, nbytes)
         programs = B * H * -(-Lq // block_m)
-        assert splits == 1 or (programs * splits <= 132 + programs and -(-Lk // block_n) >= 4 * splits)
+        assert splits == 1 or (programs * splits <= 132 and -(-Lk // block_n) >= 4 * splits)
 
 
 @pytest.mark.quick

@@ -86,6 +86,7 @@ def _masked_attention_pack_kernel(
         words = tl.reduce(blocked.to(tl.int32) << bit[None, :], 1, _or)
         w = start // 32 + word
         tl.store(BITS + w, words, mask=w < WORDS)
+    tl.debug_barrier()  # the zeros below land after the words above, whatever the reduction lowers to
     if tl.sum(tl.sum(open_keys, 1), 0) == 0:  # every key blocked: the decoder lifts the row's mask
         for start in range(0, WORDS, BLOCK):
             w = start + tl.arange(0, BLOCK)
@@ -104,6 +105,7 @@ def _masked_attention_fwd_kernel(
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    tl.static_assert(BLOCK_N == 32, "the mask is read one 32-key word per query row and key block")
     # One grid axis: query blocks fastest, then splits, then (batch, head), so the programs that
     # share a split's k and v rows run together.
     pid = tl.program_id(0)
@@ -133,7 +135,7 @@ def _masked_attention_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     lo = split * SPLIT_KEYS
-    hi = tl.minimum(lo + SPLIT_KEYS, LK)
+    hi = lo + tl.minimum(SPLIT_KEYS, LK - lo)  # lo + SPLIT_KEYS may pass 2**31 - 1 near the limit
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < LK  # a split ends on a block boundary or at LK
@@ -145,10 +147,9 @@ def _masked_attention_fwd_kernel(
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s = tl.where(n_ok[None, :], s, float("-inf"))
         if MASK:
-            # each query row's word of the block's keys (repeated addresses: one fetch per row)
-            w = tl.load(BITS + bits_row[:, None] + (offs_n // 32)[None, :],
-                        mask=m_ok[:, None] & n_ok[None, :], other=0)
-            blocked = ((w >> (offs_n % 32)[None, :]) & 1) != 0
+            # a block is 32 keys from a multiple of 32: one word per query row holds its bits
+            w = tl.load(BITS + bits_row + start_n // 32, mask=m_ok, other=0)
+            blocked = ((w[:, None] >> tl.arange(0, BLOCK_N)[None, :]) & 1) != 0
             # added, not substituted, as the models' -inf mask: a NaN or +Inf score of a blocked key stays NaN
             s += tl.where(blocked, float("-inf"), 0.0)
         v = tl.load(V + offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :],
@@ -219,11 +220,27 @@ def masked_attention_config(B: int, H: int, Lq: int, Lk: int, D: int, dtype_byte
         num_warps, num_stages = (8, 2) if (wide or block_m == 128) else (4, 3)
     programs = triton.cdiv(Lq, block_m) * B * H
     key_blocks = triton.cdiv(Lk, block_n)
-    splits = max(1, min(triton.cdiv(sms, programs), key_blocks // SPLIT_MIN_BLOCKS))
+    # at most one program per SM: a second one on some SMs would double the time of the launch
+    splits = max(1, min(sms // programs, key_blocks // SPLIT_MIN_BLOCKS))
     if splits > 1:  # equal chunks of whole blocks; no split left empty
         chunk = triton.cdiv(key_blocks, splits)
         splits = triton.cdiv(key_blocks, chunk)
     return block_m, block_n, num_warps, num_stages, splits
+
+
+_SMS: dict = {}
+
+
+def sm_count(device) -> int:
+    """The SMs of a CUDA device (132 on an H100 SXM or H200, 114 on an H100 PCIe); 132 elsewhere
+    (the interpreter, meta tensors)."""
+    if device.type != "cuda":
+        return 132
+    if device.index not in _SMS:
+        import torch
+
+        _SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SMS[device.index]
 
 
 def split_keys(Lk: int, block_n: int, splits: int) -> int:
@@ -252,9 +269,9 @@ def masked_attention_fwd(q, k, v, mask_logits, scale, out, interpret=False, spli
         _masked_attention_pack_kernel[(B * Lq,)](
             mask_logits, bits, mask_logits.stride(0), mask_logits.stride(1), Lq, Lk, words, BLOCK=PACK_BLOCK,
         )
-    config = masked_attention_config(B, H, Lq, Lk, D, q.element_size())
+    config = masked_attention_config(B, H, Lq, Lk, D, q.element_size(), sm_count(q.device))
     block_m, block_n, num_warps, num_stages, n_splits = config
-    if splits is not None:
+    if splits is not None and Lk:
         n_splits = triton.cdiv(Lk, split_keys(Lk, block_n, splits))
     block_d = max(16, triton.next_power_of_2(D))
     rows = B * H * Lq
@@ -303,7 +320,9 @@ def compile_configs():
             launches.add((masked_attention_config(1, 16, 100, 100, d, nbytes), False))
             for (block_m, block_n, num_warps, num_stages, splits), mask in sorted(launches):
                 signature = {name: f"*{dtype}" for name in ("Q", "K", "V", "O")}
-                signature.update(BITS="*i32", PO="*fp32", PML="*fp32")
+                # what the launcher passes: q in place of the bits and partials it does not make
+                signature.update(BITS="*i32" if mask else f"*{dtype}",
+                                 **{n: "*fp32" if splits > 1 else f"*{dtype}" for n in ("PO", "PML")})
                 signature.update({f"stride_{t}{s}": "i32" for t in "qkvo" for s in "bnh"})
                 signature.update(H="i32", LQ="i32", LK="i32", WORDS="i32", SPLITS="i32", SPLIT_KEYS="i32",
                                  ROWS="i32", qk_scale="fp32")
