@@ -15,6 +15,7 @@ from helpers import (
 )
 
 from fastdino import _ext
+from fastdino.kernels import dwconv_layer_norm as k_dwconv
 from fastdino.ops import dwconv_layer_norm, dwconv_layer_norm_ref
 from fastdino.ops._dispatch import Like
 from fastdino.ops.dwconv_layer_norm import OP, dwconv_layer_norm_triton, reasons
@@ -127,6 +128,39 @@ def test_strided_views_read_in_place(backend):
         z = dwconv_layer_norm(view, weight, bias, nw, nb, backend=backend)
         torch.testing.assert_close(z, dwconv_layer_norm_ref(view.contiguous(), weight, bias, nw, nb, 1e-6),
                                    atol=1e-5, rtol=1e-5)
+
+
+# -- the Triton launcher's transposed weight ------------------------------------------------------
+
+
+def triton_vs_ref(x, weight, bias, nw, nb):
+    z = dwconv_layer_norm(x, weight, bias, nw, nb, backend="triton")
+    torch.testing.assert_close(z, dwconv_layer_norm_ref(x, weight, bias, nw, nb, 1e-6), atol=1e-5, rtol=1e-5)
+    return z
+
+
+def test_triton_sees_every_weight_update():
+    """The kernel reads the weight transposed: every way a model's weight changes is seen, a write
+    through `.data` (an EMA teacher's update, invisible to the version counter) included."""
+    x, w1, bias, nw, nb = make_inputs(1, 97, 13, 13, channels_last=True)
+    w2 = torch.randn_like(w1) / 7
+    z1 = triton_vs_ref(x, w1, bias, nw, nb)
+    with torch.no_grad():
+        w1.mul_(2)
+    assert not torch.allclose(triton_vs_ref(x, w1, bias, nw, nb), z1)
+    z1 = triton_vs_ref(x, w1, bias, nw, nb)
+    w1.data.mul_(0.5)  # the version counter does not move
+    assert not torch.allclose(triton_vs_ref(x, w1, bias, nw, nb), z1)
+    with torch.inference_mode():
+        w1[5].neg_()  # through a view, in inference mode
+    z2 = triton_vs_ref(x, w2, bias, nw, nb)
+    triton_vs_ref(x, w1, bias, nw, nb)
+    torch.testing.assert_close(triton_vs_ref(x, w2, bias, nw, nb), z2, atol=0, rtol=0)
+    w = torch.nn.Parameter(w1.clone(), requires_grad=False)
+    w.data = torch.randn_like(w1)  # a new storage
+    triton_vs_ref(x, w, bias, nw, nb)
+    wt = k_dwconv.transposed_weight(w)
+    assert wt.is_contiguous() and torch.equal(wt, w.reshape(97, 49).t())
 
 
 # -- dispatch and bad input ------------------------------------------------------------------------

@@ -10,10 +10,14 @@
 // loads per output instead of 98). The conv outputs, rounded to T, collect in shared memory
 // ((TH * kTW, C) floats); then one warp per pixel takes fp32 statistics over its channels and
 // writes the pixel's C tokens, coalesced. TH shrinks as C grows so that the outputs fit in 64 KB
-// (C <= 2048). Tile sizes are set by design, not yet tuned on a GPU.
+// (C <= 2048); it is a template parameter (8, 4, 2, 1, picked on the host), so the window's
+// extents and the chunk width are constants and the staging loop's divisions compile to
+// multiplies and shifts. Tile sizes are set by design, not yet tuned on a GPU.
 // The window is loaded in the order of x's fastest dim (channels for channels-last, width for
 // NCHW) so that global reads coalesce either way; shared memory holds it channel-fastest, so the
-// conv's threads (consecutive channels) read consecutive banks.
+// conv's threads (consecutive channels) read consecutive banks. Its pixel stride is CC + 1 words,
+// not CC (a multiple of 32): NCHW staging has consecutive threads on consecutive pixels, which a
+// stride of CC would put on one bank (a 32-way conflict per store).
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -33,20 +37,81 @@ constexpr int kMaxTileBytes = 64 * 1024;  // conv outputs of one tile
 constexpr int kMaxC = kMaxTileBytes / (kTW * 4);
 
 struct Geometry {
-  int C, H, W, TH, CC, tiles_h, tiles_w;  // CC: channels per chunk, kThreads / TH
+  int C, H, W, tiles_h, tiles_w;
   int64_t sb, sc, sh, sw;  // x's strides
   bool channels_fastest;   // x's fastest dim is C (channels-last)
 };
 
-template <typename T>
+// Shared-memory extents of a tile TH pixels high, in floats.
+template <int TH>
+struct Tile {
+  static constexpr int CC = kThreads / TH;   // channels per chunk: one (row, channel) item per thread
+  static constexpr int CS = CC + 1;          // the window's pixel stride (padded, see the header)
+  static constexpr int HH = TH + K - 1;      // window rows
+  static constexpr int HW = kTW + K - 1;     // window columns
+  static constexpr int P = TH * kTW;         // output pixels
+  static constexpr int kWindow = HH * HW * CS;
+  static constexpr int kWeights = CC * K * K;
+};
+
+// Loads in flight per thread while staging: a divisor of the staging iterations (no idle tail).
+constexpr int loads_in_flight(int iters) {
+  return iters % 8 == 0 ? 8 : iters % 7 == 0 ? 7 : iters % 6 == 0 ? 6 : iters % 5 == 0 ? 5 : 4;
+}
+
+// Stages channels [c0, c0 + cc) of the tile's input window, zero outside the image: every
+// (py, px, c) of the chunk once, the channels >= cc (only in the last chunk) skipped. Extents are
+// constants, so the index math is multiplies and shifts. Each thread issues U predicated loads
+// before it stores any: one load in flight per thread cannot cover DRAM latency with a few CTAs.
+template <typename T, int TH, bool kChannelsFastest>
+__device__ __forceinline__ void stage_window(const T* __restrict__ xb, float* __restrict__ win, const Geometry& g,
+                                             int h0, int w0, int c0, int cc) {
+  using Tl = Tile<TH>;
+  constexpr int CC = Tl::CC, CS = Tl::CS, HH = Tl::HH, HW = Tl::HW;
+  constexpr int N = HH * HW * CC, kIters = (N + kThreads - 1) / kThreads, U = loads_in_flight(kIters);
+  static_assert(kIters % U == 0, "whole groups of loads");
+#pragma unroll 1
+  for (int k0 = 0; k0 < kIters; k0 += U) {
+    float v[U];
+    int dst[U];  // the value's place in win, -1: nothing to store
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int i = threadIdx.x + (k0 + u) * kThreads;
+      int c, py, px;
+      if (kChannelsFastest) {  // i = (py * HW + px) * CC + c: a warp reads 32 channels of one pixel
+        c = i % CC;
+        px = (i / CC) % HW;
+        py = i / (CC * HW);
+      } else {  // i = (c * HH + py) * HW + px: a warp reads along rows of one channel
+        px = i % HW;
+        py = (i / HW) % HH;
+        c = i / (HW * HH);
+      }
+      const bool used = i < N && c < cc;
+      const int gy = h0 + py - K / 2, gx = w0 + px - K / 2;
+      const bool inside = used && gy >= 0 && gy < g.H && gx >= 0 && gx < g.W;
+      v[u] = inside ? static_cast<float>(xb[(c0 + c) * g.sc + gy * g.sh + gx * g.sw]) : 0.f;
+      dst[u] = used ? (py * HW + px) * CS + c : -1;
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (dst[u] >= 0) win[dst[u]] = v[u];
+    }
+  }
+}
+
+template <typename T, int TH>
 __global__ void __launch_bounds__(kThreads) dwconv_layer_norm_kernel(
     const T* __restrict__ x, const T* __restrict__ weight, const T* __restrict__ bias,
     const T* __restrict__ norm_weight, const T* __restrict__ norm_bias, T* __restrict__ z, Geometry g, float eps) {
+  using Tl = Tile<TH>;
+  constexpr int CC = Tl::CC, CS = Tl::CS, HW = Tl::HW, P = Tl::P;
+  static_assert(CC * TH == kThreads && CC % 32 == 0, "a chunk is whole warps of channels");
   extern __shared__ float smem[];
-  const int TH = g.TH, CC = g.CC, HH = TH + K - 1, HW = kTW + K - 1, P = TH * kTW, C = g.C;
-  float* ys = smem;               // (P, C) conv outputs, rounded to T
-  float* win = ys + P * C;        // (HH, HW, CC) input window of one chunk
-  float* wts = win + HH * HW * CC;  // (CC, K * K) weights of one chunk
+  const int C = g.C;
+  float* ys = smem;                 // (P, C) conv outputs, rounded to T
+  float* win = ys + P * C;          // (HH, HW, CS) input window of one chunk, channels [0, CC) used
+  float* wts = win + Tl::kWindow;   // (CC, K * K) weights of one chunk
 
   int64_t t = blockIdx.x;
   const int tw = static_cast<int>(t % g.tiles_w);
@@ -57,44 +122,30 @@ __global__ void __launch_bounds__(kThreads) dwconv_layer_norm_kernel(
   const T* xb = x + b * g.sb;
 
   for (int c0 = 0; c0 < C; c0 += CC) {
-    const int cc = min(CC, C - c0);
+    const int cc = min(CC, C - c0);  // CC except in the last chunk
     __syncthreads();  // the previous chunk's readers are done with win and wts
-    const int n = HH * HW * cc;
-    for (int i = threadIdx.x; i < n; i += kThreads) {
-      int c, py, px;
-      if (g.channels_fastest) {
-        c = i % cc;
-        px = (i / cc) % HW;
-        py = i / (cc * HW);
-      } else {
-        px = i % HW;
-        py = (i / HW) % HH;
-        c = i / (HW * HH);
-      }
-      const int gy = h0 + py - K / 2, gx = w0 + px - K / 2;
-      float v = 0.f;
-      if (gy >= 0 && gy < g.H && gx >= 0 && gx < g.W) {
-        v = static_cast<float>(xb[(c0 + c) * g.sc + gy * g.sh + gx * g.sw]);
-      }
-      win[(py * HW + px) * CC + c] = v;
+    if (g.channels_fastest) {
+      stage_window<T, TH, true>(xb, win, g, h0, w0, c0, cc);
+    } else {
+      stage_window<T, TH, false>(xb, win, g, h0, w0, c0, cc);
     }
     for (int i = threadIdx.x; i < cc * K * K; i += kThreads) {
       wts[i] = static_cast<float>(weight[static_cast<int64_t>(c0) * K * K + i]);
     }
     __syncthreads();
     const int c = threadIdx.x % CC, py = threadIdx.x / CC;  // this thread's channel and tile row
-    if (c < cc && py < TH) {
-      const float* wc = wts + c * K * K;
+    if (c < cc) {
+      const float* wc = wts + c * K * K;  // a warp reads 32 channels 49 words apart: 49 odd, no conflict
       const float b0 = bias != nullptr ? static_cast<float>(bias[c0 + c]) : 0.f;
       float acc[kTW];
 #pragma unroll
       for (int px = 0; px < kTW; ++px) acc[px] = b0;
 #pragma unroll
       for (int dy = 0; dy < K; ++dy) {
-        float row[kTW + K - 1];
-        const float* wr = win + (py + dy) * HW * CC + c;
+        float row[HW];
+        const float* wr = win + (py + dy) * HW * CS + c;
 #pragma unroll
-        for (int j = 0; j < kTW + K - 1; ++j) row[j] = wr[j * CC];
+        for (int j = 0; j < HW; ++j) row[j] = wr[j * CS];
 #pragma unroll
         for (int dx = 0; dx < K; ++dx) {
           const float w = wc[dy * K + dx];
@@ -138,8 +189,39 @@ int tile_height(int C) {
   return th;
 }
 
-size_t smem_bytes(int C, int TH, int CC) {
-  return sizeof(float) * (static_cast<size_t>(TH) * kTW * C + (TH + K - 1) * (kTW + K - 1) * CC + CC * K * K);
+template <int TH>
+size_t smem_bytes(int C) {
+  using Tl = Tile<TH>;
+  return sizeof(float) * (static_cast<size_t>(Tl::P) * C + Tl::kWindow + Tl::kWeights);
+}
+
+template <typename T, int TH>
+void launch(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+            const at::Tensor& norm_weight, const at::Tensor& norm_bias, at::Tensor& z, Geometry g, float eps) {
+  g.tiles_h = (g.H + TH - 1) / TH;
+  const int64_t blocks = x.size(0) * g.tiles_h * g.tiles_w;
+  TORCH_CHECK(blocks <= INT32_MAX, "dwconv_layer_norm: too many tiles (", num(blocks), ")");
+  // at most 211 KB (TH 1, C 2048: 64 KB of outputs, a 7 x 14 x 257 window, 256 x 49 weights)
+  const size_t smem = smem_bytes<TH>(g.C);
+  auto kernel = dwconv_layer_norm_kernel<T, TH>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  auto stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(
+      x.const_data_ptr<T>(), weight.const_data_ptr<T>(), bias.has_value() ? bias->const_data_ptr<T>() : nullptr,
+      norm_weight.const_data_ptr<T>(), norm_bias.const_data_ptr<T>(), z.mutable_data_ptr<T>(), g, eps);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void launch_tile(int TH, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                 const at::Tensor& norm_weight, const at::Tensor& norm_bias, at::Tensor& z, const Geometry& g,
+                 float eps) {
+  switch (TH) {
+    case 8: return launch<T, 8>(x, weight, bias, norm_weight, norm_bias, z, g, eps);
+    case 4: return launch<T, 4>(x, weight, bias, norm_weight, norm_bias, z, g, eps);
+    case 2: return launch<T, 2>(x, weight, bias, norm_weight, norm_bias, z, g, eps);
+    default: return launch<T, 1>(x, weight, bias, norm_weight, norm_bias, z, g, eps);
+  }
 }
 
 at::Tensor dwconv_layer_norm_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -155,28 +237,21 @@ at::Tensor dwconv_layer_norm_cuda(const at::Tensor& x, const at::Tensor& weight,
   g.W = static_cast<int>(x.size(3));
   auto z = at::empty({B, g.H, g.W, g.C}, x.options().memory_format(at::MemoryFormat::Contiguous));
   if (z.numel() == 0) return z;
-  g.TH = tile_height(g.C);
-  g.CC = kThreads / g.TH;
-  g.tiles_h = (g.H + g.TH - 1) / g.TH;
   g.tiles_w = (g.W + kTW - 1) / kTW;
   g.sb = x.stride(0);
   g.sc = x.stride(1);
   g.sh = x.stride(2);
   g.sw = x.stride(3);
   g.channels_fastest = g.sc == 1 && g.C > 1;
-  const int64_t blocks = B * g.tiles_h * g.tiles_w;
-  TORCH_CHECK(blocks <= INT32_MAX, "dwconv_layer_norm: too many tiles (", num(blocks), ")");
-  const size_t smem = smem_bytes(g.C, g.TH, g.CC);
-  auto stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dwconv_layer_norm_cuda", [&] {
-    auto kernel = dwconv_layer_norm_kernel<scalar_t>;
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(
-        x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
-        bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr, norm_weight.const_data_ptr<scalar_t>(),
-        norm_bias.const_data_ptr<scalar_t>(), z.mutable_data_ptr<scalar_t>(), g, static_cast<float>(eps));
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int TH = tile_height(g.C);
+  const float e = static_cast<float>(eps);
+  // float, half and bfloat16 (check_dwconv_layer_norm_args refuses the rest): no double kernels
+  AT_DISPATCH_SWITCH(
+      x.scalar_type(), "dwconv_layer_norm_cuda",
+      AT_DISPATCH_CASE(at::kFloat, [&] { launch_tile<scalar_t>(TH, x, weight, bias, norm_weight, norm_bias, z, g, e); })
+      AT_DISPATCH_CASE(at::kHalf, [&] { launch_tile<scalar_t>(TH, x, weight, bias, norm_weight, norm_bias, z, g, e); })
+      AT_DISPATCH_CASE(at::kBFloat16,
+                       [&] { launch_tile<scalar_t>(TH, x, weight, bias, norm_weight, norm_bias, z, g, e); }));
   return z;
 }
 

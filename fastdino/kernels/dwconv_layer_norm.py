@@ -7,6 +7,12 @@ read through its strides, so NCHW and channels-last tensors take the same kernel
 of a row tile is re-read by its neighbours through L1/L2 (Triton has no explicit shared memory;
 the CUDA kernel stages its halo there). C is capped at MAX_C: beyond it a pixel's channels no
 longer fit in one program's registers (checked by the sm_90 compile test).
+
+The kernel reads the conv weight transposed, (K * K, C) contiguous, so that each tap's load is one
+coalesced vector of channels; the (C, 1, K, K) layout makes it a gather K * K elements apart, one
+sector per channel: from C = 256 on, more sectors than the input's own loads (bf16). The launcher
+makes the transposed copy on every call (`transposed_weight`): one small extra launch, against a
+gather that grows with the batch.
 """
 
 import triton
@@ -19,7 +25,7 @@ K_SUPPORTED = 7  # ConvNeXt's depthwise kernel; the conv is unrolled over K * K 
 @triton.jit
 def _dwconv_layer_norm_fwd_kernel(
     X,  # (B, C, H, W), any strides (NCHW or channels-last)
-    WC,  # (C, 1, K, K) contiguous conv weight
+    WT,  # (K * K, C) contiguous: the conv weight transposed
     BC,  # (C,) conv bias; unused when HAS_BIAS is False
     NW,  # (C,) LayerNorm weight
     NB,  # (C,) LayerNorm bias
@@ -61,7 +67,7 @@ def _dwconv_layer_norm_fwd_kernel(
             ww = w_in + dx
             m = row_ok & (ww >= 0) & (ww < W)
             xv = tl.load(xr + ww.to(tl.int64) * sxw, mask=m, other=0.0).to(tl.float32)
-            wv = tl.load(WC + c * (K * K) + (dy * K + dx), mask=c_ok, other=0.0).to(tl.float32)
+            wv = tl.load(WT + (dy * K + dx) * C + c, mask=c_ok, other=0.0).to(tl.float32)
             acc += xv * wv
     if HAS_BIAS:
         acc += tl.load(BC + c, mask=c_ok, other=0.0).to(tl.float32)
@@ -80,7 +86,8 @@ def _dwconv_layer_norm_fwd_kernel(
 # BLOCK_C -> (BLOCK_W, num_warps): 2048 fp32 accumulators per program, the largest tile that
 # compiles for sm_90 without spilled registers in all three dtypes with triton 3.6 and 3.9 (ptxas
 # spills some neighbouring shapes, e.g. BLOCK_C 256 with 8 pixels on 8 warps in fp16, and every
-# BLOCK_C 4096 tile with 3.6; tests/sm90_compile.py checks these).
+# BLOCK_C 4096 tile with 3.6; tests/sm90_compile.py checks these). With the transposed weight, triton
+# 3.9: 100-206 registers, none spilled (fewer than with the (C, 1, K, K) gather for BLOCK_C >= 64).
 TILES = {16: (32, 2), 32: (32, 4), 64: (32, 8), 128: (16, 8), 256: (8, 4), 512: (4, 4), 1024: (2, 8),
          2048: (1, 8)}
 
@@ -89,6 +96,14 @@ def dwconv_layer_norm_config(C: int) -> tuple[int, int, int]:
     """(BLOCK_C, BLOCK_W, num_warps) for C channels."""
     block_c = max(triton.next_power_of_2(C), 16)
     return (block_c, *TILES[block_c])
+
+
+def transposed_weight(weight):
+    """weight (C, 1, K, K) as (K * K, C) contiguous, copied on every call: C * K * K elements, one
+    small launch. A copy kept across calls would go stale unseen where the weight is written through
+    `.data` (an EMA teacher's update), which leaves the version counter unchanged."""
+    C, taps = weight.shape[0], weight.shape[2] * weight.shape[3]
+    return weight.detach().reshape(C, taps).t().contiguous()
 
 
 def dwconv_layer_norm_fwd(x, weight, bias, norm_weight, norm_bias, eps, z):
@@ -100,8 +115,9 @@ def dwconv_layer_norm_fwd(x, weight, bias, norm_weight, norm_bias, eps, z):
     block_c, block_w, num_warps = dwconv_layer_norm_config(C)
     tiles_w = triton.cdiv(W, block_w)
     grid = (B * H * tiles_w,)
+    wt = transposed_weight(weight)
     _dwconv_layer_norm_fwd_kernel[grid](
-        x, weight, bias if bias is not None else norm_bias, norm_weight, norm_bias, z, C, H, W,
+        x, wt, bias if bias is not None else norm_bias, norm_weight, norm_bias, z, C, H, W,
         *x.stride(), tiles_w, eps,
         HAS_BIAS=bias is not None, K=weight.shape[-1], BLOCK_W=block_w, BLOCK_C=block_c, num_warps=num_warps,
     )
@@ -113,7 +129,7 @@ def compile_configs():
     for block_c, (block_w, num_warps) in TILES.items():
         for dtype in ("fp32", "fp16", "bf16"):
             for has_bias in (True, False):
-                signature = {n: f"*{dtype}" for n in ("X", "WC", "BC", "NW", "NB", "Z")}
+                signature = {n: f"*{dtype}" for n in ("X", "WT", "BC", "NW", "NB", "Z")}
                 signature.update({n: "i32" for n in ("C", "H", "W", "sxb", "sxc", "sxh", "sxw", "tiles_w")})
                 signature.update(eps="fp32", HAS_BIAS="constexpr", K="constexpr", BLOCK_W="constexpr",
                                  BLOCK_C="constexpr")
