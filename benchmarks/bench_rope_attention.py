@@ -79,6 +79,50 @@ def test_bench_rope_attention(benchmark, B, H, N, D, provider):
         benchmark.extra_info.update(ms=ms, metric="TFLOP/s", value=4 * B * H * N * N * D / ms / 1e9)
 
 
+# The projection in front, for the RoPE epilogue (fused_linear with cos/sin): from the block's
+# normed input x (B, N, C) to the attention's output, the qkv GEMM included in every provider.
+PROJECTION_PROVIDERS = providers(["linear+sdpa+rope", "linear+sdpa", "linear+cuda", "epilogue+sdpa"] if CUDA
+                                 else ["linear+sdpa+rope", "linear+cpu"])
+
+
+@pytest.mark.benchmark(timer=cuda_timer)
+@pytest.mark.parametrize("provider", PROJECTION_PROVIDERS)
+@pytest.mark.parametrize("B,H,N,D", SHAPES, ids=lambda v: str(v))
+def test_bench_rope_attention_projection(benchmark, B, H, N, D, provider):
+    """- ``linear+sdpa+rope``: F.linear (cuBLAS), then the official path; ``linear+sdpa``: without
+    RoPE (the bar); ``linear+cuda``: F.linear, then rope_attention's C++ form (a rotation pass, then
+    SDPA); ``epilogue+sdpa``: fused_linear's Triton GEMM rotating q and k in its epilogue, then SDPA
+    on them as they are. TFLOP/s counts the GEMM and the two attention matmuls."""
+    from fastdino.ops.fused_linear import fused_linear
+
+    device, dtype = bench_device(provider.split("+")[-1])
+    C = H * D
+    x = torch.randn(B, N, C, device=device, dtype=dtype)
+    w = (torch.randn(3 * C, C, device=device) / C**0.5).to(dtype)
+    bias = torch.randn(3 * C, device=device, dtype=dtype)
+    _, cos, sin = inputs(1, 1, 1, D, N - PREFIX, device, dtype)
+
+    def attend(qkv, rope, backend=None):
+        qkv = qkv.view(B, N, 3, H, D)
+        if backend is None:
+            return official(qkv, cos, sin, rope=rope)
+        return rope_attention(*qkv.unbind(2), cos, sin, backend=backend).reshape(B, N, C)
+
+    if provider == "epilogue+sdpa":
+        fn = lambda: attend(fused_linear(x, w, bias, cos=cos, sin=sin, rope_cols=2 * C, backend="triton"),  # noqa: E731
+                            rope=False)
+    else:
+        backend = None if "sdpa" in provider else provider.split("+")[-1]
+        fn = lambda: attend(F.linear(x, w, bias), rope="rope" in provider, backend=backend)  # noqa: E731
+    benchmark.group = f"rope_attention+qkv B={B} H={H} N={N} D={D} {dtype}"
+    benchmark.extra_info.update(op="rope_attention+qkv", shape=f"B={B} H={H} N={N} D={D}", dtype=str(dtype),
+                                provider=provider, baselines=["linear+sdpa+rope", "linear+sdpa"])
+    ms = bench_ms(benchmark, fn)
+    if ms:
+        flops = 2 * B * N * C * 3 * C + 4 * B * H * N * N * D
+        benchmark.extra_info.update(ms=ms, metric="TFLOP/s", value=flops / ms / 1e9)
+
+
 # (B, H, queries, HW): EoMT-DINOv3 S (6 heads) and L (16 heads) at 640^2, 200 queries
 EOMT_SHAPES = [(1, 6, 200, 1600), (1, 16, 200, 1600)] if CUDA else [(1, 6, 20, 64)]
 EOMT_PROVIDERS = providers(["sdpa+dense", "flex", "triton", "cuda"] if CUDA else ["sdpa+dense", "cpu"])

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from helpers import ATOL, DEVICE, DTYPES, assert_close_to_ref, quick_cases, requires_ext
 
 from fastdino.ops.fused_linear import OP, fused_linear, fused_linear_ref, reasons
+from fastdino.ops.rope_attention import rope_attention_ref, rope_ref
 
 # (M, K, N): DINOv3 MLPs (ViT-S fc1 384 -> 1536, ViT-L fc2 4096 -> 1024, S+ SwiGLU 384 -> 1024 hidden)
 # at a few tokens, and odd sizes that exercise every mask.
@@ -151,3 +152,86 @@ def test_fused_linear_opcheck_triton():
 def test_fused_linear_opcheck_cpp(variant):
     args = make_inputs(5, 32, 16, *VARIANTS[variant], torch.float32)
     torch.library.opcheck(torch.ops.fastdino.fused_linear.default, args)
+
+
+# -- the RoPE epilogue: attention's q/k projection with DINOv3's RoPE ----------------------------------
+
+# (B, N tokens, K, heads, D, HW rotated tokens, rotated heads of q/k/v): dinov3's fused qkv (q and k of
+# three parts), transformers' q_proj (every column), 1 and 5 prefix tokens (cls, registers), none.
+ROPE_SHAPES = [(2, 37, 48, 3, 64, 36, 6), (1, 21, 32, 2, 16, 16, 2), (1, 9, 40, 1, 128, 4, 1),
+               (3, 5, 24, 2, 32, 5, 4)]
+
+
+def rope_inputs(B, N, K, H, D, HW, dtype, table_dtype=torch.float32):
+    x = torch.randn(B, N, K, device=DEVICE, dtype=dtype)
+    w = (torch.randn(3 * H * D, K, device=DEVICE) / K**0.5).to(dtype)
+    b = torch.randn(3 * H * D, device=DEVICE, dtype=dtype)
+    angle = torch.rand(HW, D // 2, device=DEVICE) * 6.3
+    cos, sin = (torch.cat((t, t), -1).to(table_dtype) for t in (angle.cos(), angle.sin()))
+    return x, w, b, cos, sin
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("shape", ROPE_SHAPES, ids=str)
+def test_fused_linear_triton_rope_matches_ref(shape, dtype):
+    B, N, K, H, D, HW, heads = shape
+    x, w, b, cos, sin = rope_inputs(B, N, K, H, D, HW, dtype)
+    out = fused_linear(x, w, b, cos=cos, sin=sin, rope_cols=heads * D, backend="triton")
+    exact = fused_linear_ref(x.double(), w.double(), b.double(), cos=cos.double(), sin=sin.double(),
+                             rope_cols=heads * D)
+    y = F.linear(x, w, b)  # the model: the projection in its dtype, then rope on q and k
+    unfused = torch.cat((rope_ref(y[..., :heads * D].view(B, N, heads, D), cos, sin).view(B, N, -1),
+                         y[..., heads * D:]), -1)
+    assert_close_to_ref(f"triton rope {shape} {dtype}", out, exact, unfused, ATOL[dtype] * K**0.5)
+
+
+def test_fused_linear_rope_then_sdpa_is_rope_attention():
+    """What the epilogue is for: q and k leave the projection rotated, and plain SDPA on them is
+    rope_attention on the unrotated projections (tables in the activation dtype, as transformers')."""
+    B, N, K, H, D, HW = 2, 21, 32, 2, 64, 16
+    x, w, b, cos, sin = rope_inputs(B, N, K, H, D, HW, torch.float32, torch.float32)
+    qkv = fused_linear(x, w, b, cos=cos, sin=sin, rope_cols=2 * H * D, backend="triton")
+    q, k, v = qkv.view(B, N, 3, H, D).unbind(2)
+    out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+    q0, k0, v0 = F.linear(x, w, b).view(B, N, 3, H, D).unbind(2)
+    torch.testing.assert_close(out, rope_attention_ref(q0, k0, v0, cos, sin), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(sin=None), "cos and sin must be given together"),
+        (dict(act="gelu"), "act and residual must be None"),
+        (dict(rope_cols=96), "rope_cols must be whole heads of D=64"),
+        (dict(rope_cols=3 * 128 + 64), "rope_cols must be whole heads"),
+        (dict(cos=torch.ones(40, 64)), r"cos must be \(HW, D\) with HW <= N=37"),
+        (dict(cos=torch.ones(36, 63), sin=torch.ones(36, 63)), "D even"),
+        (dict(x2d=True), r"x must be \(B, N, K\) tokens"),
+    ],
+    ids=["sin", "act", "partial-head", "past-N", "HW", "odd-D", "x-2d"],
+)
+def test_fused_linear_rope_bad_arguments_are_named(kwargs, match):
+    x, w, b, cos, sin = rope_inputs(2, 37, 48, 2, 64, 36, torch.float32)
+    args = dict(cos=cos, sin=sin, rope_cols=128)
+    if kwargs.pop("x2d", False):
+        x = x[0]
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        fused_linear(x, w, b, **args)
+
+
+def test_fused_linear_rope_runs_on_triton_only():
+    x, w, b, cos, sin = rope_inputs(1, 9, 32, 1, 48, 8, torch.float32)
+    args = (x, w, b, None, None, None, None, None, cos, sin, 48)
+    assert reasons("cpu", *args)[-1] == "the RoPE epilogue is in the Triton kernel only"
+    assert "cos has head dim 48" in " ".join(reasons("triton", *args))
+    assert OP.pick(*args)[0] == "ref"
+    with pytest.raises(ValueError, match="the RoPE epilogue is in the Triton kernel only"):
+        fused_linear(x, w, b, cos=cos, sin=sin, backend="cpu")
+
+
+def test_fused_linear_opcheck_triton_rope():
+    from fastdino.ops.fused_linear import fused_linear_triton
+
+    x, w, b, cos, sin = rope_inputs(2, 9, 32, 1, 16, 8, torch.float32)
+    torch.library.opcheck(fused_linear_triton, (x, w, b, None, None, None, None, None, cos, sin, 32))

@@ -4,6 +4,14 @@
     act="gelu"    y = gelu(x @ W^T + b)                       exact (erf) GELU, as nn.GELU()
     act="swiglu"  y = silu(x @ W^T + b) * (x @ W2^T + b2)      SwiGLU's two input projections
     residual=r    y = r + gamma * y                           fc2 + LayerScale + residual add
+    cos, sin      y[..., :rope_cols] = rope(y[..., :rope_cols])  attention's q/k projection with
+                                                               DINOv3's RoPE (act and residual None)
+
+The RoPE epilogue takes x as (B, N, K) tokens and cos/sin as the model's (HW, D) tables: the output's
+first rope_cols columns (default all; for a fused qkv projection the 2C of q and k) are heads of D
+columns, each rotated on the trailing HW tokens of its image exactly as rope_attention's `rope_ref`
+rotates q and k (the projection's output rounded, then rotated in fp32 and rounded once), so the
+attention can then run on them as they are: F.scaled_dot_product_attention with no extra pass.
 
 Replaces, in DINOv3 MLPs, fc1 + GELU (Mlp, HF DINOv3ViTMLP), w1/w2 + silu * (SwiGLUFFN, HF
 DINOv3ViTGatedMLP gate/up) and fc2 + LayerScale + residual; the weights are the modules' own
@@ -41,14 +49,23 @@ from torch import Tensor
 
 from .. import _ext
 from ..kernels import tiled_reasons
-from ..kernels.fused_linear import ACTS, fused_linear_fwd
+from ..kernels.fused_linear import ACTS, ROPE_HEAD_DIMS, fused_linear_fwd
 from ._dispatch import Like, Op, kernel_reasons, layout_reasons, sample_generator, sample_tensor
+from .rope_attention import rope_ref
 
 PRIORITY = {"cuda": ("ref",), "cpu": ("ref",)}  # unmeasured kernel: see the module docstring
 
 
-def fused_linear_ref(x, weight, bias=None, act=None, weight2=None, bias2=None, residual=None, gamma=None):
-    """Reference (and fallback): the unfused PyTorch ops, in fp32, rounded once to x.dtype."""
+def fused_linear_ref(x, weight, bias=None, act=None, weight2=None, bias2=None, residual=None, gamma=None,
+                     cos=None, sin=None, rope_cols=None):
+    """Reference (and fallback): the unfused PyTorch ops, in fp32, rounded once to x.dtype; with
+    cos/sin, the projection rounded, then rope_ref on its first rope_cols columns."""
+    if cos is not None:
+        y = F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+        cols = y.shape[-1] if rope_cols is None else rope_cols
+        B, N, D = y.shape[0], y.shape[1], cos.shape[1]
+        turned = rope_ref(y[..., :cols].reshape(B, N, cols // D, D), cos, sin).reshape(B, N, cols)
+        return torch.cat((turned, y[..., cols:]), dim=-1)
     y = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
     if act == "gelu":  # F.gelu's formula, written out: its CPU vector path gives NaN at +Inf
         y = 0.5 * y * (1.0 + torch.erf(y * 0.7071067811865476))
@@ -59,7 +76,8 @@ def fused_linear_ref(x, weight, bias=None, act=None, weight2=None, bias2=None, r
     return y.to(x.dtype)
 
 
-def check(x, weight, bias=None, act=None, weight2=None, bias2=None, residual=None, gamma=None):
+def check(x, weight, bias=None, act=None, weight2=None, bias2=None, residual=None, gamma=None, cos=None,
+          sin=None, rope_cols=None):
     """Shape, device and argument errors of every backend (ValueError naming the argument)."""
     if act not in ACTS:
         raise ValueError(f"fused_linear: act must be one of {list(ACTS)}, got {act!r}")
@@ -86,18 +104,53 @@ def check(x, weight, bias=None, act=None, weight2=None, bias2=None, residual=Non
         raise ValueError(f"fused_linear: residual must have shape {(*shape[:-1], N)}, "
                          f"got {tuple(residual.shape)}")
     for name, t in (("weight", weight), ("bias", bias), ("weight2", weight2), ("bias2", bias2),
-                    ("residual", residual), ("gamma", gamma)):
+                    ("residual", residual), ("gamma", gamma), ("cos", cos), ("sin", sin)):
         if t is not None and t.device != device:
             raise ValueError(f"fused_linear: {name} is on {t.device} but x is on {device}")
+    if cos is not None or sin is not None or rope_cols is not None:
+        check_rope(shape, N, act, residual, cos, sin, rope_cols)
 
 
-def reasons(backend, x, weight, bias=None, act=None, weight2=None, bias2=None, residual=None, gamma=None):
+def check_rope(shape, N, act, residual, cos, sin, rope_cols):
+    """The RoPE epilogue's arguments: tables (HW, D) for x (B, N, K) tokens, whole heads rotated."""
+    if cos is None or sin is None:
+        raise ValueError("fused_linear: cos and sin must be given together (rope_cols only with them)")
+    if act is not None or residual is not None:
+        raise ValueError("fused_linear: the RoPE epilogue follows a plain projection: act and residual "
+                         "must be None")
+    if len(shape) != 3:
+        raise ValueError(f"fused_linear: with cos/sin x must be (B, N, K) tokens, got shape {tuple(shape)}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dim() != 2 or t.shape[0] > shape[1] or t.shape[1] % 2 or t.shape[1] == 0:
+            raise ValueError(f"fused_linear: {name} must be (HW, D) with HW <= N={shape[1]} tokens and D "
+                             f"even, got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"fused_linear: {name} must be floating point, got {t.dtype}")
+    if cos.shape != sin.shape:
+        raise ValueError(f"fused_linear: cos has shape {tuple(cos.shape)} but sin has {tuple(sin.shape)}")
+    cols, D = N if rope_cols is None else rope_cols, cos.shape[1]
+    if not 0 <= cols <= N or cols % D:
+        raise ValueError(f"fused_linear: rope_cols must be whole heads of D={D} columns within the {N} "
+                         f"outputs, got {rope_cols}")
+
+
+def reasons(backend, x, weight, bias=None, act=None, weight2=None, bias2=None, residual=None, gamma=None,
+            cos=None, sin=None, rope_cols=None):
     """Why `backend` cannot run fused_linear on these tensors ([] if it can)."""
     if backend == "ref":
         return []
     why = kernel_reasons(backend, x.device, x.dtype) + layout_reasons(
         (("x", x), ("weight", weight), ("bias", bias), ("weight2", weight2), ("bias2", bias2),
          ("residual", residual), ("gamma", gamma)))
+    if cos is not None:
+        if backend != "triton":
+            why.append("the RoPE epilogue is in the Triton kernel only")
+        elif cos.shape[-1] not in ROPE_HEAD_DIMS:
+            why.append(f"cos has head dim {cos.shape[-1]}; the Triton kernel's RoPE epilogue takes "
+                       f"{', '.join(map(str, ROPE_HEAD_DIMS))}")
+        for name, t in (("cos", cos), ("sin", sin)):
+            if not t.is_contiguous():
+                why.append(f"{name} is not contiguous")
     if backend == "triton" and x.dim() >= 1 and weight.dim() == 2:
         # offsets are int64 (row * stride); row and column numbers are int32
         why += tiled_reasons((("x", "rows (its leading dims)", math.prod(x.shape[:-1])),
@@ -106,12 +159,13 @@ def reasons(backend, x, weight, bias=None, act=None, weight2=None, bias2=None, r
     return why
 
 
-def launch(backend, x, weight, bias=None, act=None, weight2=None, bias2=None, residual=None, gamma=None):
+def launch(backend, x, weight, bias=None, act=None, weight2=None, bias2=None, residual=None, gamma=None,
+           cos=None, sin=None, rope_cols=None):
     if backend == "ref":
-        return fused_linear_ref(x, weight, bias, act, weight2, bias2, residual, gamma)
+        return fused_linear_ref(x, weight, bias, act, weight2, bias2, residual, gamma, cos, sin, rope_cols)
     if backend == "triton":
         triton = fused_linear_triton if torch.compiler.is_compiling() else _fused_linear_triton
-        return triton(x, weight, bias, act, weight2, bias2, residual, gamma)
+        return triton(x, weight, bias, act, weight2, bias2, residual, gamma, cos, sin, rope_cols)
     return torch.ops.fastdino.fused_linear(x, weight, bias, act, weight2, bias2, residual, gamma)
 
 
@@ -136,26 +190,31 @@ OP = Op("fused_linear", PRIORITY, check, reasons, launch, example, sample, nativ
 def fused_linear_triton(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], act: Optional[str], weight2: Optional[Tensor],
     bias2: Optional[Tensor], residual: Optional[Tensor], gamma: Optional[Tensor],
+    cos: Optional[Tensor] = None, sin: Optional[Tensor] = None, rope_cols: Optional[int] = None,
 ) -> Tensor:
     # A registered op can be called directly, so it guards its own inputs.
-    check(x, weight, bias, act, weight2, bias2, residual, gamma)
-    errors = reasons("triton", x, weight, bias, act, weight2, bias2, residual, gamma)
+    check(x, weight, bias, act, weight2, bias2, residual, gamma, cos, sin, rope_cols)
+    errors = reasons("triton", x, weight, bias, act, weight2, bias2, residual, gamma, cos, sin, rope_cols)
     if errors:
         raise ValueError(f"fused_linear (Triton kernel): {'; '.join(errors)}")
-    return _fused_linear_triton(x, weight, bias, act, weight2, bias2, residual, gamma)
+    return _fused_linear_triton(x, weight, bias, act, weight2, bias2, residual, gamma, cos, sin, rope_cols)
 
 
-def _fused_linear_triton(x, weight, bias, act, weight2, bias2, residual, gamma):
+def _fused_linear_triton(x, weight, bias, act, weight2, bias2, residual, gamma, cos=None, sin=None,
+                         rope_cols=None):
     """The Triton kernel on checked arguments (dispatch calls it outside torch.compile)."""
+    N = weight.shape[0]
     x2 = x.reshape(-1, x.shape[-1])
-    out = torch.empty((x2.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
-    r2 = residual.reshape(-1, weight.shape[0]) if residual is not None else None
-    fused_linear_fwd(x2, weight, bias, weight2, bias2, r2, gamma, act, out, interpret=_ext.INTERPRET)
-    return out.view(*x.shape[:-1], weight.shape[0])
+    out = torch.empty((x2.shape[0], N), dtype=x.dtype, device=x.device)
+    r2 = residual.reshape(-1, N) if residual is not None else None
+    fused_linear_fwd(x2, weight, bias, weight2, bias2, r2, gamma, act, out, interpret=_ext.INTERPRET, cos=cos,
+                     sin=sin, ntok=x.shape[-2] if cos is not None else 1,
+                     rope_cols=N if rope_cols is None else rope_cols)
+    return out.view(*x.shape[:-1], N)
 
 
 @fused_linear_triton.register_fake
-def _(x, weight, bias, act, weight2, bias2, residual, gamma):
+def _(x, weight, bias, act, weight2, bias2, residual, gamma, cos=None, sin=None, rope_cols=None):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
@@ -166,12 +225,14 @@ if _ext.HAS_EXT:
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-def fused_linear(x, weight, bias=None, act=None, weight2=None, bias2=None, residual=None, gamma=None, *,
-                 backend: Optional[str] = None):
-    """``[residual + gamma *] act(x @ weight^T + bias [, x @ weight2^T + bias2])``; see the module
-    docstring.
+def fused_linear(x, weight, bias=None, act=None, weight2=None, bias2=None, residual=None, gamma=None,
+                 cos=None, sin=None, rope_cols=None, *, backend: Optional[str] = None):
+    """``[residual + gamma *] act(x @ weight^T + bias [, x @ weight2^T + bias2])``, or with cos/sin
+    ``rope(x @ weight^T + bias)`` on the first rope_cols columns; see the module docstring.
 
     Equivalent to `fused_linear_ref`. `backend` pins one backend (ValueError with the reasons if it
     cannot run).
     """
-    return OP(x, weight, bias, act, weight2, bias2, residual, gamma, backend=backend)
+    if cos is None and sin is None and rope_cols is None:  # the C++ op's arguments, as they are
+        return OP(x, weight, bias, act, weight2, bias2, residual, gamma, backend=backend)
+    return OP(x, weight, bias, act, weight2, bias2, residual, gamma, cos, sin, rope_cols, backend=backend)
