@@ -4,6 +4,8 @@ mask passed to rope_attention as logits instead of a dense N x N mask; state_dic
 unpatch restores."""
 
 
+from unittest import mock
+
 import pytest
 import torch
 from helpers import DEVICE, op_args, op_runs
@@ -12,6 +14,7 @@ from test_patch import BACKENDS, rel_err
 
 import fastdino
 from fastdino.fused.vit import eomt_dense_mask
+from fastdino.ops._dispatch import observe
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("scipy")  # the EoMT models build their matcher with it
@@ -52,14 +55,33 @@ def eomt(kind="dinov3", dtype=torch.float32, **cfg):
 
 
 def patched_run(model, run, backend, **kwargs):
-    """Patch, run with rope_attention watched, and return (outputs, the mask_logits it was given)."""
+    """Patch, run with the attention watched, and return (outputs, the mask_logits each layer's
+    attention was given). An unmasked layer on the Triton form rotates q and k in their projections'
+    epilogue (two fused_linear runs with cos) and calls SDPA: None, as rope_attention without logits."""
     keys = {k: v.data_ptr() for k, v in model.state_dict().items()}
     report = fastdino.patch(model, backend=backend)
     assert report.swapped[0].path == "" and report.swapped[0].fused in ROOT and not report.skipped
     assert {k: v.data_ptr() for k, v in model.state_dict().items()} == keys
-    with op_runs("rope_attention") as ops:
+    seen = []
+
+    def watch(op, backend, args):
+        if op in ("rope_attention", "fused_linear"):
+            named = op_args(op, mock.call(backend, *args))
+            if op == "rope_attention":
+                seen.append(named["mask_logits"])
+            elif named["cos"] is not None:
+                seen.append("rotated projection")
+
+    with observe(watch):
         out = run(**kwargs)
-    return out, [op_args("rope_attention", c)["mask_logits"] for c in ops["rope_attention"].call_args_list]
+    masks = []
+    while seen:
+        first = seen.pop(0)
+        if isinstance(first, str):  # q_proj, then k_proj
+            assert seen.pop(0) == first
+            first = None
+        masks.append(first)
+    return out, masks
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

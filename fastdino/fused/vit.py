@@ -1,6 +1,12 @@
 """The DINOv3 ViT backbone of all three libraries: blocks with their attention -> MLP seam on
 add_layer_norm, attention on rope_attention, and RoPE modules that keep their tables per grid size.
 
+rope_attention's Triton form in a block without a mask is the qkv projection's GEMM with RoPE in its
+epilogue (fused_linear's Triton kernel rotates q and k as it writes them), then
+F.scaled_dot_product_attention on them as they are: PyTorch's flash/cuDNN attention, no pass over q
+and k of its own. With EoMT's mask logits, or where that GEMM cannot run (a head dim it does not
+take, a failed self-check), it is the flash-style Triton kernel that rotates on load.
+
 transformers: DINOv3ViTLayer / DINOv3ViTAttention / DINOv3ViTRopePositionEmbedding (and the EoMT
 copies of the layer and attention); facebookresearch/dinov3: SelfAttentionBlock / SelfAttention /
 RopePositionEmbedding; timm: EvaBlock / EvaAttention (timm's DINOv3 ViTs are Eva models).
@@ -11,7 +17,9 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .. import selfcheck
 from ..ops._dispatch import Like
+from ..ops.fused_linear import OP as FUSED_LINEAR
 from ..ops.rope_attention import OP as ROPE_ATTENTION
 from .common import (
     ForwardCache,
@@ -46,6 +54,23 @@ def _attention_backend(module: nn.Module, x: Tensor, heads: int, weight: Tensor,
     B, N, C = x.shape
     qkv = like(x, (B, N, heads, C // heads), weight)
     return decide(module, ROPE_ATTENTION, qkv, qkv, qkv, cos, sin, mask_logits)
+
+
+def rope_projections(x: Tensor, projections, cos: Tensor, sin: Tensor) -> Optional[list]:
+    """rope_attention's Triton form, its first half: each (weight, bias, rotated columns) projection
+    of x by fused_linear's Triton GEMM, RoPE in the epilogue; None (nothing run) where any cannot."""
+    calls = [(x, w, b, None, None, None, None, None, cos, sin, cols) for w, b, cols in projections]
+    if selfcheck.reasons(FUSED_LINEAR, "triton", x.device, x.dtype) or any(
+            FUSED_LINEAR.runnable("triton", *args) for args in calls):
+        return None
+    return [FUSED_LINEAR.run("triton", *args) for args in calls]
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> Tensor:
+    """SDPA on token-major (B, N, H, D) q, k, v already rotated; (B, N, H, D) out."""
+    out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                           v.transpose(1, 2), scale=scale)
+    return out.transpose(1, 2)
 
 
 def attention_backend(weight: str, head_dim):
@@ -142,10 +167,17 @@ class FusedDINOv3ViTAttention:
                                    position_embeddings=position_embeddings, **kwargs)
         B, N, C = hidden_states.shape
         shape = (B, N, self.num_heads, self.head_dim)
+        scale = getattr(self, self._fastdino_scale)
+        qk = None
+        if backend == "triton" and cos is not None and fastdino_mask_logits is None:
+            qk = rope_projections(hidden_states, [(p.weight, p.bias, p.weight.shape[0])
+                                                  for p in (self.q_proj, self.k_proj)], cos, sin)
+        if qk is not None:
+            out = attend(qk[0].view(shape), qk[1].view(shape), self.v_proj(hidden_states).view(shape), scale)
+            return getattr(self, self._fastdino_out)(out.reshape(B, N, -1)), None
         q = self.q_proj(hidden_states).view(shape)
         k = self.k_proj(hidden_states).view(shape)
         v = self.v_proj(hidden_states).view(shape)
-        scale = getattr(self, self._fastdino_scale)
         out = ROPE_ATTENTION.run(backend, q, k, v, cos, sin, fastdino_mask_logits, scale)
         return getattr(self, self._fastdino_out)(out.reshape(B, N, -1)), None
 
@@ -216,6 +248,15 @@ class FusedSelfAttention:
             return super().forward(x, attn_bias=attn_bias, rope=rope)
         B, N, C = x.shape
         H = self.num_heads
+        qkv = None
+        if backend == "triton" and cos is not None:
+            bias = self.qkv.bias
+            if bias is not None and hasattr(self.qkv, "bias_mask"):  # LinearKMaskedBias: its forward's bias
+                bias = bias * self.qkv.bias_mask.to(bias.dtype)
+            qkv = rope_projections(x, [(self.qkv.weight, bias, 2 * C)], cos, sin)
+        if qkv is not None:
+            out = attend(*qkv[0].view(B, N, 3, H, C // H).unbind(2), None)
+            return self.proj_drop(self.proj(out.reshape(B, N, C)))
         q, k, v = self.qkv(x).view(B, N, 3, H, C // H).unbind(2)
         out = ROPE_ATTENTION.run(backend, q, k, v, cos, sin)
         return self.proj_drop(self.proj(out.reshape(B, N, C)))
@@ -288,6 +329,12 @@ class FusedEvaAttention:
         if backend is None:
             return super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
         bias = None if self.q_bias is None else torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        qkv = None
+        if backend == "triton" and cos is not None:  # timm's tables are halves of one: copied to rows
+            qkv = rope_projections(x, [(self.qkv.weight, bias, 2 * C)], cos.contiguous(), sin.contiguous())
+        if qkv is not None:
+            out = attend(*qkv[0].view(B, N, 3, self.num_heads, -1).unbind(2), self.scale)
+            return self.proj_drop(self.proj(out.reshape(B, N, -1)))
         q, k, v = torch.nn.functional.linear(x, self.qkv.weight, bias).view(B, N, 3, self.num_heads,
                                                                             -1).unbind(2)
         out = ROPE_ATTENTION.run(backend, q, k, v, cos, sin, None, self.scale)

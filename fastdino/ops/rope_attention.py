@@ -33,10 +33,10 @@ kernel at 0.24-0.41x of SDPA (157 TFLOP/s at most against SDPA's 390). On CPU te
 reference runs unless a backend is pinned. Offsets are 64-bit except the Triton kernel's into one
 batch item of mask_logits; it numbers tokens, and the CUDA kernel tokens and heads, in 32 bits:
 beyond those limits dispatch passes the backend by.
-The rotation can also leave this op: fused_linear's RoPE epilogue rotates q and k inside the qkv
-projection's GEMM, and F.scaled_dot_product_attention then reads them as they are, one pass over q
-and k fewer than the C++ form (benchmarks/bench_rope_attention.py, the projection benchmark, times
-it against these forms; the patched attention modules do not take that path yet).
+In a patched ViT block the Triton form leaves this op where there is no mask: fused_linear's RoPE
+epilogue rotates q and k inside the qkv projection's GEMM, and F.scaled_dot_product_attention
+(flash/cuDNN) then reads them as they are, one pass over q and k fewer than the C++ form
+(fastdino/fused/vit.py; benchmarks/bench_rope_attention.py's projection benchmark times it).
 Forward kernels: with grad dispatch picks the reference; a pinned kernel backend recomputes the
 reference for the backward (ops/_dispatch.py).
 """
