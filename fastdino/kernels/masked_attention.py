@@ -204,18 +204,19 @@ def masked_attention_config(B: int, H: int, Lq: int, Lk: int, D: int, dtype_byte
     """(BLOCK_M, BLOCK_N, num_warps, num_stages, splits) for one problem.
 
     A program takes a head's queries in blocks of up to 128 (64 at head dims above 64 or in fp32,
-    32 at both, where the accumulator would spill), so k and v are read once per query block; keys
+    16 at both, where the accumulator would spill), so k and v are read once per query block; keys
     come 32 at a time. Where those programs leave SMs idle (batch 1: B * heads * query blocks = 8 or 16), the
     keys are split into chunks of at least SPLIT_MIN_BLOCKS blocks until the programs cover the SMs.
     """
     block_d = max(16, triton.next_power_of_2(D))
     wide = block_d > 64
-    # fp32 at head dims above 64: 32 queries (64 spilled the accumulator at 8 warps, sm_90 compile check)
-    widest = 32 if (wide and dtype_bytes == 4) else 64 if (wide or dtype_bytes == 4) else 128
+    # fp32 at head dims above 64: 16 queries on 4 warps (32 on 8 or 4 warps spilled with triton 3.6,
+    # 64 with 3.9: sm_90 compile check)
+    widest = 16 if (wide and dtype_bytes == 4) else 64 if (wide or dtype_bytes == 4) else 128
     block_m = min(widest, max(16, triton.next_power_of_2(Lq)))
     block_n = 32
     if dtype_bytes == 4:
-        num_warps, num_stages = (8, 2) if wide else (4, 2)
+        num_warps, num_stages = 4, 2
     else:
         num_warps, num_stages = (8, 2) if (wide or block_m == 128) else (4, 3)
     programs = triton.cdiv(Lq, block_m) * B * H
