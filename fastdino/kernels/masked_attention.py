@@ -222,7 +222,7 @@ def masked_attention_config(B: int, H: int, Lq: int, Lk: int, D: int, dtype_byte
     programs = triton.cdiv(Lq, block_m) * B * H
     key_blocks = triton.cdiv(Lk, block_n)
     # at most one program per SM: a second one on some SMs would double the time of the launch
-    splits = max(1, min(sms // programs, key_blocks // SPLIT_MIN_BLOCKS))
+    splits = max(1, min(sms // max(programs, 1), key_blocks // SPLIT_MIN_BLOCKS))
     if splits > 1:  # equal chunks of whole blocks; no split left empty
         chunk = triton.cdiv(key_blocks, splits)
         splits = triton.cdiv(key_blocks, chunk)
