@@ -37,56 +37,82 @@ C10_HOST_DEVICE inline Corners bilinear_corners(float x, float y, int64_t H, int
   const bool x_in[2] = {xf >= 0.0f && xf <= x_max, xf + 1.0f >= 0.0f && xf + 1.0f <= x_max};
   const bool y_in[2] = {yf >= 0.0f && yf <= y_max, yf + 1.0f >= 0.0f && yf + 1.0f <= y_max};
   const float wx[2] = {1.0f - fx, fx}, wy[2] = {1.0f - fy, fy};
+  // Converted only where a corner on that axis is inside (else 0): defined for any float, and
+  // the offsets below become selects rather than branches.
+  const int64_t xi = static_cast<int64_t>(x_in[0] || x_in[1] ? xf : 0.0f);
+  const int64_t yi = static_cast<int64_t>(y_in[0] || y_in[1] ? yf : 0.0f);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int dy = i >> 1, dx = i & 1;
     const bool in = y_in[dy] && x_in[dx];
     c.w[i] = wy[dy] * wx[dx];
-    c.off[i] = in ? (static_cast<int64_t>(yf) + dy) * W + static_cast<int64_t>(xf) + dx : -1;
+    c.off[i] = in ? (yi + dy) * W + xi + dx : -1;
   }
   return c;
 }
 
-// One sample of weight `a` at (loc_x, loc_y) in a level of H x W rows starting at `start`: add_row(row, weight)
-// for each corner inside the map. Rows outside [0, S) (shapes or starts that disagree with value's length)
-// are skipped, so bad level tensors read nothing out of bounds without a host-side check. NaN and Inf
-// follow F.grid_sample (what the models run): a non-finite location, or a non-finite weight on a sample
-// whose corners all fall outside the map, makes the query-head's output NaN.
+// One sample of weight `a` at (loc_x, loc_y) in a level of H x W rows starting at `start`, ready to
+// gather: row[i] (in value) and weight w[i] = a * bilinear weight of each corner, ok[i] where the corner
+// is inside the map and its row inside [0, S) (shapes or starts that disagree with value's length read
+// nothing out of bounds, without a host-side check). NaN and Inf follow F.grid_sample (what the models
+// run): a non-finite location, or a non-finite weight on a sample whose corners all fall outside the
+// map, sets `nan` (the query-head's output is NaN) with no corner ok.
+struct SampleRows {
+  int64_t row[4];
+  float w[4];
+  bool ok[4];
+  bool nan;
+};
+
+C10_HOST_DEVICE inline SampleRows sample_rows(float loc_x, float loc_y, float a, int64_t H, int64_t W, int64_t start,
+                                              int64_t S) {
+  const float x = loc_x * static_cast<float>(W) - 0.5f, y = loc_y * static_cast<float>(H) - 0.5f;
+  // A NaN or infinite x or y fails every bounds test in bilinear_corners: no corner is inside.
+  const Corners c = bilinear_corners(x, y, H, W);
+  SampleRows r;
+  bool any = false;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    r.row[i] = start + c.off[i];
+    r.ok[i] = c.off[i] >= 0 && r.row[i] >= 0 && r.row[i] < S;
+    r.w[i] = a * c.w[i];
+    any = any || r.ok[i];
+  }
+  // grid_sample: a * 0. Bitwise, not short-circuit: no branch.
+  r.nan = !any & (S > 0) & !(is_finite(x) & is_finite(y) & is_finite(a));
+  return r;
+}
+
+// The same as calls add_row(row, weight) for each corner read, then add_row(0, NaN) where `nan`.
 template <typename AddRow>
 C10_HOST_DEVICE inline void ms_deform_attn_sample(float loc_x, float loc_y, float a, int64_t H, int64_t W,
                                                   int64_t start, int64_t S, AddRow& add_row) {
-  const float x = loc_x * static_cast<float>(W) - 0.5f, y = loc_y * static_cast<float>(H) - 0.5f;
-  if (!is_finite(x) || !is_finite(y)) {
-    if (S > 0) add_row(0, NAN);
-    return;
-  }
-  const Corners c = bilinear_corners(x, y, H, W);
-  bool read = false;
+  const SampleRows r = sample_rows(loc_x, loc_y, a, H, W, start, S);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const int64_t row = start + c.off[i];
-    if (c.off[i] >= 0 && row >= 0 && row < S) {
-      add_row(row, a * c.w[i]);
-      read = true;
-    }
+    if (r.ok[i]) add_row(r.row[i], r.w[i]);
   }
-  if (!read && !is_finite(a) && S > 0) add_row(0, NAN);  // grid_sample: a * 0
+  if (r.nan) add_row(0, NAN);
 }
 
-// One query-head's output: sum over levels and points of weight * bilinear sample, accumulated by
-// `add_row(row, weight)` (fp32) from sampling locations and softmaxed weights. Levels are packed in
-// order: each one's first row is derived from the shapes here, never read from level_start_index,
-// so kernels and reference agree on one layout whatever index a caller passes.
-template <typename TL, typename AddRow>
-C10_HOST_DEVICE inline void ms_deform_attn_samples(const TL* loc, const TL* attw, const int64_t* shapes, int L, int P,
-                                                   int64_t S, AddRow add_row) {
+// Every sample of one query-head, level by level, from sampling locations and softmaxed weights:
+// sample(loc_x, loc_y, weight, H, W, start). Levels are packed in order: each one's first row is
+// derived from the shapes here, never read from level_start_index, so kernels and reference agree on
+// one layout whatever index a caller passes. KL, KP > 0 fix L and P at compile time (the L, P
+// arguments must then equal them) and the loops unroll; 0 keeps them runtime values.
+template <int KL = 0, int KP = 0, typename TL, typename Sample>
+C10_HOST_DEVICE inline void for_each_sample(const TL* loc, const TL* attw, const int64_t* shapes, int L, int P,
+                                            Sample&& sample) {
+  const int nl = KL > 0 ? KL : L, np = KP > 0 ? KP : P;
   int64_t start = 0;
-  for (int l = 0; l < L; ++l) {
+#pragma unroll
+  for (int l = 0; l < nl; ++l) {
     const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
-    for (int p = 0; p < P; ++p) {
-      const int s = l * P + p;
-      ms_deform_attn_sample(static_cast<float>(loc[2 * s]), static_cast<float>(loc[2 * s + 1]),
-                            static_cast<float>(attw[s]), H, W, start, S, add_row);
+#pragma unroll
+    for (int p = 0; p < np; ++p) {
+      const int s = l * np + p;
+      sample(static_cast<float>(loc[2 * s]), static_cast<float>(loc[2 * s + 1]), static_cast<float>(attw[s]), H, W,
+             start);
     }
     start += H * W;
   }
@@ -95,30 +121,69 @@ C10_HOST_DEVICE inline void ms_deform_attn_samples(const TL* loc, const TL* attw
 // The same from what the module's projections give, with the two steps around the sampling fused:
 // the softmax of the L * P logits (fp32), and the locations from reference points `ref` (per level:
 // R = 2, (x, y) + offset / (W, H); R = 4, a box (x, y, w, h): (x, y) + offset / P * (w, h) * 0.5),
-// in the order Deformable DETR computes them.
+// in the order Deformable DETR computes them. With KP > 0 a level's P locations are all formed before
+// its first sample: the division by W, H branches (its slow path), and a GPU kernel's gathers of the
+// level's samples then sit in one branch-free stretch of code.
+template <int KL = 0, int KP = 0, typename TL, typename Sample>
+C10_HOST_DEVICE inline void for_each_offset_sample(const float* ref, int R, const TL* off, const TL* logits,
+                                                   const int64_t* shapes, int L, int P, Sample&& sample) {
+  const int nl = KL > 0 ? KL : L, np = KP > 0 ? KP : P;
+  const int n = nl * np;
+  float m = -INFINITY;
+#pragma unroll
+  for (int s = 0; s < n; ++s) m = fmaxf(m, static_cast<float>(logits[s]));
+  float sum = 0.0f;
+#pragma unroll
+  for (int s = 0; s < n; ++s) sum += expf(static_cast<float>(logits[s]) - m);
+  const float inv = 1.0f / sum;
+  int64_t start = 0;  // packed levels, as in for_each_sample
+#pragma unroll
+  for (int l = 0; l < nl; ++l) {
+    const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
+    const float* r = ref + l * R;
+    auto locate = [&](int p, float& lx, float& ly, float& a) {
+      const int s = l * np + p;
+      const float ox = static_cast<float>(off[2 * s]), oy = static_cast<float>(off[2 * s + 1]);
+      lx = R == 2 ? r[0] + ox / static_cast<float>(W) : r[0] + ox / static_cast<float>(np) * r[2] * 0.5f;
+      ly = R == 2 ? r[1] + oy / static_cast<float>(H) : r[1] + oy / static_cast<float>(np) * r[3] * 0.5f;
+      a = expf(static_cast<float>(logits[s]) - m) * inv;
+    };
+    if constexpr (KP > 0) {
+      float lx[KP], ly[KP], a[KP];
+#pragma unroll
+      for (int p = 0; p < KP; ++p) locate(p, lx[p], ly[p], a[p]);
+#pragma unroll
+      for (int p = 0; p < KP; ++p) sample(lx[p], ly[p], a[p], H, W, start);
+    } else {
+      for (int p = 0; p < np; ++p) {
+        float lx, ly, a;
+        locate(p, lx, ly, a);
+        sample(lx, ly, a, H, W, start);
+      }
+    }
+    start += H * W;
+  }
+}
+
+// One query-head's output from sampling locations and softmaxed weights: add_row(row, weight) (fp32
+// accumulation) for every corner read, as ms_deform_attn_sample calls it.
+template <typename TL, typename AddRow>
+C10_HOST_DEVICE inline void ms_deform_attn_samples(const TL* loc, const TL* attw, const int64_t* shapes, int L, int P,
+                                                   int64_t S, AddRow add_row) {
+  for_each_sample(loc, attw, shapes, L, P, [&](float x, float y, float a, int64_t H, int64_t W, int64_t start) {
+    ms_deform_attn_sample(x, y, a, H, W, start, S, add_row);
+  });
+}
+
+// The same from reference points, raw offsets and logits (for_each_offset_sample).
 template <typename TL, typename AddRow>
 C10_HOST_DEVICE inline void ms_deform_attn_offset_samples(const float* ref, int R, const TL* off, const TL* logits,
                                                           const int64_t* shapes, int L, int P, int64_t S,
                                                           AddRow add_row) {
-  const int n = L * P;
-  float m = -INFINITY;
-  for (int s = 0; s < n; ++s) m = fmaxf(m, static_cast<float>(logits[s]));
-  float sum = 0.0f;
-  for (int s = 0; s < n; ++s) sum += expf(static_cast<float>(logits[s]) - m);
-  const float inv = 1.0f / sum;
-  int64_t start = 0;  // packed levels, as in ms_deform_attn_samples
-  for (int l = 0; l < L; ++l) {
-    const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
-    const float* r = ref + l * R;
-    for (int p = 0; p < P; ++p) {
-      const int s = l * P + p;
-      const float ox = static_cast<float>(off[2 * s]), oy = static_cast<float>(off[2 * s + 1]);
-      const float lx = R == 2 ? r[0] + ox / static_cast<float>(W) : r[0] + ox / static_cast<float>(P) * r[2] * 0.5f;
-      const float ly = R == 2 ? r[1] + oy / static_cast<float>(H) : r[1] + oy / static_cast<float>(P) * r[3] * 0.5f;
-      ms_deform_attn_sample(lx, ly, expf(static_cast<float>(logits[s]) - m) * inv, H, W, start, S, add_row);
-    }
-    start += H * W;
-  }
+  for_each_offset_sample(ref, R, off, logits, shapes, L, P,
+                         [&](float x, float y, float a, int64_t H, int64_t W, int64_t start) {
+                           ms_deform_attn_sample(x, y, a, H, W, start, S, add_row);
+                         });
 }
 
 // Argument checks shared by every backend of the C++ op; messages name the argument.
