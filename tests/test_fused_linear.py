@@ -235,3 +235,25 @@ def test_fused_linear_opcheck_triton_rope():
 
     x, w, b, cos, sin = rope_inputs(2, 9, 32, 1, 16, 8, torch.float32)
     torch.library.opcheck(fused_linear_triton, (x, w, b, None, None, None, None, None, cos, sin, 32))
+
+
+def test_self_check_covers_the_rope_epilogue(monkeypatch):
+    """The first-use self-check runs each problem the backend takes: a Triton GEMM whose RoPE epilogue
+    were wrong is disabled though its GELU is right; the C++ form is checked on GELU alone."""
+    import importlib
+
+    from fastdino import selfcheck
+
+    module = importlib.import_module("fastdino.ops.fused_linear")
+
+    real = module._fused_linear_triton
+
+    def unrotated(*args):
+        out = real(*args[:8])
+        return out if args[8] is None else out * 1.01
+
+    monkeypatch.setattr(module, "_fused_linear_triton", unrotated)
+    error, _, _ = selfcheck._check(OP, "triton", torch.device(DEVICE), torch.float32)
+    assert error is not None and "relative error" in error
+    monkeypatch.setattr(module, "_fused_linear_triton", real)
+    assert selfcheck._check(OP, "triton", torch.device(DEVICE), torch.float32)[0] is None

@@ -176,11 +176,17 @@ def example(device, dtype):
 
 
 def sample(device, dtype):
-    """The self-check's problem: 37 rows, 64 -> 96, exact GELU (fastdino/selfcheck.py)."""
+    """The self-check's problems (fastdino/selfcheck.py): 37 rows, 64 -> 96, exact GELU; and where a
+    backend takes it, the RoPE epilogue: 2 x 21 tokens (16 rotated), 64 -> 3 x 2 heads of 16, q and k
+    rotated."""
     g = sample_generator()
     x = sample_tensor(g, device, dtype, 37, 64)
     weight = sample_tensor(g, device, dtype, 96, 64) * 0.125
-    return x, weight, sample_tensor(g, device, dtype, 96), "gelu", None, None, None, None
+    gelu = (x, weight, sample_tensor(g, device, dtype, 96), "gelu", None, None, None, None)
+    tokens = sample_tensor(g, device, dtype, 2, 21, 64)
+    cos, sin = (sample_tensor(g, device, torch.float32, 16, 16) for _ in range(2))
+    rope = (tokens, weight, sample_tensor(g, device, dtype, 96), None, None, None, None, None, cos, sin, 64)
+    return [gelu, rope]
 
 
 OP = Op("fused_linear", PRIORITY, check, reasons, launch, example, sample, native_args=True)
