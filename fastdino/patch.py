@@ -69,8 +69,9 @@ def _reduce_fused(module: nn.Module, protocol: int):
 
 
 # What a swapped module keeps for this process only: its decisions (a new process self-checks and
-# decides again) and the tuned table (a loaded model reads the timing cache of its new machine).
-_PER_PROCESS = ("_fastdino_decisions", "_fastdino_tuned")
+# decides again; the ViT attention's also whether its projections can take the RoPE epilogue) and the
+# tuned table (a loaded model reads the timing cache of its new machine).
+_PER_PROCESS = ("_fastdino_decisions", "_fastdino_epilogue", "_fastdino_tuned")
 
 
 def _new_fused(mixin: type, original: type) -> nn.Module:

@@ -257,3 +257,19 @@ def test_self_check_covers_the_rope_epilogue(monkeypatch):
     assert error is not None and "relative error" in error
     monkeypatch.setattr(module, "_fused_linear_triton", real)
     assert selfcheck._check(OP, "triton", torch.device(DEVICE), torch.float32)[0] is None
+
+
+def test_fused_linear_triton_rope_reads_strided_tables():
+    """Tables whose rows are apart (timm's sin and cos, the halves of one (HW, 2 D) tensor) are read in
+    place: only the head dim must be contiguous."""
+    x, w, b, cos, sin = rope_inputs(2, 21, 32, 2, 16, 16, torch.float32)
+    both = torch.cat((sin, cos), -1)
+    sin_view, cos_view = both.chunk(2, dim=-1)
+    assert not cos_view.is_contiguous()
+    out = fused_linear(x, w, b, cos=cos_view, sin=sin_view, rope_cols=64, backend="triton")
+    torch.testing.assert_close(out, fused_linear(x, w, b, cos=cos, sin=sin, rope_cols=64, backend="triton"),
+                               atol=0, rtol=0)
+    ref = fused_linear_ref(x, w, b, cos=cos, sin=sin, rope_cols=64)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    why = reasons("triton", x, w, b, None, None, None, None, None, cos.t().contiguous().t(), sin, 64)
+    assert "cos has stride 16 along the head dim (needs 1)" in why

@@ -402,3 +402,25 @@ def run_real_timm(model, pixels):
 @pytest.mark.parametrize("name", REAL_TIMM)
 def test_real_timm_dinov3_matches(name, backend):
     check_patched_matches(real_timm(name).to(DEVICE), run_real_timm, TIMM_SWAPS | REAL_TIMM[name], 4, backend)
+
+
+@pytest.mark.parametrize("name", ["hf", "official", "timm-tree"])
+def test_rope_epilogue_is_decided_once(name):
+    """The Triton form's projections: whether they can take the RoPE epilogue is worked out on the
+    first forward and kept per signature, so a steady-state forward does no reasons work; timm's
+    tables (halves of one tensor, rows 2 D apart) are read in place."""
+    build, run, _, calls = MODELS[name]
+    model = build().to(DEVICE)
+    pixels = torch.randn(2, 3, 64, 48, device=DEVICE)
+    ref = run(model, pixels)
+    patch_trusted(model, backend="triton")
+    op = fastdino.ops.OPS["fused_linear"]
+    with mock.patch.object(op, "runnable", wraps=op.runnable) as runnable:
+        run(model, pixels)
+        first = runnable.call_count
+        with op_runs("fused_linear") as runs:
+            out = run(model, pixels)
+    assert first > 0 and runnable.call_count == first
+    linear = runs["fused_linear"].call_args_list
+    assert sum(op_args("fused_linear", c)["cos"] is not None for c in linear) >= calls
+    assert rel_err(out, ref) <= REL_TOL[torch.float32]

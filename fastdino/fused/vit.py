@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import selfcheck
-from ..ops._dispatch import Like
+from ..ops._dispatch import Like, signature
 from ..ops.fused_linear import OP as FUSED_LINEAR
 from ..ops.rope_attention import OP as ROPE_ATTENTION
 from .common import (
@@ -56,14 +56,28 @@ def _attention_backend(module: nn.Module, x: Tensor, heads: int, weight: Tensor,
     return decide(module, ROPE_ATTENTION, qkv, qkv, qkv, cos, sin, mask_logits)
 
 
-def rope_projections(x: Tensor, projections, cos: Tensor, sin: Tensor) -> Optional[list]:
+def rope_projections(module: nn.Module, x: Tensor, projections, cos: Tensor, sin: Tensor) -> Optional[list]:
     """rope_attention's Triton form, its first half: each (weight, bias, rotated columns) projection
-    of x by fused_linear's Triton GEMM, RoPE in the epilogue; None (nothing run) where any cannot."""
+    of x by fused_linear's Triton GEMM, RoPE in the epilogue; None (nothing run) where any cannot.
+    Whether they can is decided once per signature of the calls and kept on the module, as `decide`
+    keeps its decisions."""
     calls = [(x, w, b, None, None, None, None, None, cos, sin, cols) for w, b, cols in projections]
-    if selfcheck.reasons(FUSED_LINEAR, "triton", x.device, x.dtype) or any(
-            FUSED_LINEAR.runnable("triton", *args) for args in calls):
-        return None
-    return [FUSED_LINEAR.run("triton", *args) for args in calls]
+
+    def runs() -> bool:
+        return not (selfcheck.reasons(FUSED_LINEAR, "triton", x.device, x.dtype)
+                    or any(FUSED_LINEAR.runnable("triton", *args) for args in calls))
+
+    if torch.compiler.is_compiling():  # decided in the trace, as decide does
+        ok = runs()
+    else:
+        key = (torch.is_grad_enabled(), signature([a for args in calls for a in args]))
+        memo = module.__dict__.get("_fastdino_epilogue")
+        ok = memo.get(key) if memo is not None else None
+        if ok is None:
+            if memo is None or len(memo) >= 64:
+                memo = module.__dict__["_fastdino_epilogue"] = {}
+            ok = memo[key] = runs()
+    return [FUSED_LINEAR.run("triton", *args) for args in calls] if ok else None
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> Tensor:
@@ -170,7 +184,7 @@ class FusedDINOv3ViTAttention:
         scale = getattr(self, self._fastdino_scale)
         qk = None
         if backend == "triton" and cos is not None and fastdino_mask_logits is None:
-            qk = rope_projections(hidden_states, [(p.weight, p.bias, p.weight.shape[0])
+            qk = rope_projections(self, hidden_states, [(p.weight, p.bias, p.weight.shape[0])
                                                   for p in (self.q_proj, self.k_proj)], cos, sin)
         if qk is not None:
             out = attend(qk[0].view(shape), qk[1].view(shape), self.v_proj(hidden_states).view(shape), scale)
@@ -253,7 +267,7 @@ class FusedSelfAttention:
             bias = self.qkv.bias
             if bias is not None and hasattr(self.qkv, "bias_mask"):  # LinearKMaskedBias: its forward's bias
                 bias = bias * self.qkv.bias_mask.to(bias.dtype)
-            qkv = rope_projections(x, [(self.qkv.weight, bias, 2 * C)], cos, sin)
+            qkv = rope_projections(self, x, [(self.qkv.weight, bias, 2 * C)], cos, sin)
         if qkv is not None:
             out = attend(*qkv[0].view(B, N, 3, H, C // H).unbind(2), None)
             return self.proj_drop(self.proj(out.reshape(B, N, C)))
@@ -330,8 +344,8 @@ class FusedEvaAttention:
             return super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
         bias = None if self.q_bias is None else torch.cat((self.q_bias, self.k_bias, self.v_bias))
         qkv = None
-        if backend == "triton" and cos is not None:  # timm's tables are halves of one: copied to rows
-            qkv = rope_projections(x, [(self.qkv.weight, bias, 2 * C)], cos.contiguous(), sin.contiguous())
+        if backend == "triton" and cos is not None:
+            qkv = rope_projections(self, x, [(self.qkv.weight, bias, 2 * C)], cos, sin)
         if qkv is not None:
             out = attend(*qkv[0].view(B, N, 3, self.num_heads, -1).unbind(2), self.scale)
             return self.proj_drop(self.proj(out.reshape(B, N, -1)))

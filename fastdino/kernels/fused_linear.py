@@ -30,10 +30,10 @@ ACTS = {None: ACT_NONE, "gelu": ACT_GELU, "swiglu": ACT_SWIGLU}
 @triton.jit
 def _fused_linear_kernel(
     X, W, B, W2, B2, R, G, Y,  # x (M, K); w, w2 (N, K); b, b2, g (N,); r, y (M, N)
-    COS, SIN,  # ROPE: (HW, HEAD_DIM) tables, contiguous
+    COS, SIN,  # ROPE: (HW, HEAD_DIM) tables, rows stride_cos / stride_sin apart, columns contiguous
     M, N, K,
     stride_xm, stride_wn, stride_w2n, stride_rm, stride_ym,
-    NTOK, HW, ROPE_COLS,  # ROPE: tokens per image, rotated (trailing) tokens, rotated columns
+    NTOK, HW, ROPE_COLS, stride_cos, stride_sin,  # ROPE: tokens per image, rotated tokens and columns
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_GAMMA: tl.constexpr,
     ROPE: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -88,9 +88,10 @@ def _fused_linear_kernel(
         acc = acc.to(Y.dtype.element_ty).to(tl.float32)  # the projection's output as stored
         tok = offs_m % NTOK - (NTOK - HW)  # the row's place among its image's rotated tokens
         turn = mask & (tok >= 0)[:, None] & (offs_n < ROPE_COLS)[None, :]
-        table = tl.where(turn, tok[:, None] * HEAD_DIM + (offs_n % HEAD_DIM)[None, :], 0)
-        cos = tl.load(COS + table, mask=turn, other=1.0).to(tl.float32)
-        sin = tl.load(SIN + table, mask=turn, other=0.0).to(tl.float32)
+        tok = tl.where(tok >= 0, tok, 0)[:, None]
+        d = (offs_n % HEAD_DIM)[None, :]
+        cos = tl.load(COS + tok * stride_cos + d, mask=turn, other=1.0).to(tl.float32)
+        sin = tl.load(SIN + tok * stride_sin + d, mask=turn, other=0.0).to(tl.float32)
         # rotate_half per head, in registers: (x1, x2) -> (-x2, x1) over each head's two halves
         halves = tl.permute(tl.reshape(acc, (BLOCK_M, BLOCK_N // HEAD_DIM, 2, HEAD_DIM // 2)), (0, 1, 3, 2))
         x1, x2 = tl.split(halves)
@@ -125,7 +126,7 @@ ROPE_HEAD_DIMS = (16, 32, 64, 128)  # powers of two a column tile holds whole (D
 def fused_linear_fwd(x, weight, bias, weight2, bias2, residual, gamma, act, out, interpret=False,
                      cos=None, sin=None, ntok=1, rope_cols=0):
     """Launch on x (M, K), weight(s) (N, K), out (M, N); rows with unit column stride. With cos/sin
-    ((HW, D) contiguous), the first rope_cols columns of each row are rotated where the row's token
+    ((HW, D), unit column stride), the first rope_cols columns of each row are rotated where the row's token
     (row % ntok) is one of the last HW. The caller has validated the arguments."""
     import torch
 
@@ -146,6 +147,7 @@ def fused_linear_fwd(x, weight, bias, weight2, bias2, residual, gamma, act, out,
         M, N, K,
         x.stride(0), weight.stride(0), w2.stride(0), residual.stride(0) if residual is not None else 0,
         out.stride(0), ntok, cos.shape[0] if cos is not None else 0, rope_cols,
+        cos.stride(0) if cos is not None else 0, sin.stride(0) if sin is not None else 0,
         ACT=act_id, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, HAS_GAMMA=gamma is not None,
         ROPE=cos is not None, HEAD_DIM=max(head_dim, 1),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
@@ -174,7 +176,7 @@ def compile_configs():
             signature = {n: f"*{dtype}" for n in ("X", "W", "B", "W2", "B2", "R", "G", "Y")}
             signature.update(COS=f"*{table or dtype}", SIN=f"*{table or dtype}", M="i32", N="i32", K="i32")
             signature.update({n: "i32" for n in names if n.startswith("stride_")})
-            signature.update(NTOK="i32", HW="i32", ROPE_COLS="i32")
+            signature.update(NTOK="i32", HW="i32", ROPE_COLS="i32", stride_cos="i32", stride_sin="i32")
             constexprs = dict(ACT=act, HAS_BIAS=True, HAS_RESIDUAL=residual, HAS_GAMMA=residual,
                               ROPE=head_dim > 0, HEAD_DIM=max(head_dim, 1),
                               BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, UPCAST=False,

@@ -149,8 +149,8 @@ def reasons(backend, x, weight, bias=None, act=None, weight2=None, bias2=None, r
             why.append(f"cos has head dim {cos.shape[-1]}; the Triton kernel's RoPE epilogue takes "
                        f"{', '.join(map(str, ROPE_HEAD_DIMS))}")
         for name, t in (("cos", cos), ("sin", sin)):
-            if not t.is_contiguous():
-                why.append(f"{name} is not contiguous")
+            if t.stride(-1) != 1 and t.shape[-1] > 1:
+                why.append(f"{name} has stride {t.stride(-1)} along the head dim (needs 1)")
     if backend == "triton" and x.dim() >= 1 and weight.dim() == 2:
         # offsets are int64 (row * stride); row and column numbers are int32
         why += tiled_reasons((("x", "rows (its leading dims)", math.prod(x.shape[:-1])),
