@@ -54,6 +54,9 @@ def decide(module: nn.Module, op: Op, *args, also: Optional[tuple] = None) -> Op
     fastdino.tune or the timing cache), where it still applies; else dispatch's untuned pick. A
     kernel backend must also pass its first-use self-check. None: the module runs the model's own
     code (the same numbers as before patching, at the same cost)."""
+    if module._fastdino_backend is None and op.priority.get(args[0].device.type) == REF_ONLY \
+            and runs_original(module, op, args[0].device.type):
+        return None
     key = (op.name, torch.is_grad_enabled(), signature(args if also is None else args + also))
     if torch.compiler.is_dynamo_compiling():
         # decided in the trace, once per graph: no memo lookup (Dynamo, hashing the key, would
@@ -82,6 +85,19 @@ def decide(module: nn.Module, op: Op, *args, also: Optional[tuple] = None) -> Op
         return chosen
     module.__dict__["_fastdino_decisions"] = decisions
     return chosen
+
+
+def runs_original(module: nn.Module, op: Op, device_type: str) -> bool:
+    """True when `module` runs the model's own code for `op` on this device type whatever the
+    arguments: no backend pinned, no tuned choices, not being tuned, and the op's untuned priority
+    there is the reference alone (the CPU). A fused forward asks before it builds the arguments of
+    `decide`, so the untuned CPU path costs about what the original does; it tests the first two
+    terms inline (no call where a kernel runs)."""
+    return (module._fastdino_backend is None and op.priority.get(device_type, REF_ONLY) == REF_ONLY
+            and TUNING is None and not module.__dict__.get("_fastdino_tuned"))
+
+
+REF_ONLY = ("ref",)
 
 
 def make_decision(module: nn.Module, op: Op, key: Optional[tuple], args: tuple,
@@ -324,7 +340,7 @@ def layer_scale_gamma(layer_scale) -> Optional[Tensor]:
     return getattr(layer_scale, LAYER_SCALES[type(layer_scale).__name__][0])
 
 
-def _keeps_dtype(x: Tensor, branch: Tensor, gamma: Optional[Tensor], norm: nn.LayerNorm) -> bool:
+def _keeps_dtype(x: Tensor, branch: Tensor, gamma: Optional[Tensor], weight: Tensor, bias: Tensor) -> bool:
     """True when the unfused `y = x + ls(branch); z = norm(y)` gives y and z in x.dtype.
 
     Then casting branch and the parameters to x.dtype is exact (an upcast) and the fused op
@@ -339,7 +355,7 @@ def _keeps_dtype(x: Tensor, branch: Tensor, gamma: Optional[Tensor], norm: nn.La
     dev = x.device.type
     if dev != "meta" and torch.is_autocast_enabled(dev):  # autocast_on inline (a call per layer less)
         return dt == torch.float32  # autocast runs layer_norm in fp32 and returns fp32
-    return torch.promote_types(dt, torch.promote_types(norm.weight.dtype, norm.bias.dtype)) == dt
+    return torch.promote_types(dt, torch.promote_types(weight.dtype, bias.dtype)) == dt
 
 
 def residual_layer_norm(x, branch, layer_scale, norm, module):
@@ -347,19 +363,26 @@ def residual_layer_norm(x, branch, layer_scale, norm, module):
     and a kernel runs (`module`'s decision, `decide`); the modules as they are otherwise.
     A pinned "ref" runs the op's reference. `layer_scale` is a LayerScale module, nn.Identity, a
     (C,) gamma tensor or None."""
-    gamma = layer_scale_gamma(layer_scale)
-    if _keeps_dtype(x, branch, gamma, norm):
-        dt = x.dtype
-        args = tuple(t if t is None or t.dtype == dt else t.to(dt)
-                     for t in (x, branch, gamma, norm.weight, norm.bias))
-        chosen = decide(module, ADD_LAYER_NORM, *args, norm.eps)
-        if chosen is not None:
-            return ADD_LAYER_NORM.run(chosen, *args, norm.eps)
+    gamma, dev = None, x.device.type
+    if not (module._fastdino_backend is None and ADD_LAYER_NORM.priority.get(dev) == REF_ONLY
+            and runs_original(module, ADD_LAYER_NORM, dev)):
+        gamma = layer_scale_gamma(layer_scale)
+        weight, bias = norm.weight, norm.bias
+        if _keeps_dtype(x, branch, gamma, weight, bias):
+            dt = x.dtype
+            args = (x, _cast(branch, dt), _cast(gamma, dt), _cast(weight, dt), _cast(bias, dt), norm.eps)
+            chosen = decide(module, ADD_LAYER_NORM, *args)
+            if chosen is not None:
+                return ADD_LAYER_NORM.run(chosen, *args)
     if isinstance(layer_scale, nn.Module):
         y = x + layer_scale(branch)
     else:
-        y = x + (branch if gamma is None else gamma * branch)
+        y = x + (branch if layer_scale is None else layer_scale * branch)
     return y, norm(y)
+
+
+def _cast(t: Optional[Tensor], dt: torch.dtype) -> Optional[Tensor]:
+    return t if t is None or t.dtype == dt else t.to(dt)
 
 
 # -- a per-module cache of small tensors derived from input sizes -----------------------------------

@@ -9,12 +9,14 @@ from torch import Tensor, nn
 from ..ops._dispatch import Like
 from ..ops.fused_linear import OP as FUSED_LINEAR
 from .common import (
+    REF_ONLY,
     Rule,
     children_reasons,
     decide,
     layer_scale_gamma,
     linear_reasons,
     picked,
+    runs_original,
     user_hooks,
 )
 from .sources import TRANSFORMERS_RELEASES, Source, dinov3, is_from, timm, transformers
@@ -114,13 +116,15 @@ def mlp_residual(mlp: nn.Module, x: Tensor, residual: Tensor, layer_scale) -> Te
     """``residual + layer_scale(mlp(x))``: one fused epilogue for fc2 + LayerScale + residual when
     `mlp` is a fused MLP whose kernels run, else the modules as they are."""
     fused = getattr(mlp, "_fastdino_mlp", None)
-    if fused is not None and (mlp._forward_hooks or mlp._forward_pre_hooks) and user_hooks(mlp):
-        fused = None  # hooks on the MLP itself (added after patch): called as a module, so they run
-    y = fused(x, residual, layer_scale) if fused is not None else None
-    if y is not None:
-        return y
-    if fused is not None:
-        mlp._fastdino_decided = True  # one decision per MLP call: its forward runs the original
+    if fused is not None and not ((mlp._forward_hooks or mlp._forward_pre_hooks) and user_hooks(mlp)):
+        # (with hooks on the MLP itself, added after patch, it is called as a module: they run)
+        dev = x.device.type
+        plain = (mlp._fastdino_backend is None and FUSED_LINEAR.priority.get(dev) == REF_ONLY
+                 and runs_original(mlp, FUSED_LINEAR, dev))
+        y = None if plain else fused(x, residual, layer_scale)
+        if y is not None:
+            return y
+        mlp.__dict__["_fastdino_decided"] = True  # one decision per MLP call: its forward runs the original
     m = mlp(x)
     if isinstance(layer_scale, nn.Module):
         return residual + layer_scale(m)

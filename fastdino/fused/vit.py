@@ -22,6 +22,7 @@ from ..ops._dispatch import Like, signature
 from ..ops.fused_linear import OP as FUSED_LINEAR
 from ..ops.rope_attention import OP as ROPE_ATTENTION
 from .common import (
+    REF_ONLY,
     ForwardCache,
     Rule,
     buffer_key,
@@ -32,6 +33,7 @@ from .common import (
     linear_reasons,
     picked,
     residual_layer_norm,
+    runs_original,
     seam_backend,
     seam_reasons,
     transformers_records,
@@ -51,6 +53,10 @@ def _attention_backend(module: nn.Module, x: Tensor, heads: int, weight: Tensor,
     """rope_attention's backend for the (B, N, heads, C // heads) projections of x, decided before
     they exist: the pinned one ("ref" runs the op's reference), or the kernel dispatch picks; None:
     the original forward runs."""
+    dev = x.device.type
+    if module._fastdino_backend is None and ROPE_ATTENTION.priority.get(dev) == REF_ONLY \
+            and runs_original(module, ROPE_ATTENTION, dev):
+        return None
     B, N, C = x.shape
     qkv = like(x, (B, N, heads, C // heads), weight)
     return decide(module, ROPE_ATTENTION, qkv, qkv, qkv, cos, sin, mask_logits)
@@ -162,15 +168,17 @@ class FusedDINOv3ViTAttention:
                 **kwargs):
         rope = self._fastdino_rope and position_embeddings is not None
         cos, sin = position_embeddings if rope else (None, None)
-        backend = None
-        # transformers records the weights the attention returns (5.x: a collector; 4.x: hooks on the
-        # module during the call); the fused form returns none, so the original runs there
-        weights = (kwargs.get("output_attentions") or transformers_records("attentions")
-                   or len(self._forward_hooks) + len(self._forward_pre_hooks) > 0 and user_hooks(self))
-        no_rope = self._fastdino_rope and position_embeddings is None
-        masked = attention_mask is not None
-        if not _attention_fallback(self.training, self.dropout, mask=masked, no_rope=no_rope,
-                                   weights=weights):
+        backend, dev = None, hidden_states.device.type
+        # nothing to decide where the original runs whatever the arguments (untuned, on the CPU)
+        plain = (self._fastdino_backend is None and ROPE_ATTENTION.priority.get(dev) == REF_ONLY
+                 and runs_original(self, ROPE_ATTENTION, dev))
+        if not plain and not _attention_fallback(
+            self.training, self.dropout, mask=attention_mask is not None,
+            no_rope=self._fastdino_rope and position_embeddings is None,
+            # transformers records the weights the attention returns (5.x: a collector; 4.x: hooks
+            # on the module during the call); the fused form returns none, so the original runs there
+            weights=(kwargs.get("output_attentions") or transformers_records("attentions")
+                     or len(self._forward_hooks) + len(self._forward_pre_hooks) > 0 and user_hooks(self))):
             backend = _attention_backend(self, hidden_states, self.num_heads, self.q_proj.weight, cos, sin,
                                          fastdino_mask_logits)
         if backend is None:

@@ -3,8 +3,8 @@
 An op is an `Op`: its untuned priority per device type, one `check` of its arguments (ValueError
 naming the argument, whatever the backend), one `reasons(backend, *args)` (why that backend cannot
 run these arguments: device, dtype, sizes, layout), one `launch(backend, *args)` and a small
-`sample` problem for the first-use self-check (fastdino/selfcheck.py). Calling the op (the public
-function) checks, picks (or validates a pinned backend) and runs, and keeps that decision per
+`sample` problem for the first-use self-check (fastdino/selfcheck.py). `Op.dispatch`, what the
+public function calls, checks, picks (or validates a pinned backend) and runs, and keeps that decision per
 signature of the arguments (`signature`): a repeated call does no check and no reasons work. A
 fused module decides per signature too (`fused.common.decide`, which also reads fastdino.tune's
 choices) and then calls `run`; where it decides before its projections exist, it describes the
@@ -70,15 +70,18 @@ class Op:
         self.priority, self.sample = priority, sample
         # The part of `check` that reads values (level shapes held on the host), run on every
         # decided call with CPU tensors: equal signatures do not mean equal values. (The native
-        # C++ ops that __call__ runs at once check those values themselves.)
+        # C++ ops that `dispatch` runs at once check those values themselves.)
         self.check_values = check_values
         # The public function's decisions, per (pinned backend, grad mode, signature of the arguments).
         self._decisions: dict = {}
         self._native_first = {dev: order[0] for dev, order in priority.items() if order and order[0] == dev}
-        self._ready: set = set()  # (native backend, dtype, on CUDA) that __call__ launches at once
-        # native_args: `launch` passes the arguments to the C++ op as they are, so the fast path
-        # calls the registered op's overload itself (one Python frame; torch.compile traces it).
-        self._direct = getattr(torch.ops.fastdino, name).default if native_args and _NATIVE else None
+        # native_args: `launch` passes the arguments to the C++ op as they are, so `dispatch` calls
+        # the registered op itself once its self-check passed: in eager its C++ entry (no Python
+        # frame; the dispatcher still sees modes and fake tensors), under torch.compile the
+        # overload, which it traces.
+        self._traced = getattr(torch.ops.fastdino, name).default if native_args and _NATIVE else None
+        # (native backend, dtype, on CUDA) -> the C++ entry that `dispatch` calls at once
+        self._fast: dict = {}
 
     def run(self, backend: str, *args):
         """Run `backend` on checked arguments; with grad, a kernel backend's backward is the reference's."""
@@ -120,26 +123,26 @@ class Op:
                 raise ValueError(f"{self.name}: backend {backend!r} cannot run: {'; '.join(why)}")
         return backend
 
-    def __call__(self, *args, backend: Optional[str] = None):
-        """Check the arguments, choose the backend, run. A native (C++) backend, pinned or first in
-        the priority, whose self-check passed is called at once: the registered C++ op checks
-        dtypes, shapes and layouts itself (and the values `check_values` reads, e.g. host-held level
-        shapes), and the check and reasons run only after it refuses (a pinned call then raises the
-        ValueError that names the argument; an unpinned one goes on to the next backend). Other
-        decisions are kept per signature of the arguments, so a repeated call does no check and no
-        reasons work."""
+    def dispatch(self, backend: Optional[str], *args):
+        """Check the arguments, choose the backend (`backend` pins one; None: the pick), run: what
+        the public function does. A native (C++) backend, pinned or first in the priority, whose
+        self-check passed is called at once: the registered C++ op checks dtypes, shapes and
+        layouts itself (and the values `check_values` reads, e.g. host-held level shapes), and the
+        check and reasons run only after it refuses (a pinned call then raises the ValueError that
+        names the argument; an unpinned one goes on to the next backend). Other decisions are kept
+        per signature of the arguments, so a repeated call does no check and no reasons work."""
         x = args[0]
-        native = backend if backend is not None else self._native_first.get(x.device.type)
-        fast = (native, x.dtype, x.is_cuda) in self._ready and not _OBSERVERS
-        if fast and torch.is_grad_enabled():
-            for a in args:  # a loop, not grad_reasons: no call or generator frame on the hot path
-                if getattr(a, "requires_grad", False):
-                    fast = False
-                    break
-        if fast:
+        direct = self._fast.get((backend if backend is not None else self._native_first.get(x.device.type),
+                                 x.dtype, x.is_cuda))
+        if direct is not None and not _OBSERVERS:
+            if torch.is_grad_enabled():
+                for a in args:  # a loop, not grad_reasons: no call or generator frame on the hot path
+                    if getattr(a, "requires_grad", False):
+                        return self._decide_and_run(backend, args)
+            if torch.compiler.is_compiling():
+                direct = self._traced
             try:
-                direct = self._direct
-                return direct(*args) if direct is not None else self.launch(native, *args)
+                return direct(*args)
             except Exception:  # noqa: BLE001 - the check names the argument, else the error stands
                 if backend is not None:
                     self.check(*args)
@@ -149,9 +152,9 @@ class Op:
 
     def passed_selfcheck(self, backend: str, device: torch.device, dtype: torch.dtype):
         """Called by the self-check: a native backend on its own device type may now be called at
-        once by `__call__`."""
-        if backend in _NATIVE and device.type == backend:
-            self._ready.add((backend, dtype, backend == "cuda"))
+        once by `dispatch`."""
+        if self._traced is not None and backend in _NATIVE and device.type == backend:
+            self._fast[(backend, dtype, backend == "cuda")] = self._traced._op
 
     def _decide_and_run(self, backend: Optional[str], args):
         try:

@@ -138,4 +138,4 @@ def add_layer_norm(x, branch, gamma, weight, bias, eps: float = 1e-5, *, backend
     Equivalent to `add_layer_norm_ref`. Shapes: x, branch (..., C); gamma (C,) or None; weight,
     bias (C,). `backend` pins one backend (ValueError with the reasons if it cannot run).
     """
-    return OP(x, branch, gamma, weight, bias, eps, backend=backend)
+    return OP.dispatch(backend, x, branch, gamma, weight, bias, eps)

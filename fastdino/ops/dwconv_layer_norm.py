@@ -181,4 +181,4 @@ def dwconv_layer_norm(x, weight, bias, norm_weight, norm_bias, eps: float = 1e-6
     Equivalent to `dwconv_layer_norm_ref`. x may be NCHW or channels-last. `backend` pins one
     backend (ValueError with the reasons if it cannot run).
     """
-    return OP(x, weight, bias, norm_weight, norm_bias, eps, backend=backend)
+    return OP.dispatch(backend, x, weight, bias, norm_weight, norm_bias, eps)

@@ -240,5 +240,5 @@ def fused_linear(x, weight, bias=None, act=None, weight2=None, bias2=None, resid
     cannot run).
     """
     if cos is None and sin is None and rope_cols is None:  # the C++ op's arguments, as they are
-        return OP(x, weight, bias, act, weight2, bias2, residual, gamma, backend=backend)
-    return OP(x, weight, bias, act, weight2, bias2, residual, gamma, cos, sin, rope_cols, backend=backend)
+        return OP.dispatch(backend, x, weight, bias, act, weight2, bias2, residual, gamma)
+    return OP.dispatch(backend, x, weight, bias, act, weight2, bias2, residual, gamma, cos, sin, rope_cols)

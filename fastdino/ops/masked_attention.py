@@ -210,4 +210,4 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask_logits: Optional[Tens
     with the reasons if it cannot run).
     """
     # the default scale resolved here: the call then matches the C++ schema (native_args)
-    return OP(q, k, v, mask_logits, default_scale(q) if scale is None else scale, backend=backend)
+    return OP.dispatch(backend, q, k, v, mask_logits, default_scale(q) if scale is None else scale)

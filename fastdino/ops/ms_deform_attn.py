@@ -349,6 +349,5 @@ def ms_deform_attn(value: Tensor, spatial_shapes: Shapes, level_start_index: Opt
     offsets and attention logits (see the module docstring). `backend` pins one backend
     (ValueError with the reasons if it cannot run).
     """
-    return OP(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-              reference_points,
-              backend=backend)
+    return OP.dispatch(backend, value, spatial_shapes, level_start_index, sampling_locations,
+                       attention_weights, reference_points)

@@ -245,4 +245,4 @@ def rope_attention(q, k, v, cos=None, sin=None, mask_logits: Optional[Tensor] = 
     `backend` pins one backend (ValueError with the reasons if it cannot run).
     """
     # the default scale resolved here: the call then matches the C++ schema (native_args)
-    return OP(q, k, v, cos, sin, mask_logits, default_scale(q) if scale is None else scale, backend=backend)
+    return OP.dispatch(backend, q, k, v, cos, sin, mask_logits, default_scale(q) if scale is None else scale)
