@@ -363,3 +363,33 @@ def test_sizes_without_meaning_are_named(name):
     for backend in ["ref"] + KERNELS:
         with pytest.raises(ValueError, match=match):
             op(*args, backend=backend)
+
+
+PUBLIC = {f.__name__: f for f in (add_layer_norm, dwconv_layer_norm, fused_linear, masked_attention,
+                                   ms_deform_attn, rope_attention)}
+
+
+MAY_BE_NONE = {"add_layer_norm": {"gamma"}, "dwconv_layer_norm": {"bias"},
+               "fused_linear": {"bias", "weight2", "bias2", "residual", "gamma", "cos", "sin"},
+               "masked_attention": {"mask_logits"},
+               "ms_deform_attn": {"level_start_index", "reference_points"},
+               "rope_attention": {"cos", "sin", "mask_logits"}}
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("name", list(OPS))
+def test_an_argument_that_is_not_a_tensor_is_named(name):
+    # A list or a missing tensor once gave an AttributeError from inside the check or the reference.
+    op, fn = OPS[name], PUBLIC[name]
+    args = op.sample(torch.device("cpu"), torch.float32)
+    args = list(args[0] if isinstance(args, list) else args)
+    params = list(inspect.signature(fn).parameters)
+    fn(*args)  # the sample itself runs
+    for i, a in enumerate(args):
+        if not isinstance(a, torch.Tensor) or params[i] == "spatial_shapes":  # shapes may be a list
+            continue
+        for bad in ([1.0], "x") + (() if params[i] in MAY_BE_NONE[name] else (None,)):
+            for backend in [None, "ref"] + KERNELS:
+                wrong = args[:i] + [bad] + args[i + 1:]
+                with pytest.raises(ValueError, match=rf"{name}: {params[i]} must be a torch\.Tensor"):
+                    fn(*wrong, backend=backend)

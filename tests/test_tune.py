@@ -179,6 +179,53 @@ def test_decisions_are_kept_per_signature(monkeypatch):
 
 
 @pytest.mark.quick
+def test_an_op_that_only_has_its_reference_here_is_not_decided(monkeypatch):
+    """Untuned, nothing pinned, on a device where the op's priority is the reference alone: the
+    original runs with no reasons work and no decision kept. Pinned, tuned or being tuned, it is
+    decided as before."""
+    calls = []
+    monkeypatch.setattr(PROBE, "reasons", lambda *a: calls.append(a) or _probe_reasons(*a))
+    net, x = _patched(1), torch.randn(4, 8)
+    layer = net.layers[0]
+    with torch.no_grad():
+        assert _ran(net, x) == set() and not calls and "_fastdino_decisions" not in layer.__dict__
+        layer._fastdino_backend = "cpu"
+        assert _ran(net, x) == {"cpu"} and calls
+        layer._fastdino_backend = None
+    assert len(_tune(net, x).tuned) == 1 and layer.__dict__.get("_fastdino_tuned")
+    with torch.no_grad():
+        assert _ran(net, x) == {"cpu"}  # Clock: cpu 5 < original 10
+
+
+@requires_ext
+def test_a_public_call_on_its_cpp_fast_path_compiles_to_the_op():
+    """Once the C++ backend passed its self-check, a public call goes straight to the op's C++
+    entry; torch.compile traces the registered overload there instead (fullgraph, the op in the
+    graph)."""
+    op = OPS["add_layer_norm"]
+    x, branch = torch.randn(2, 9, 64), torch.randn(2, 9, 64)
+    vecs = [torch.randn(64) for _ in range(3)]
+
+    def fn(*a):
+        return fastdino.ops.add_layer_norm(*a, eps=1e-5, backend="cpu")
+
+    with torch.no_grad():
+        want = fn(x, branch, *vecs)
+        assert ("cpu", torch.float32, False, True) in op._fast
+        graphs = []
+
+        def backend(gm, inputs):
+            graphs.append(gm)
+            return gm.forward
+
+        torch._dynamo.reset()
+        got = torch.compile(fn, fullgraph=True, backend=backend)(x, branch, *vecs)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=0, rtol=0)
+    assert [n for g in graphs for n in g.graph.nodes if n.target is torch.ops.fastdino.add_layer_norm.default]
+
+
+@pytest.mark.quick
 def test_cache_roundtrip_and_report(tmp_path):
     net, x = _patched(), torch.randn(4, 8)
     path = tmp_path / "cache.json"

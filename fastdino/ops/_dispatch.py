@@ -17,6 +17,7 @@ autograd: the gradients are the reference's, at the cost of a second (reference)
 """
 
 import contextlib
+import inspect
 import math
 from typing import Callable, Optional
 
@@ -65,8 +66,10 @@ class Op:
 
     def __init__(self, name: str, priority: dict, check: Callable, reasons: Callable, launch: Callable,
                  example: Callable, sample: Optional[Callable] = None,
-                 check_values: Optional[Callable] = None, native_args: bool = False):
-        self.name, self.check, self.reasons, self.launch, self.example = name, check, reasons, launch, example
+                 check_values: Optional[Callable] = None, native_args: bool = False, tensors: tuple = ()):
+        self.name, self.reasons, self.launch, self.example = name, reasons, launch, example
+        # `check`, after the arguments named in `tensors` ("name?": a tensor or None) are tensors
+        self.check = typed_check(name, check, tensors) if tensors else check
         self.priority, self.sample = priority, sample
         # The part of `check` that reads values (level shapes held on the host), run on every
         # decided call with CPU tensors: equal signatures do not mean equal values. (The native
@@ -80,7 +83,8 @@ class Op:
         # frame; the dispatcher still sees modes and fake tensors), under torch.compile the
         # overload, which it traces.
         self._traced = getattr(torch.ops.fastdino, name).default if native_args and _NATIVE else None
-        # (native backend, dtype, on CUDA) -> the C++ entry that `dispatch` calls at once
+        # (native backend, or None where it comes first; dtype, on CUDA, on the CPU) -> the C++
+        # entry that `dispatch` calls at once
         self._fast: dict = {}
 
     def run(self, backend: str, *args):
@@ -132,8 +136,10 @@ class Op:
         names the argument; an unpinned one goes on to the next backend). Other decisions are kept
         per signature of the arguments, so a repeated call does no check and no reasons work."""
         x = args[0]
-        direct = self._fast.get((backend if backend is not None else self._native_first.get(x.device.type),
-                                 x.dtype, x.is_cuda))
+        try:
+            direct = self._fast.get((backend, x.dtype, x.is_cuda, x.is_cpu))  # (no torch.device made)
+        except AttributeError:  # not a tensor: the check names it
+            direct = None
         if direct is not None and not _OBSERVERS:
             if torch.is_grad_enabled():
                 for a in args:  # a loop, not grad_reasons: no call or generator frame on the hot path
@@ -154,7 +160,9 @@ class Op:
         """Called by the self-check: a native backend on its own device type may now be called at
         once by `dispatch`."""
         if self._traced is not None and backend in _NATIVE and device.type == backend:
-            self._fast[(backend, dtype, backend == "cuda")] = self._traced._op
+            entry = self._fast[(backend, dtype, backend == "cuda", backend == "cpu")] = self._traced._op
+            if self._native_first.get(backend) == backend:  # first in its priority: unpinned calls too
+                self._fast[(None, dtype, backend == "cuda", backend == "cpu")] = entry
 
     def _decide_and_run(self, backend: Optional[str], args):
         try:
@@ -178,6 +186,24 @@ class Op:
                     self._decisions.clear()
                 self._decisions[key] = chosen
         return self.run(chosen, *args)
+
+
+def typed_check(name: str, check: Callable, tensors: tuple) -> Callable:
+    """`check` preceded by a ValueError naming the first argument of `tensors` (parameter names of
+    `check`; "name?" may be None) that is not a tensor, where a check would otherwise fail on an
+    attribute it reads."""
+    params = list(inspect.signature(check).parameters)
+    spots = [(params.index(t.rstrip("?")), t.rstrip("?"), t.endswith("?")) for t in tensors]
+
+    def checked(*args):
+        for i, param, optional in spots:
+            a = args[i] if i < len(args) else None
+            if not isinstance(a, (Tensor, Like)) and not (optional and a is None):
+                raise ValueError(f"{name}: {param} must be a torch.Tensor{' or None' if optional else ''}, "
+                                 f"got {type(a).__name__}")
+        return check(*args)
+
+    return checked
 
 
 _MAX_DECISIONS = 4096
@@ -305,7 +331,7 @@ def layout_reasons(named, stride_along: Optional[str] = None) -> list[str]:
 
 def default_scale(q) -> Optional[float]:
     """Attention's default scale, head_dim ** -0.5 (None where q has no head dim: check says why)."""
-    d = q.shape[-1] if q.dim() else 0
+    d = q.shape[-1] if isinstance(q, Tensor) and q.dim() else 0
     return 1.0 / math.sqrt(d) if d > 0 else None
 
 

@@ -95,7 +95,8 @@ def sample(device, dtype):
     return x, branch, gamma, weight, bias, 1e-6
 
 
-OP = Op("add_layer_norm", PRIORITY, check, reasons, launch, example, sample, native_args=True)
+OP = Op("add_layer_norm", PRIORITY, check, reasons, launch, example, sample, native_args=True,
+        tensors=("x", "branch", "gamma?", "weight", "bias"))
 
 
 @torch.library.custom_op("fastdino::add_layer_norm_triton", mutates_args=())

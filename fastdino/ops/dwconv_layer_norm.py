@@ -134,7 +134,8 @@ def sample(device, dtype):
     return x, weight, bias, norm_weight, norm_bias, 1e-6
 
 
-OP = Op("dwconv_layer_norm", PRIORITY, check, reasons, launch, example, sample, native_args=True)
+OP = Op("dwconv_layer_norm", PRIORITY, check, reasons, launch, example, sample, native_args=True,
+        tensors=("x", "weight", "bias?", "norm_weight", "norm_bias"))
 
 
 def _tokens(x: Tensor) -> Tensor:

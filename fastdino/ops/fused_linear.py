@@ -189,7 +189,8 @@ def sample(device, dtype):
     return [gelu, rope]
 
 
-OP = Op("fused_linear", PRIORITY, check, reasons, launch, example, sample, native_args=True)
+OP = Op("fused_linear", PRIORITY, check, reasons, launch, example, sample, native_args=True,
+        tensors=("x", "weight", "bias?", "weight2?", "bias2?", "residual?", "gamma?", "cos?", "sin?"))
 
 
 @torch.library.custom_op("fastdino::fused_linear_triton", mutates_args=())

@@ -171,7 +171,8 @@ def sample(device, dtype):
     return q, k, v, logits, None
 
 
-OP = Op("masked_attention", PRIORITY, check, reasons, launch, example, sample, native_args=True)
+OP = Op("masked_attention", PRIORITY, check, reasons, launch, example, sample, native_args=True,
+        tensors=("q", "k", "v", "mask_logits?"))
 
 
 @torch.library.custom_op("fastdino::masked_attention_triton", mutates_args=())

@@ -303,7 +303,8 @@ def sample(device, dtype):
 
 
 OP = Op("ms_deform_attn", PRIORITY, check, reasons, launch, example, sample, check_values=check_values,
-        native_args=True)
+        native_args=True, tensors=("value", "level_start_index?", "sampling_locations", "attention_weights",
+                                   "reference_points?"))
 
 
 @torch.library.custom_op("fastdino::ms_deform_attn_triton", mutates_args=())

@@ -200,7 +200,8 @@ def sample(device, dtype):
     return q, k, v, angles.cos().to(dtype), angles.sin().to(dtype), None, None
 
 
-OP = Op("rope_attention", PRIORITY, check, reasons, launch, example, sample, native_args=True)
+OP = Op("rope_attention", PRIORITY, check, reasons, launch, example, sample, native_args=True,
+        tensors=("q", "k", "v", "cos?", "sin?", "mask_logits?"))
 
 
 @torch.library.custom_op("fastdino::rope_attention_triton", mutates_args=())
