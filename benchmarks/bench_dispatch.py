@@ -6,10 +6,12 @@ CUDA graph hides it. Also the Python function calls of one DINOv3ViTLayer forwar
 patched.
 
     python benchmarks/bench_dispatch.py    # markdown tables: us per call, ratios, calls per layer
+    python benchmarks/bench_dispatch.py --device cuda    # host us per launch on the GPU, C++ and Triton
 
 Targets: pinned `cpu` within 1.2x of the C++ op called directly; unpinned within 1 us of the same
 backend pinned; a patched layer makes no more Python calls than the unpatched layer, running its
-kernels or (untuned on the CPU) the original code.
+kernels or (untuned on the CPU) the original code; on the GPU, a Triton launch through dispatch
+within 20 us of its launch function called directly (no check or reasons re-run on the host).
 """
 
 import argparse
@@ -22,13 +24,13 @@ import torch
 from fastdino import _ext, ops
 
 
-def _inputs():
-    """(op, direct C++ call, reference call, public-function call) on tiny fp32 CPU tensors, for
-    every op of fastdino.ops.OPS."""
+def _inputs(device="cpu"):
+    """(op, the C++ op's arguments, reference call, public-function call) on tiny fp32 tensors on
+    `device`, for every op of fastdino.ops.OPS."""
     g = torch.Generator().manual_seed(0)
 
     def r(*shape):
-        return torch.randn(*shape, generator=g)
+        return torch.randn(*shape, generator=g).to(device)
 
     x, branch, gamma, w, b = r(2, 5, 32), r(2, 5, 32), r(32), r(32), r(32)
     aln = (x, branch, gamma, w, b, 1e-5)
@@ -36,36 +38,52 @@ def _inputs():
     xl, wl, bl = r(4, 32), r(16, 32), r(16)
     q, k, v, cos, sin = r(1, 9, 2, 16), r(1, 9, 2, 16), r(1, 9, 2, 16), r(4, 16), r(4, 16)
     mq, mk, mv, logits = r(1, 5, 2, 16), r(1, 9, 2, 16), r(1, 9, 2, 16), r(1, 5, 9)
-    shapes = torch.tensor([[4, 4], [2, 2]])
-    starts = torch.tensor([0, 16])
-    value, loc, attw = r(1, 20, 2, 8), torch.rand(1, 5, 2, 2, 2, 2, generator=g), r(1, 5, 2, 2, 2).softmax(-1)
+    shapes = torch.tensor([[4, 4], [2, 2]], device=device)
+    starts = torch.tensor([0, 16], device=device)
+    value, attw = r(1, 20, 2, 8), r(1, 5, 2, 2, 2).softmax(-1)
+    loc = torch.rand(1, 5, 2, 2, 2, 2, generator=g).to(device)
     msda = (value, shapes, starts, loc, attw)
     return [
-        ("add_layer_norm", lambda: torch.ops.fastdino.add_layer_norm(*aln),
-         lambda: ops.add_layer_norm_ref(*aln),
+        ("add_layer_norm", aln, lambda: ops.add_layer_norm_ref(*aln),
          lambda backend: ops.add_layer_norm(*aln, backend=backend)),
-        ("dwconv_layer_norm", lambda: torch.ops.fastdino.dwconv_layer_norm(*dln),
-         lambda: ops.dwconv_layer_norm_ref(*dln),
+        ("dwconv_layer_norm", dln, lambda: ops.dwconv_layer_norm_ref(*dln),
          lambda backend: ops.dwconv_layer_norm(*dln, backend=backend)),
-        ("fused_linear", lambda: torch.ops.fastdino.fused_linear(xl, wl, bl, "gelu", None, None, None, None),
+        ("fused_linear", (xl, wl, bl, "gelu", None, None, None, None),
          lambda: ops.fused_linear_ref(xl, wl, bl, "gelu"),
          lambda backend: ops.fused_linear(xl, wl, bl, "gelu", backend=backend)),
-        ("rope_attention", lambda: torch.ops.fastdino.rope_attention(q, k, v, cos, sin, None, 0.25),
+        ("rope_attention", (q, k, v, cos, sin, None, 0.25),
          lambda: ops.rope_attention_ref(q, k, v, cos, sin, scale=0.25),
          lambda backend: ops.rope_attention(q, k, v, cos, sin, scale=0.25, backend=backend)),
-        ("masked_attention", lambda: torch.ops.fastdino.masked_attention(mq, mk, mv, logits, 0.25),
+        ("masked_attention", (mq, mk, mv, logits, 0.25),
          lambda: ops.masked_attention_ref(mq, mk, mv, logits, 0.25),
          lambda backend: ops.masked_attention(mq, mk, mv, logits, scale=0.25, backend=backend)),
-        ("ms_deform_attn", lambda: torch.ops.fastdino.ms_deform_attn(*msda),
-         lambda: ops.ms_deform_attn_ref(*msda), lambda backend: ops.ms_deform_attn(*msda, backend=backend)),
+        ("ms_deform_attn", msda, lambda: ops.ms_deform_attn_ref(*msda),
+         lambda backend: ops.ms_deform_attn(*msda, backend=backend)),
     ]
 
 
-def _us(fn, number, repeat=9):
+def _direct(op, native):
+    """The registered C++ op called with `native`, no fastdino Python in between."""
+    fn = getattr(torch.ops.fastdino, op)
+    return lambda: fn(*native)
+
+
+def _us(fn, number, repeat=9, sync=None):
     """Microseconds per call: the best of `repeat` runs of `number` calls (timeit's convention: the
-    slower runs measure other processes, not the code)."""
+    slower runs measure other processes, not the code). `sync` (the GPU's) ends each run, so a run
+    of launches counts until the device has done them: per call, the host's launch cost where the
+    kernels are shorter than it."""
     fn()
-    return min(timeit.repeat(fn, number=number, repeat=repeat)) / number * 1e6
+    if sync is None:
+        return min(timeit.repeat(fn, number=number, repeat=repeat)) / number * 1e6
+
+    def run():
+        for _ in range(number):
+            fn()
+        sync()
+
+    sync()
+    return min(timeit.repeat(run, number=1, repeat=repeat)) / number * 1e6
 
 
 def _vit():
@@ -103,13 +121,39 @@ def measure(number=2000):
 
     rows = []
     with torch.no_grad():
-        for op, direct, ref, public in _inputs():
+        for op, native, ref, public in _inputs():
             ran = []
             with observe(lambda name, backend, args: ran.append(backend)):
                 public(None)
-            rows.append((op, _us(direct, number), _us(lambda: public("cpu"), number), _us(ref, number),
-                         _us(lambda: public("ref"), number), _us(lambda: public(None), number),
+            rows.append((op, _us(_direct(op, native), number), _us(lambda: public("cpu"), number),
+                         _us(ref, number), _us(lambda: public("ref"), number),
+                         _us(lambda: public(None), number),
                          ran[0] if ran else "cpu"))  # no run seen: a native call straight to the C++ op
+    return rows
+
+
+def measure_cuda(number=2000):
+    """On the GPU, host µs per call of launch-bound tiny problems: rows of (op, torch.ops direct,
+    backend="cuda", the Triton kernel's own launch function called directly, backend="triton",
+    unpinned, the backend unpinned calls run). backend="triton" less the launch function is what
+    fastdino's dispatch adds to a Triton launch."""
+    import sys as _sys
+
+    from fastdino.ops._dispatch import observe
+
+    sync = torch.cuda.synchronize
+    rows = []
+    with torch.no_grad():
+        for op, native, ref, public in _inputs("cuda"):
+            launch = getattr(_sys.modules[f"fastdino.ops.{op}"], f"_{op}_triton")
+            ran = []
+            with observe(lambda name, backend, args: ran.append(backend)):
+                public(None)
+            rows.append((op, _us(_direct(op, native), number, sync=sync),
+                         _us(lambda: public("cuda"), number, sync=sync),
+                         _us(lambda: launch(*native), number, sync=sync),
+                         _us(lambda: public("triton"), number, sync=sync),
+                         _us(lambda: public(None), number, sync=sync), ran[0] if ran else "cuda"))
     return rows
 
 
@@ -164,8 +208,8 @@ def test_patched_layer_makes_no_more_python_calls():
 @pytest.mark.parametrize("mode", ["direct", "cpu", "ref", "unpinned"])
 @pytest.mark.parametrize("op", list(ops.OPS))
 def test_bench_dispatch(benchmark, op, mode):
-    _, direct, ref, public = next(row for row in _inputs() if row[0] == op)
-    fn = {"direct": direct, "cpu": lambda: public("cpu"), "ref": lambda: public("ref"),
+    _, native, ref, public = next(row for row in _inputs() if row[0] == op)
+    fn = {"direct": _direct(op, native), "cpu": lambda: public("cpu"), "ref": lambda: public("ref"),
           "unpinned": lambda: public(None)}[mode]
     benchmark.group = f"dispatch {op}"
     with torch.no_grad():
@@ -175,8 +219,18 @@ def test_bench_dispatch(benchmark, op, mode):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--number", type=int, default=2000, help="calls per timing run")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: host cost per launch of the C++ and Triton kernels on the GPU")
     args = parser.parse_args()
     torch.set_num_threads(1)  # tiny tensors: thread wake-ups would dominate
+    if args.device == "cuda":
+        print("| op | torch.ops direct | backend=\"cuda\" | ratio | Triton launch direct "
+              "| backend=\"triton\" | dispatch adds | unpinned | runs |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+        for op, direct, cuda, launch, triton, unpinned, runs in measure_cuda(args.number):
+            print(f"| {op} | {direct:.1f} | {cuda:.1f} | {cuda / direct:.2f}x | {launch:.1f} | {triton:.1f} "
+                  f"| {triton - launch:+.1f} | {unpinned:.1f} | {runs} |")
+        return
     print("| op | torch.ops direct | backend=\"cpu\" | ratio | ref direct | backend=\"ref\" | overhead "
           "| unpinned | runs | unpinned - pinned |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|---:|")

@@ -7,15 +7,18 @@
 # Usage: scripts/gpu_run.sh OUT_DIR   (needs torch with CUDA, nvcc, pytest, pytest-benchmark,
 #   hypothesis, transformers, scipy, rich, matplotlib; pytest-xdist where installed)
 #
-# The default profile (STAGES=build,cuda-tests,tune,kernels,bench) is sized to finish in 8 minutes
+# The default profile (STAGES=build,cuda-tests,tune,dispatch,kernels,bench) is sized to finish in 8 minutes
 # on an H200, build included, each stage under a time limit so that a slow one cannot starve the next:
 #   build       MAX_JOBS=16 parallel nvcc jobs (about 1.5 min)
 #   cuda-tests  every op's tests on the device, in parallel with pytest-xdist, no compile-heavy
-#               tests (CUDA_TESTS_TIMEOUT, default 100 s)
+#               tests (CUDA_TESTS_TIMEOUT, default 90 s)
 #   tune        fastdino tune, bf16: ViT-S/16 and ViT-L/16 at 512^2, batch 1 and 32; then the
 #               Mask2Former segmentor (precision bf16), ConvNeXt-T + linear and EoMT-S at batch 1;
 #               every decision's candidates and winner in the tune log, the cache in
 #               OUT_DIR/timing-cache.json (TUNE_TIMEOUT, default 80 s)
+#   dispatch    host us per launch on tiny problems: each op's C++ kernel and Triton launch function
+#               called directly, and through fastdino's dispatch (benchmarks/bench_dispatch.py
+#               --device cuda; DISPATCH_TIMEOUT, default 30 s)
 #   kernels     every op's providers at two representative shapes, do_bench medians, no
 #               torch.compile providers (FASTDINO_BENCH_QUICK=1; KERNELS_TIMEOUT, default 75 s)
 #   bench       fastdino bench at 512^2, batch 1: the ViT-S/16 + adapter + Mask2Former segmentor
@@ -23,7 +26,7 @@
 #               else transformers' Mask2Former on a DINOv3 ViT-S/16), ConvNeXt-T + linear head,
 #               EoMT-DINOv3-S; variants original, original-bf16, fastdino-bf16 (untuned),
 #               fastdino-bf16-tuned, fastdino-bf16-tuned+graph (CUDA-graph replay), the eager ones
-#               timed in interleaved rounds (BENCH_TIMEOUT, default 150 s)
+#               timed in interleaved rounds (BENCH_TIMEOUT, default 140 s)
 # Other stages, selected with STAGES: tests (the whole suite), sanitizer (every kernel under
 # compute-sanitizer; SANITIZER_TOOLS), kernels-full (every shape and provider), bench-large
 # (ViT-L/16 models, EoMT-L at 640^2, ConvNeXt-T/S/B/L, batch 32, compile and max-autotune of the
@@ -41,12 +44,13 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-STAGES=",${STAGES:-build,cuda-tests,tune,kernels,bench},"
+STAGES=",${STAGES:-build,cuda-tests,tune,dispatch,kernels,bench},"
 SANITIZER_TOOLS=${SANITIZER_TOOLS:-memcheck,racecheck,initcheck,synccheck}
-CUDA_TESTS_TIMEOUT=${CUDA_TESTS_TIMEOUT:-100}
+CUDA_TESTS_TIMEOUT=${CUDA_TESTS_TIMEOUT:-90}
 TUNE_TIMEOUT=${TUNE_TIMEOUT:-80}
+DISPATCH_TIMEOUT=${DISPATCH_TIMEOUT:-30}
 KERNELS_TIMEOUT=${KERNELS_TIMEOUT:-75}
-BENCH_TIMEOUT=${BENCH_TIMEOUT:-150}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-140}
 BACKBONE_ARGS=${BACKBONE_ARGS:---models vits16,vitb16,vitl16 --resolutions 512,1024 --batches 1,32 --limit max-autotune:vitl16:512:32}
 SEGMENTATION_ARGS=${SEGMENTATION_ARGS:-}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-16}
@@ -119,6 +123,13 @@ if [[ $STAGES == *,tune,* ]]; then
   }
   export -f tune
   stage tune "$TUNE_TIMEOUT" tune
+fi
+
+if [[ $STAGES == *,dispatch,* ]]; then
+  # host microseconds per launch of tiny problems: the C++ op and the Triton launch function called
+  # directly, against the same launches through fastdino's dispatch
+  stage dispatch "$DISPATCH_TIMEOUT" $PY benchmarks/bench_dispatch.py --device cuda --number 1000 \
+    >"$LOGS/dispatch.md" 2>>"$LOGS/dispatch.log"
 fi
 
 if [[ $STAGES == *,tests,* ]]; then
@@ -218,6 +229,7 @@ fi
   [ -f "$OUT/bench.md" ] && { echo; echo "## fastdino bench"; cat "$OUT/bench.md"; }
   [ -f "$LOGS/tune.log" ] && { echo; echo "## fastdino tune"; echo '```'; grep -vE "^  (applies|ignored) " \
     "$LOGS/tune.log" | head -120; echo '```'; }
+  [ -s "$LOGS/dispatch.md" ] && { echo; echo "## dispatch (host us per call)"; cat "$LOGS/dispatch.md"; }
   [ -f "$LOGS/kernels.md" ] && { echo; echo "## kernels"; cat "$LOGS/kernels.md"; }
   [ -f "$OUT/tests.log" ] && { echo; echo "## tests"; echo '```'; tail -40 "$OUT/tests.log"; echo '```'; }
 } >>"$SUMMARY"

@@ -198,10 +198,10 @@ def test_an_op_that_only_has_its_reference_here_is_not_decided(monkeypatch):
 
 
 @requires_ext
-def test_a_public_call_on_its_cpp_fast_path_compiles_to_the_op():
+def test_a_public_call_on_its_cpp_fast_path_compiles_and_exports_to_the_op():
     """Once the C++ backend passed its self-check, a public call goes straight to the op's C++
     entry; torch.compile traces the registered overload there instead (fullgraph, the op in the
-    graph)."""
+    graph), and torch.export, strict or not, records the op."""
     op = OPS["add_layer_norm"]
     x, branch = torch.randn(2, 9, 64), torch.randn(2, 9, 64)
     vecs = [torch.randn(64) for _ in range(3)]
@@ -223,6 +223,16 @@ def test_a_public_call_on_its_cpp_fast_path_compiles_to_the_op():
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=0, rtol=0)
     assert [n for g in graphs for n in g.graph.nodes if n.target is torch.ops.fastdino.add_layer_norm.default]
+
+    class Seam(nn.Module):
+        def forward(self, x, branch, *vecs):
+            return fn(x, branch, *vecs)
+
+    for strict in (False, True):  # without Dynamo the C++ entry is called under export's fake tensors
+        program = torch.export.export(Seam(), (x, branch, *vecs), strict=strict)
+        assert [n for n in program.graph.nodes if n.target is torch.ops.fastdino.add_layer_norm.default]
+        for g, w in zip(program.module()(x, branch, *vecs), want):
+            torch.testing.assert_close(g, w, atol=0, rtol=0)
 
 
 @pytest.mark.quick

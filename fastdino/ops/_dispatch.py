@@ -145,7 +145,7 @@ class Op:
                 for a in args:  # a loop, not grad_reasons: no call or generator frame on the hot path
                     if getattr(a, "requires_grad", False):
                         return self._decide_and_run(backend, args)
-            if torch.compiler.is_compiling():
+            if torch.compiler.is_dynamo_compiling():  # (an export without Dynamo sees the C++ call)
                 direct = self._traced
             try:
                 return direct(*args)
