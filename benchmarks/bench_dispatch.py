@@ -15,6 +15,7 @@ within 20 us of its launch function called directly (no check or reasons re-run 
 """
 
 import argparse
+import math
 import sys
 import timeit
 
@@ -76,22 +77,30 @@ def _entry(op, native):
     return lambda: entry(*native)
 
 
-def _us(fn, number, repeat=9, sync=None):
-    """Microseconds per call: the best of `repeat` runs of `number` calls (timeit's convention: the
-    slower runs measure other processes, not the code). `sync` (the GPU's) ends each run, so a run
-    of launches counts until the device has done them: per call, the host's launch cost where the
-    kernels are shorter than it."""
-    fn()
-    if sync is None:
-        return min(timeit.repeat(fn, number=number, repeat=repeat)) / number * 1e6
+def _us(fns, number, repeat=15, sync=None):
+    """Microseconds per call of each of `fns`: the best of `repeat` runs of `number` calls
+    (timeit's convention: the slower runs measure other processes, not the code), the candidates'
+    runs interleaved, so that a slow spell of the machine falls on all of them, not on one column.
+    `sync` (the GPU's) ends each run, so a run of launches counts until the device has done them:
+    per call, the host's launch cost where the kernels are shorter than it."""
+    def run_of(fn):
+        def run():
+            for _ in range(number):
+                fn()
+            if sync is not None:
+                sync()
+        return run
 
-    def run():
-        for _ in range(number):
-            fn()
+    runs = [run_of(fn) for fn in fns]
+    for fn in fns:
+        fn()
+    if sync is not None:
         sync()
-
-    sync()
-    return min(timeit.repeat(run, number=1, repeat=repeat)) / number * 1e6
+    best = [math.inf] * len(fns)
+    for _ in range(repeat):
+        for i, run in enumerate(runs):
+            best[i] = min(best[i], timeit.timeit(run, number=1))
+    return [b / number * 1e6 for b in best]
 
 
 def _vit():
@@ -106,20 +115,17 @@ def _vit():
 
 
 def measure_model(number=200):
-    """µs per forward of the tiny ViT: original, patched (dispatch's pick: the original modules on
-    the CPU) and patched with backend="cpu" (every op on its C++ kernel)."""
+    """µs per forward of the tiny ViT, interleaved: original, patched (dispatch's pick: the original
+    modules on the CPU) and patched with backend="cpu" (every op on its C++ kernel)."""
     import fastdino
 
-    model, pixels = _vit()
-    rows = []
+    (original, pixels), (patched, _), (pinned, _) = _vit(), _vit(), _vit()  # the same weights
+    fastdino.patch(patched)
+    fastdino.patch(pinned, backend="cpu")
+    names = ("original", "patched", 'patched, backend="cpu"')
     with torch.no_grad():
-        rows.append(("original", _us(lambda: model(pixel_values=pixels), number)))
-        fastdino.patch(model)
-        rows.append(("patched", _us(lambda: model(pixel_values=pixels), number)))
-        fastdino.unpatch(model)
-        fastdino.patch(model, backend="cpu")
-        rows.append(('patched, backend="cpu"', _us(lambda: model(pixel_values=pixels), number)))
-    return rows
+        times = _us([lambda m=m: m(pixel_values=pixels) for m in (original, patched, pinned)], number)
+    return list(zip(names, times))
 
 
 def measure(number=2000):
@@ -133,11 +139,9 @@ def measure(number=2000):
             ran = []
             with observe(lambda name, backend, args: ran.append(backend)):
                 public(None)
-            rows.append((op, _us(_direct(op, native), number), _us(_entry(op, native), number),
-                         _us(lambda: public("cpu"), number),
-                         _us(ref, number), _us(lambda: public("ref"), number),
-                         _us(lambda: public(None), number),
-                         ran[0] if ran else "cpu"))  # no run seen: a native call straight to the C++ op
+            times = _us([_direct(op, native), _entry(op, native), lambda: public("cpu"), ref,
+                         lambda: public("ref"), lambda: public(None)], number)
+            rows.append((op, *times, ran[0] if ran else "cpu"))  # no run seen: a native call straight to C++
     return rows
 
 
@@ -158,11 +162,9 @@ def measure_cuda(number=2000):
             ran = []
             with observe(lambda name, backend, args: ran.append(backend)):
                 public(None)
-            rows.append((op, _us(_direct(op, native), number, sync=sync),
-                         _us(lambda: public("cuda"), number, sync=sync),
-                         _us(lambda: launch(*native), number, sync=sync),
-                         _us(lambda: public("triton"), number, sync=sync),
-                         _us(lambda: public(None), number, sync=sync), ran[0] if ran else "cuda"))
+            times = _us([_direct(op, native), lambda: public("cuda"), lambda: launch(*native),
+                         lambda: public("triton"), lambda: public(None)], number, sync=sync)
+            rows.append((op, *times, ran[0] if ran else "cuda"))
     return rows
 
 
