@@ -146,16 +146,17 @@ def measure(number=2000):
 
 
 def measure_cuda(number=2000):
-    """On the GPU, host µs per call of launch-bound tiny problems: rows of (op, torch.ops direct,
-    backend="cuda", the Triton kernel's own launch function called directly, backend="triton",
-    unpinned, the backend unpinned calls run). backend="triton" less the launch function is what
-    fastdino's dispatch adds to a Triton launch."""
+    """On the GPU, µs per call of tiny problems, one row per op as it is measured: (op, torch.ops
+    direct, backend="cuda", the Triton kernel's own launch function called directly,
+    backend="triton", unpinned, the backend unpinned calls run). Where the host launches slower
+    than the kernels run (tiny problems), that is the host's cost per launch, and backend="triton"
+    less the launch function is what fastdino's dispatch adds to a Triton launch; where a kernel
+    takes longer than its launch, the device's time hides part of the host's."""
     import sys as _sys
 
     from fastdino.ops._dispatch import observe
 
     sync = torch.cuda.synchronize
-    rows = []
     with torch.no_grad():
         for op, native, ref, public in _inputs("cuda"):
             launch = getattr(_sys.modules[f"fastdino.ops.{op}"], f"_{op}_triton")
@@ -164,8 +165,7 @@ def measure_cuda(number=2000):
                 public(None)
             times = _us([_direct(op, native), lambda: public("cuda"), lambda: launch(*native),
                          lambda: public("triton"), lambda: public(None)], number, sync=sync)
-            rows.append((op, *times, ran[0] if ran else "cuda"))
-    return rows
+            yield (op, *times, ran[0] if ran else "cuda")
 
 
 def layer_calls() -> list[tuple[str, int]]:
@@ -240,7 +240,7 @@ def main():
         print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
         for op, direct, cuda, launch, triton, unpinned, runs in measure_cuda(args.number):
             print(f"| {op} | {direct:.1f} | {cuda:.1f} | {cuda / direct:.2f}x | {launch:.1f} | {triton:.1f} "
-                  f"| {triton - launch:+.1f} | {unpinned:.1f} | {runs} |")
+                  f"| {triton - launch:+.1f} | {unpinned:.1f} | {runs} |", flush=True)
         return
     print("| op | torch.ops direct | C++ entry | backend=\"cpu\" | ratio | of entry | ref direct "
           "| backend=\"ref\" | overhead | unpinned | runs | unpinned - pinned |")

@@ -127,9 +127,12 @@ fi
 
 if [[ $STAGES == *,dispatch,* ]]; then
   # host microseconds per launch of tiny problems: the C++ op and the Triton launch function called
-  # directly, against the same launches through fastdino's dispatch
-  stage dispatch "$DISPATCH_TIMEOUT" $PY benchmarks/bench_dispatch.py --device cuda --number 1000 \
-    >"$LOGS/dispatch.md" 2>>"$LOGS/dispatch.log"
+  # directly, against the same launches through fastdino's dispatch (one row per op as it is done)
+  dispatch() {
+    $PY benchmarks/bench_dispatch.py --device cuda --number 1000 >"$LOGS/dispatch.md" 2>"$LOGS/dispatch.log"
+  }
+  export -f dispatch
+  stage dispatch "$DISPATCH_TIMEOUT" dispatch
 fi
 
 if [[ $STAGES == *,tests,* ]]; then

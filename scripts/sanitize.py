@@ -97,6 +97,7 @@ def main():
         os.environ.setdefault("TRITON_INTERPRET", "1")
     import torch
 
+    from fastdino import ops
     from fastdino.ops import OPS
 
     torch.manual_seed(0)
@@ -111,7 +112,7 @@ def main():
                 print(f"skip {name} {backend} {label}: {'; '.join(why)}")
                 continue
             try:
-                op(*call, backend=backend)
+                getattr(ops, name)(*call, backend=backend)  # the public function (it fills a default scale)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 print(f"ok   {name} {backend} {label}")
