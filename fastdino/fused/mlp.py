@@ -118,7 +118,7 @@ def mlp_residual(mlp: nn.Module, x: Tensor, residual: Tensor, layer_scale) -> Te
     fused = getattr(mlp, "_fastdino_mlp", None)
     if fused is not None and not ((mlp._forward_hooks or mlp._forward_pre_hooks) and user_hooks(mlp)):
         # (with hooks on the MLP itself, added after patch, it is called as a module: they run)
-        dev = x.device.type
+        dev = "cuda" if x.is_cuda else x.device.type
         plain = (mlp._fastdino_backend is None and FUSED_LINEAR.priority.get(dev) == REF_ONLY
                  and runs_original(mlp, FUSED_LINEAR, dev))
         y = None if plain else fused(x, residual, layer_scale)

@@ -53,7 +53,7 @@ def _attention_backend(module: nn.Module, x: Tensor, heads: int, weight: Tensor,
     """rope_attention's backend for the (B, N, heads, C // heads) projections of x, decided before
     they exist: the pinned one ("ref" runs the op's reference), or the kernel dispatch picks; None:
     the original forward runs."""
-    dev = x.device.type
+    dev = "cuda" if x.is_cuda else x.device.type
     if module._fastdino_backend is None and ROPE_ATTENTION.priority.get(dev) == REF_ONLY \
             and runs_original(module, ROPE_ATTENTION, dev):
         return None
@@ -168,7 +168,7 @@ class FusedDINOv3ViTAttention:
                 **kwargs):
         rope = self._fastdino_rope and position_embeddings is not None
         cos, sin = position_embeddings if rope else (None, None)
-        backend, dev = None, hidden_states.device.type
+        backend, dev = None, "cuda" if hidden_states.is_cuda else hidden_states.device.type
         # nothing to decide where the original runs whatever the arguments (untuned, on the CPU)
         plain = (self._fastdino_backend is None and ROPE_ATTENTION.priority.get(dev) == REF_ONLY
                  and runs_original(self, ROPE_ATTENTION, dev))

@@ -48,6 +48,10 @@ class Like:
     def dim(self) -> int:
         return len(self.shape)
 
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
     def stride(self, dim: Optional[int] = None):
         return self._strides if dim is None else self._strides[dim]
 
