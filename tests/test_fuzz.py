@@ -393,3 +393,23 @@ def test_an_argument_that_is_not_a_tensor_is_named(name):
                 wrong = args[:i] + [bad] + args[i + 1:]
                 with pytest.raises(ValueError, match=rf"{name}: {params[i]} must be a torch\.Tensor"):
                     fn(*wrong, backend=backend)
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("name", ["add_layer_norm", "dwconv_layer_norm", "masked_attention",
+                                  "rope_attention"])
+def test_a_scalar_that_is_not_a_number_and_an_unknown_backend_are_named(name):
+    op, fn = OPS[name], PUBLIC[name]
+    args = list(op.sample(torch.device("cpu"), torch.float32))
+    param = "eps" if "layer_norm" in name else "scale"
+    index = list(inspect.signature(fn).parameters).index(param)
+    args = args + [None] * (index + 1 - len(args))
+    args[index] = "a"
+    for backend in [None, "ref"] + KERNELS:
+        with pytest.raises(ValueError, match=rf"{name}: {param} must be a number( or None)?, got str"):
+            fn(*args, backend=backend)
+    args[index] = 0.5
+    for backend in ("gpu", ["cpu"]):
+        with pytest.raises(ValueError, match=rf"{name}: backend must be one of"):
+            fn(*args, backend=backend)
+

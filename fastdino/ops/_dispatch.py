@@ -70,10 +70,12 @@ class Op:
 
     def __init__(self, name: str, priority: dict, check: Callable, reasons: Callable, launch: Callable,
                  example: Callable, sample: Optional[Callable] = None,
-                 check_values: Optional[Callable] = None, native_args: bool = False, tensors: tuple = ()):
+                 check_values: Optional[Callable] = None, native_args: bool = False, tensors: tuple = (),
+                 numbers: tuple = ()):
         self.name, self.reasons, self.launch, self.example = name, reasons, launch, example
-        # `check`, after the arguments named in `tensors` ("name?": a tensor or None) are tensors
-        self.check = typed_check(name, check, tensors) if tensors else check
+        # `check`, after the arguments named in `tensors` are tensors and those in `numbers` are
+        # numbers ("name?": or None)
+        self.check = typed_check(name, check, tensors, numbers) if tensors or numbers else check
         self.priority, self.sample = priority, sample
         # The part of `check` that reads values (level shapes held on the host), run on every
         # decided call with CPU tensors: equal signatures do not mean equal values. (The native
@@ -125,6 +127,8 @@ class Op:
         (ValueError with the reasons otherwise; with grad its backward is the reference's); "ref" always."""
         if backend is None:
             return self.pick(*args)[0]
+        if backend not in BACKENDS:
+            raise ValueError(f"{self.name}: backend must be one of {BACKENDS} or None, got {backend!r}")
         if backend != "ref":
             why = self.reasons(backend, *args)
             if why:
@@ -142,7 +146,7 @@ class Op:
         x = args[0]
         try:
             direct = self._fast.get((backend, x.dtype, x.is_cuda, x.is_cpu))  # (no torch.device made)
-        except AttributeError:  # not a tensor: the check names it
+        except (AttributeError, TypeError):  # not a tensor, or an unhashable backend: the check names it
             direct = None
         if direct is not None and not _OBSERVERS:
             if torch.is_grad_enabled():
@@ -192,18 +196,21 @@ class Op:
         return self.run(chosen, *args)
 
 
-def typed_check(name: str, check: Callable, tensors: tuple) -> Callable:
-    """`check` preceded by a ValueError naming the first argument of `tensors` (parameter names of
-    `check`; "name?" may be None) that is not a tensor, where a check would otherwise fail on an
-    attribute it reads."""
+def typed_check(name: str, check: Callable, tensors: tuple, numbers: tuple = ()) -> Callable:
+    """`check` preceded by a ValueError naming the first argument of `tensors` that is not a tensor
+    or of `numbers` that is not an int or float (parameter names of `check`; "name?" may be None),
+    where a check, a reference or the C++ op would otherwise fail with an error that does not
+    name it."""
     params = list(inspect.signature(check).parameters)
-    spots = [(params.index(t.rstrip("?")), t.rstrip("?"), t.endswith("?")) for t in tensors]
+    kinds = ((tensors, (Tensor, Like), "a torch.Tensor"), (numbers, (int, float), "a number"))
+    spots = [(params.index(t.rstrip("?")), t.rstrip("?"), t.endswith("?"), types, what)
+             for names, types, what in kinds for t in names]
 
     def checked(*args):
-        for i, param, optional in spots:
+        for i, param, optional, types, what in spots:
             a = args[i] if i < len(args) else None
-            if not isinstance(a, (Tensor, Like)) and not (optional and a is None):
-                raise ValueError(f"{name}: {param} must be a torch.Tensor{' or None' if optional else ''}, "
+            if not isinstance(a, types) and not (optional and a is None):
+                raise ValueError(f"{name}: {param} must be {what}{' or None' if optional else ''}, "
                                  f"got {type(a).__name__}")
         return check(*args)
 

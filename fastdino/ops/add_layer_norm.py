@@ -96,7 +96,7 @@ def sample(device, dtype):
 
 
 OP = Op("add_layer_norm", PRIORITY, check, reasons, launch, example, sample, native_args=True,
-        tensors=("x", "branch", "gamma?", "weight", "bias"))
+        tensors=("x", "branch", "gamma?", "weight", "bias"), numbers=("eps",))
 
 
 @torch.library.custom_op("fastdino::add_layer_norm_triton", mutates_args=())

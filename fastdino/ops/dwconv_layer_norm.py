@@ -135,7 +135,7 @@ def sample(device, dtype):
 
 
 OP = Op("dwconv_layer_norm", PRIORITY, check, reasons, launch, example, sample, native_args=True,
-        tensors=("x", "weight", "bias?", "norm_weight", "norm_bias"))
+        tensors=("x", "weight", "bias?", "norm_weight", "norm_bias"), numbers=("eps",))
 
 
 def _tokens(x: Tensor) -> Tensor:

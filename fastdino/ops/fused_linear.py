@@ -190,7 +190,8 @@ def sample(device, dtype):
 
 
 OP = Op("fused_linear", PRIORITY, check, reasons, launch, example, sample, native_args=True,
-        tensors=("x", "weight", "bias?", "weight2?", "bias2?", "residual?", "gamma?", "cos?", "sin?"))
+        tensors=("x", "weight", "bias?", "weight2?", "bias2?", "residual?", "gamma?", "cos?", "sin?"),
+        numbers=("rope_cols?",))
 
 
 @torch.library.custom_op("fastdino::fused_linear_triton", mutates_args=())

@@ -172,7 +172,7 @@ def sample(device, dtype):
 
 
 OP = Op("masked_attention", PRIORITY, check, reasons, launch, example, sample, native_args=True,
-        tensors=("q", "k", "v", "mask_logits?"))
+        tensors=("q", "k", "v", "mask_logits?"), numbers=("scale?",))
 
 
 @torch.library.custom_op("fastdino::masked_attention_triton", mutates_args=())

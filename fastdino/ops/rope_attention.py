@@ -201,7 +201,7 @@ def sample(device, dtype):
 
 
 OP = Op("rope_attention", PRIORITY, check, reasons, launch, example, sample, native_args=True,
-        tensors=("q", "k", "v", "cos?", "sin?", "mask_logits?"))
+        tensors=("q", "k", "v", "cos?", "sin?", "mask_logits?"), numbers=("scale?",))
 
 
 @torch.library.custom_op("fastdino::rope_attention_triton", mutates_args=())
