@@ -152,14 +152,12 @@ def measure_cuda(number=2000):
     than the kernels run (tiny problems), that is the host's cost per launch, and backend="triton"
     less the launch function is what fastdino's dispatch adds to a Triton launch; where a kernel
     takes longer than its launch, the device's time hides part of the host's."""
-    import sys as _sys
-
     from fastdino.ops._dispatch import observe
 
     sync = torch.cuda.synchronize
     with torch.no_grad():
         for op, native, ref, public in _inputs("cuda"):
-            launch = getattr(_sys.modules[f"fastdino.ops.{op}"], f"_{op}_triton")
+            launch = getattr(sys.modules[f"fastdino.ops.{op}"], f"_{op}_triton")
             ran = []
             with observe(lambda name, backend, args: ran.append(backend)):
                 public(None)

@@ -18,7 +18,7 @@ from torch import nn
 
 import fastdino
 from fastdino import selfcheck, tuning
-from fastdino.fused.common import decide
+from fastdino.fused.common import decide, runs_original
 from fastdino.ops import OPS
 from fastdino.ops._dispatch import Like, Op, observe
 from fastdino.patch import _fused_class
@@ -180,13 +180,21 @@ def test_decisions_are_kept_per_signature(monkeypatch):
 
 @pytest.mark.quick
 def test_an_op_that_only_has_its_reference_here_is_not_decided(monkeypatch):
-    """Untuned, nothing pinned, on a device where the op's priority is the reference alone: the
-    original runs with no reasons work and no decision kept. Pinned, tuned or being tuned, it is
-    decided as before."""
+    """Untuned, nothing pinned, on a device where the op's priority is the reference alone: a module
+    that asks runs_original first (as the ViT seam, MLP and attention do) runs the original with no
+    reasons work and no decision kept. Pinned, tuned or being tuned, it is decided as before."""
+
+    class FusedAskingProbe:
+        def forward(self, x):
+            backend = None if runs_original(self, PROBE, x) else decide(self, PROBE, x)
+            return super().forward(x) if backend is None else PROBE.run(backend, x)
+
     calls = []
     monkeypatch.setattr(PROBE, "reasons", lambda *a: calls.append(a) or _probe_reasons(*a))
-    net, x = _patched(1), torch.randn(4, 8)
+    net, x = Net(1), torch.randn(4, 8)
     layer = net.layers[0]
+    layer.__class__ = _fused_class(FusedAskingProbe, Probe)
+    layer._fastdino_backend, layer._fastdino_tuned = None, None
     with torch.no_grad():
         assert _ran(net, x) == set() and not calls and "_fastdino_decisions" not in layer.__dict__
         layer._fastdino_backend = "cpu"

@@ -54,11 +54,6 @@ def decide(module: nn.Module, op: Op, *args, also: Optional[tuple] = None) -> Op
     fastdino.tune or the timing cache), where it still applies; else dispatch's untuned pick. A
     kernel backend must also pass its first-use self-check. None: the module runs the model's own
     code (the same numbers as before patching, at the same cost)."""
-    if module._fastdino_backend is None:
-        x = args[0]
-        dev = "cuda" if x.is_cuda else x.device.type  # (a CUDA tensor makes no torch.device)
-        if op.priority.get(dev) == REF_ONLY and runs_original(module, op, dev):
-            return None
     key = (op.name, torch.is_grad_enabled(), signature(args if also is None else args + also))
     if torch.compiler.is_dynamo_compiling():
         # decided in the trace, once per graph: no memo lookup (Dynamo, hashing the key, would
@@ -89,14 +84,17 @@ def decide(module: nn.Module, op: Op, *args, also: Optional[tuple] = None) -> Op
     return chosen
 
 
-def runs_original(module: nn.Module, op: Op, device_type: str) -> bool:
-    """True when `module` runs the model's own code for `op` on this device type whatever the
-    arguments: no backend pinned, no tuned choices, not being tuned, and the op's untuned priority
-    there is the reference alone (every op on the CPU; fused_linear on CUDA, until tuned). A fused
-    forward asks before it builds the arguments of `decide`, so that path costs about what the
-    original does; it tests the first two terms inline (no call where a kernel runs)."""
-    return (module._fastdino_backend is None and op.priority.get(device_type, REF_ONLY) == REF_ONLY
-            and TUNING is None and not module.__dict__.get("_fastdino_tuned"))
+def runs_original(module: nn.Module, op: Op, x) -> bool:
+    """True when `module` runs the model's own code for `op` on x's device whatever the arguments:
+    no backend pinned, no tuned choices, not being tuned, and the op's untuned priority there is
+    the reference alone (every op but ms_deform_attn on the CPU; fused_linear on CUDA, until
+    tuned). The ViT seam, MLP and attention ask before they build the arguments of `decide`, so
+    their untuned CPU path costs about what the original does."""
+    if module._fastdino_backend is not None:
+        return False
+    dev = "cuda" if x.is_cuda else x.device.type  # (a CUDA tensor makes no torch.device)
+    return (op.priority.get(dev, REF_ONLY) == REF_ONLY and TUNING is None
+            and not module.__dict__.get("_fastdino_tuned"))
 
 
 REF_ONLY = ("ref",)
@@ -365,9 +363,8 @@ def residual_layer_norm(x, branch, layer_scale, norm, module):
     and a kernel runs (`module`'s decision, `decide`); the modules as they are otherwise.
     A pinned "ref" runs the op's reference. `layer_scale` is a LayerScale module, nn.Identity, a
     (C,) gamma tensor or None."""
-    gamma, dev = None, "cuda" if x.is_cuda else x.device.type
-    if not (module._fastdino_backend is None and ADD_LAYER_NORM.priority.get(dev) == REF_ONLY
-            and runs_original(module, ADD_LAYER_NORM, dev)):
+    gamma = None
+    if not runs_original(module, ADD_LAYER_NORM, x):
         gamma = layer_scale_gamma(layer_scale)
         weight, bias = norm.weight, norm.bias
         if _keeps_dtype(x, branch, gamma, weight, bias):

@@ -9,7 +9,6 @@ from torch import Tensor, nn
 from ..ops._dispatch import Like
 from ..ops.fused_linear import OP as FUSED_LINEAR
 from .common import (
-    REF_ONLY,
     Rule,
     children_reasons,
     decide,
@@ -118,10 +117,7 @@ def mlp_residual(mlp: nn.Module, x: Tensor, residual: Tensor, layer_scale) -> Te
     fused = getattr(mlp, "_fastdino_mlp", None)
     if fused is not None and not ((mlp._forward_hooks or mlp._forward_pre_hooks) and user_hooks(mlp)):
         # (with hooks on the MLP itself, added after patch, it is called as a module: they run)
-        dev = "cuda" if x.is_cuda else x.device.type
-        plain = (mlp._fastdino_backend is None and FUSED_LINEAR.priority.get(dev) == REF_ONLY
-                 and runs_original(mlp, FUSED_LINEAR, dev))
-        y = None if plain else fused(x, residual, layer_scale)
+        y = None if runs_original(mlp, FUSED_LINEAR, x) else fused(x, residual, layer_scale)
         if y is not None:
             return y
         mlp.__dict__["_fastdino_decided"] = True  # one decision per MLP call: its forward runs the original

@@ -22,7 +22,6 @@ from ..ops._dispatch import Like, signature
 from ..ops.fused_linear import OP as FUSED_LINEAR
 from ..ops.rope_attention import OP as ROPE_ATTENTION
 from .common import (
-    REF_ONLY,
     ForwardCache,
     Rule,
     buffer_key,
@@ -52,11 +51,7 @@ def _attention_backend(module: nn.Module, x: Tensor, heads: int, weight: Tensor,
                        mask_logits=None) -> Optional[str]:
     """rope_attention's backend for the (B, N, heads, C // heads) projections of x, decided before
     they exist: the pinned one ("ref" runs the op's reference), or the kernel dispatch picks; None:
-    the original forward runs."""
-    dev = "cuda" if x.is_cuda else x.device.type
-    if module._fastdino_backend is None and ROPE_ATTENTION.priority.get(dev) == REF_ONLY \
-            and runs_original(module, ROPE_ATTENTION, dev):
-        return None
+    the original forward runs. (The attentions ask `runs_original` first, before their fallbacks.)"""
     B, N, C = x.shape
     qkv = like(x, (B, N, heads, C // heads), weight)
     return decide(module, ROPE_ATTENTION, qkv, qkv, qkv, cos, sin, mask_logits)
@@ -168,11 +163,9 @@ class FusedDINOv3ViTAttention:
                 **kwargs):
         rope = self._fastdino_rope and position_embeddings is not None
         cos, sin = position_embeddings if rope else (None, None)
-        backend, dev = None, "cuda" if hidden_states.is_cuda else hidden_states.device.type
+        backend = None
         # nothing to decide where the original runs whatever the arguments (untuned, on the CPU)
-        plain = (self._fastdino_backend is None and ROPE_ATTENTION.priority.get(dev) == REF_ONLY
-                 and runs_original(self, ROPE_ATTENTION, dev))
-        if not plain and not _attention_fallback(
+        if not runs_original(self, ROPE_ATTENTION, hidden_states) and not _attention_fallback(
             self.training, self.dropout, mask=attention_mask is not None,
             no_rope=self._fastdino_rope and position_embeddings is None,
             # transformers records the weights the attention returns (5.x: a collector; 4.x: hooks
@@ -264,7 +257,8 @@ class FusedSelfAttention:
         drop = getattr(self.attn_drop, "p", 0.0) if hasattr(self, "attn_drop") else 0.0
         sin, cos = rope if rope is not None else (None, None)  # dinov3 passes (sin, cos)
         backend = None
-        if not _attention_fallback(self.training, drop, attn_bias=attn_bias is not None):
+        if not runs_original(self, ROPE_ATTENTION, x) and not _attention_fallback(
+                self.training, drop, attn_bias=attn_bias is not None):
             backend = _attention_backend(self, x, self.num_heads, self.qkv.weight, cos, sin)
         if backend is None:
             return super().forward(x, attn_bias=attn_bias, rope=rope)
@@ -343,9 +337,9 @@ class FusedEvaAttention:
         B, N, C = x.shape
         misplaced = rope is not None and (rope.dim() != 2 or N - rope.shape[0] != self.num_prefix_tokens)
         backend = None
-        if not _attention_fallback(self.training, self.attn_drop.p, mask=attn_mask is not None,
-                                   causal=is_causal,
-                                   rope_layout=misplaced):
+        if not runs_original(self, ROPE_ATTENTION, x) and not _attention_fallback(
+                self.training, self.attn_drop.p, mask=attn_mask is not None, causal=is_causal,
+                rope_layout=misplaced):
             sin, cos = rope.chunk(2, dim=-1) if rope is not None else (None, None)  # timm: cat([sin, cos])
             backend = _attention_backend(self, x, self.num_heads, self.qkv.weight, cos, sin)
         if backend is None:
